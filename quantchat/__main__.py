@@ -1,0 +1,4 @@
+from quantchat.cli.main import main
+import sys
+
+sys.exit(main())

