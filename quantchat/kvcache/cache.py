@@ -41,11 +41,12 @@ class KVCache(nn.Module):
             vc[rows, :, input_pos] = v.transpose(1, 2)
         return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
-    def attention_mask(self, input_pos: Tensor, kv_len: int) -> Tensor:
-        """Boolean mask [B, 1, T, kv_len]: a query sees cached keys at or before its own position."""
-        key_pos = torch.arange(kv_len, device=input_pos.device)
-        q = input_pos.unsqueeze(-1)
-        mask = key_pos <= q
-        if self.sliding_window:
-            mask &= key_pos > q - self.sliding_window
-        return mask.unsqueeze(1)
+
+def attention_mask(input_pos: Tensor, kv_len: int, sliding_window: int | None = None) -> Tensor:
+    """Boolean mask [B, 1, T, kv_len]: a query sees keys at or before its own position (within the window)."""
+    key_pos = torch.arange(kv_len, device=input_pos.device)
+    q = input_pos.unsqueeze(-1)
+    mask = key_pos <= q
+    if sliding_window:
+        mask &= key_pos > q - sliding_window
+    return mask.unsqueeze(1)

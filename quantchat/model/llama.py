@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantchat.model.config import ModelConfig
-from quantchat.kvcache.cache import KVCache
+from quantchat.kvcache.cache import KVCache, attention_mask
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
@@ -110,8 +110,9 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None,
-        kv_len: int, slot: int | None,
+        kv_len: int, slot: int | None, fresh: bool,
     ) -> Tensor:
+        """``fresh``: these T tokens are the whole context (positions 0..T-1); else attend over the cache."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -120,11 +121,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             ck, cv = self.kv_cache.update(input_pos, k, v, kv_len, slot)
-            if mask is not None:  # attend over the cache; otherwise the fresh k/v are the whole context
+            if not fresh:
                 k, v = ck, cv
         gqa = self.n_head != self.n_kv_head
-        if mask is None:  # fresh causal attention over just these tokens
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=fresh and T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
@@ -151,8 +152,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None,
-                kv_len: int, slot: int | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, kv_len, slot)
+                kv_len: int, slot: int | None, fresh: bool) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, kv_len, slot, fresh)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -215,25 +216,31 @@ class Transformer(nn.Module):
         row for a B=1 call (prefill of one sequence), otherwise rows ``0..B-1`` are used.
         """
         B, T = idx.shape
-        mask = None
+        window = self.config.sliding_window
         if input_pos is None:
             self.setup_rope(T)
             cos, sin = self.rope_cos[:T][None, None], self.rope_sin[:T][None, None]
-            kv_len = T
+            kv_len, fresh = T, True
+            positions = torch.arange(T, device=idx.device)[None]
         else:
             if kv_len is None:
                 kv_len = int(input_pos.max()) + 1
             if kv_len > self.max_seq_len:
                 raise ValueError(f"position {kv_len - 1} beyond the KV cache ({self.max_seq_len})")
             cos, sin = self.rope_cos[input_pos].unsqueeze(1), self.rope_sin[input_pos].unsqueeze(1)
-            window = self.config.sliding_window
-            if not (kv_len == T and (not window or T <= window)):
-                # kv_len == T means every row holds positions 0..T-1: plain causal attention suffices
-                mask = self.layers[0].attention.kv_cache.attention_mask(input_pos, kv_len)
+            fresh = kv_len == T  # every row holds positions 0..T-1: the new k/v are the whole context
+            positions = input_pos
+        mask = None
+        if fresh:
+            if window and T > window:
+                mask = attention_mask(positions, T, window)
+        elif not (B == 1 and T == 1 and (not window or kv_len <= window)):
+            # one row, one query at the newest position sees the whole cache: no mask needed
+            mask = attention_mask(positions, kv_len, window)
         x = self.tok_embeddings(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask, kv_len, slot)
+            x = layer(x, cos, sin, input_pos, mask, kv_len, slot, fresh)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))

@@ -1,0 +1,15 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Tests never touch the user's quantchat home, except the shared converted default model."""
+    monkeypatch.setenv("QUANTCHAT_HOME", str(tmp_path_factory.getbasetemp() / "qc_home"))
