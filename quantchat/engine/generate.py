@@ -56,7 +56,8 @@ class GenerationChunk:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer, max_seq_len: int | None = None, max_batch: int = 1) -> None:
+    def __init__(self, model: Transformer, tokenizer, max_seq_len: int | None = None, max_batch: int = 1,
+                 compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -67,6 +68,19 @@ class Engine:
         self.device = model.device
         self.eos_ids: set[int] = set(getattr(tokenizer, "eos_ids", set()) or set()) | set(cfg.eos_token_ids)
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # token ids whose KV is in each slot
+        # decode runs through torch.compile when asked (fewer, fused kernels per token); prefill stays eager
+        self.compiled = compile
+        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+
+    def warmup(self) -> float:
+        """Run a prefill and two decode steps (triggers compilation); returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.prefill([0, 0], slot=0)
+        B = self.max_batch
+        for p in (2, 3):
+            self.decode(torch.zeros(B, dtype=torch.long, device=self.device), torch.full((B,), p, device=self.device))
+        self.slot_tokens = [[] for _ in range(B)]
+        return time.perf_counter() - t0
 
     # -- model steps -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -89,12 +103,12 @@ class Engine:
         return logits[0, -1]
 
     @torch.inference_mode()
-    def decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """One decode step for slots 0..B-1: tokens [B] at positions [B]; returns logits [B, V]."""
+    def decode(self, tokens: Tensor, positions: Tensor, slot: int | None = None) -> Tensor:
+        """One decode step: tokens [B] at positions [B] for slots 0..B-1 (or the one ``slot``); logits [B, V]."""
         kv_len = int(positions.max()) + 1
         if kv_len > self.max_seq_len:
             raise ContextLengthError(f"context window of {self.max_seq_len} tokens is full")
-        return self.model(tokens[:, None], positions[:, None], kv_len=kv_len)[:, -1]
+        return self._decode_forward(tokens[:, None], positions[:, None], kv_len=kv_len, slot=slot)[:, -1]
 
     # -- generation --------------------------------------------------------------------------
     def check_fits(self, n_prompt: int) -> None:
@@ -158,7 +172,8 @@ class Engine:
                 break
             if params.repetition_penalty != 1.0:
                 history = torch.cat([history, history.new_tensor([token])])
-            logits = self.decode(torch.tensor([token], device=self.device), torch.tensor([pos], device=self.device))
+            logits = self.decode(torch.tensor([token], device=self.device), torch.tensor([pos], device=self.device),
+                                 slot=slot)[0]
             self.slot_tokens[slot].append(token)
             pos += 1
         stats.decode_s = time.perf_counter() - first_at

@@ -82,7 +82,7 @@ class LoadedModel:
 
 def load_engine(
     spec: str | None, device: str = "auto", dtype: str = "float32", max_seq_len: int | None = None,
-    max_batch: int = 1, progress: Callable[[str], None] | None = None,
+    max_batch: int = 1, progress: Callable[[str], None] | None = None, compile: bool = False,
 ) -> LoadedModel:
     """Resolve, load weights and tokenizer, and allocate the KV cache."""
     from quantchat.engine.generate import Engine
@@ -94,7 +94,11 @@ def load_engine(
     source = resolve_model(spec, progress)
     model = load_model(source.hf_dir, device=dev, dtype=dt)
     tokenizer = Tokenizer.from_dir(source.hf_dir)
-    engine = Engine(model, tokenizer, max_seq_len=max_seq_len, max_batch=max_batch)
+    engine = Engine(model, tokenizer, max_seq_len=max_seq_len, max_batch=max_batch, compile=compile)
+    if compile:
+        if progress:
+            progress("compiling the decode step with torch.compile (once per process; cached on disk after)...")
+        engine.warmup()
     return LoadedModel(source, engine, time.perf_counter() - t0)
 
 

@@ -124,8 +124,10 @@ class Attention(nn.Module):
             if not fresh:
                 k, v = ck, cv
         gqa = self.n_head != self.n_kv_head
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=fresh and T > 1, enable_gqa=gqa)
+        if mask is None and fresh and T > 1:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
