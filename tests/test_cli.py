@@ -316,6 +316,13 @@ def test_chat_session_reuses_cache_with_same_result(tiny_dir):
     assert fresh_stats.cached_tokens == 0 and fresh_stats.prompt_tokens == stats2.prompt_tokens
     assert fresh_tokens == tokens2
     assert fresh_answer == answer2
+    # and the re-used cache holds what re-encoding computes (a stale or misplaced position would show here)
+    n = len(engine.slot_tokens[0])
+    assert engine.slot_tokens[0] == fresh_engine.slot_tokens[0] and n == stats2.prompt_tokens + 9
+    for layer, fresh_layer in zip(engine.model.layers, fresh_engine.model.layers):
+        a, b = layer.attention.kv_cache, fresh_layer.attention.kv_cache
+        torch.testing.assert_close(a.k_cache[0, :, :n], b.k_cache[0, :, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.v_cache[0, :, :n], b.v_cache[0, :, :n], atol=1e-5, rtol=1e-5)
 
     # and so does the first engine with cache re-use off (its cache now holds the second turn)
     ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(history + [{"role": "user", "content": "tell me more"}]))

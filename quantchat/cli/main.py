@@ -93,8 +93,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from quantchat.engine.generate import ChatSession
 
     params = sampling_from_args(args)
+    template = args.template
+    if template is not None and Path(template).is_file():
+        try:
+            template = Path(template).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise QuantchatError(f"{args.template}: cannot read chat template ({e})") from None
     loaded = load_from_args(args)
-    session = ChatSession(loaded.engine, params, system_prompt=args.system, template=args.template)
+    session = ChatSession(loaded.engine, params, system_prompt=args.system, template=template)
     if args.prompt is not None:
         stream_out(session.send(args.prompt), not args.no_stats)
         return 0

@@ -228,17 +228,19 @@ def _spm_model(meta: dict[str, Any], tokens: list[str], types: list[int]) -> mod
 def _special_ids(meta: dict[str, Any], n: int) -> dict[str, int | None]:
     """bos/eos/unk/pad ids, with llama.cpp's defaults for SentencePiece vocabularies."""
     spm = meta.get("ggml.model") == "llama"
-    defaults = {"bos": 1, "eos": 2, "unk": 0, "pad": None} if spm else {"bos": None, "eos": None, "unk": None, "pad": None}
+    defaults: dict[str, int | None] = {"bos": 1, "eos": 2, "unk": 0, "pad": None} if spm else {}
     keys = {"bos": "ggml.bos_token_id", "eos": "ggml.eos_token_id", "unk": "ggml.unknown_token_id",
             "pad": "ggml.padding_token_id"}
     out: dict[str, int | None] = {}
     for name, key in keys.items():
-        v = meta.get(key, defaults[name])
+        v = meta.get(key, defaults.get(name))
         out[name] = int(v) if v is not None and 0 <= int(v) < n else None
     return out
 
 
-def _added_tokens(meta: dict[str, Any], tokens: list[str], types: list[int], ids: dict[str, int | None]) -> list[AddedToken]:
+def _added_tokens(
+    meta: dict[str, Any], tokens: list[str], types: list[int], ids: dict[str, int | None]
+) -> list[AddedToken]:
     """Control/unknown tokens (special) and user-defined ones (not special), in id order."""
     special = {i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)}
     special |= {i for i in ids.values() if i is not None}
@@ -250,7 +252,7 @@ def _added_tokens(meta: dict[str, Any], tokens: list[str], types: list[int], ids
     phi3 = "phi-3" in name or "phi3" in name
     out = []
     for i in sorted(special | user):
-        rstrip = phi3 and (i in special and tokens[i] not in ("<unk>", "<s>", "<|endoftext|>") or tokens[i] == "</s>")
+        rstrip = phi3 and ((i in special and tokens[i] not in ("<unk>", "<s>", "<|endoftext|>")) or tokens[i] == "</s>")
         out.append(AddedToken(tokens[i], special=i in special, normalized=False, lstrip=False, rstrip=rstrip,
                               single_word=False))
     return out
@@ -273,7 +275,9 @@ def build_tokenizer(meta: dict[str, Any]) -> HFTokenizer:
     tokens = _tokens(meta)
     types = [int(t) for t in (meta.get("ggml.token_type") or [TOKEN_NORMAL] * len(tokens))]
     if len(types) != len(tokens):
-        raise ModelLoadError(f"{meta['source']}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        raise ModelLoadError(
+            f"{meta['source']}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
     ids = _special_ids(meta, len(tokens))
     if kind == "gpt2":
         model, spec = _bpe_model(meta, tokens)
@@ -359,7 +363,9 @@ def write_tokenizer_files(reader: gguf.GGUFReader | str | Path, out_dir: Path) -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta), indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config(meta), indent=2, ensure_ascii=False) + "\n"
+    )
     (out_dir / "special_tokens_map.json").write_text(
         json.dumps(special_tokens_map(meta), indent=2, ensure_ascii=False) + "\n"
     )

@@ -38,20 +38,45 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _convert_sentencepiece(path: Path) -> HFTokenizer:
-    """Convert a directory holding only a SentencePiece tokenizer.model with transformers."""
+def _convert_sentencepiece(path: Path) -> tuple[HFTokenizer, dict[str, Any], dict[str, Any]]:
+    """Convert a lone SentencePiece tokenizer.model: BPE models with our llama.cpp-exact builder,
+    others with transformers' converter. Needs the sentencepiece package (and protobuf)."""
+    model_file = path / "tokenizer.model"
     try:
-        from transformers import AutoTokenizer  # optional dependency
+        from sentencepiece import sentencepiece_model_pb2 as pb  # optional dependency
     except ImportError as e:
         raise ModelLoadError(
-            f"{path / 'tokenizer.model'}: SentencePiece-only tokenizer; converting it needs transformers "
-            "and sentencepiece (pip install transformers sentencepiece)"
+            f"{model_file}: only a SentencePiece model here; converting it needs the sentencepiece and "
+            "protobuf packages (pip install sentencepiece protobuf)"
         ) from e
+    proto = pb.ModelProto()
     try:
-        fast = AutoTokenizer.from_pretrained(str(path), use_fast=True)
-        return fast.backend_tokenizer
+        proto.ParseFromString(model_file.read_bytes())
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ModelLoadError(f"{model_file}: not a SentencePiece model: {e}") from e
+    if proto.trainer_spec.model_type == pb.TrainerSpec.BPE:
+        from quantchat.tokenizer.gguf_tokenizer import build_tokenizer, special_tokens_map, tokenizer_config
+
+        spec = proto.trainer_spec
+        meta: dict[str, Any] = {
+            "source": str(model_file),
+            "ggml.model": "llama",
+            "ggml.tokens": [p.piece for p in proto.pieces],
+            "ggml.scores": [p.score for p in proto.pieces],
+            "ggml.token_type": [int(p.type) for p in proto.pieces],
+            "ggml.add_space_prefix": proto.normalizer_spec.add_dummy_prefix,
+        }
+        for key, value in (("bos", spec.bos_id), ("eos", spec.eos_id), ("unknown", spec.unk_id),
+                           ("padding", spec.pad_id)):
+            meta[f"ggml.{key}_token_id"] = value if value >= 0 else None
+        return build_tokenizer(meta), tokenizer_config(meta), special_tokens_map(meta)
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path)).backend_tokenizer, {}, {}
     except Exception as e:  # noqa: BLE001 - whatever the converter raises, report one line
-        raise ModelLoadError(f"{path / 'tokenizer.model'}: cannot convert SentencePiece tokenizer: {e}") from e
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{model_file}: cannot convert this SentencePiece model with transformers: {msg}") from e
 
 
 class Tokenizer:
@@ -93,16 +118,19 @@ class Tokenizer:
         if not path.is_dir():
             raise ModelLoadError(f"{path}: tokenizer directory not found")
         tj = path / "tokenizer.json"
+        base_config: dict[str, Any] = {}
+        base_special: dict[str, Any] = {}
         if tj.is_file():
             try:
                 backend = HFTokenizer.from_file(str(tj))
             except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions
-                raise ModelLoadError(f"{tj}: cannot load tokenizer: {e}") from e
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ModelLoadError(f"{tj}: cannot load tokenizer: {msg}") from e
         elif (path / "tokenizer.model").is_file():
-            backend = _convert_sentencepiece(path)
+            backend, base_config, base_special = _convert_sentencepiece(path)
         else:
             raise ModelLoadError(f"{path}: no tokenizer.json or tokenizer.model")
-        config = _read_json(path / "tokenizer_config.json")
+        config = {**base_config, **_read_json(path / "tokenizer_config.json")}
         template: str | None = None
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():
@@ -112,7 +140,7 @@ class Tokenizer:
         return cls(
             backend,
             config,
-            _read_json(path / "special_tokens_map.json"),
+            {**base_special, **_read_json(path / "special_tokens_map.json")},
             _read_json(path / "generation_config.json"),
             chat_template=template,
         )

