@@ -20,7 +20,7 @@ from tiny_models import make_tiny_llama
 
 BOS, EOS = "<s>", "</s>"
 VOCAB = 258  # 256 byte tokens (id == byte value) + <s> (256) + </s> (257)
-# Greedy output of the random tiny model is limited to these bytes (readable, no newlines): see tiny_dir.
+# Greedy output of the random tiny model is limited to these bytes (readable, no newlines): see make_tiny_chat_model.
 PRINTABLE = b"abcdefghijklmnopqrstuvwxyz "
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -196,8 +196,6 @@ def test_prompt_longer_than_context(too_long):
     assert str(len(LONG_PROMPT) + 1) in line, line  # +1: BOS
 
 
-@pytest.mark.xfail(strict=True, reason="cmd_complete echoes the prompt to stdout before generate() checks that "
-                   "it fits the context window, so a failed completion still prints the prompt")
 def test_failed_completion_prints_nothing_on_stdout(too_long):
     assert too_long.returncode == 2
     assert too_long.stdout == ""
@@ -205,6 +203,50 @@ def test_failed_completion_prints_nothing_on_stdout(too_long):
 
 def test_invalid_sampling_value(tiny_dir):
     assert_user_error(run_cli("complete", "--model", str(tiny_dir), "--prompt", "hi", "--top-p", "0"), "top_p")
+
+
+# --- crashes found while writing these tests (in-process: cheaper than a subprocess, same code path) -------
+
+
+def run_main(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """``quantchat.cli.main.main(argv)`` in this process; an escaping exception fails the test like a traceback."""
+    from quantchat.cli.main import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, rc, out, err)
+
+
+
+def test_invalid_thread_count(tiny_dir, capsys):
+    res = run_main(capsys, "complete", "--model", str(tiny_dir), "--prompt", "hi", "--threads", "-1")
+    assert_user_error(res, "threads")
+
+
+@pytest.fixture(scope="module")
+def mismatched_tokenizer_dir(tmp_path_factory) -> Path:
+    """A model with 256 embeddings whose tokenizer has 258 tokens (<s> = 256 is out of the model's range)."""
+    d = tmp_path_factory.mktemp("mismatch")
+    make_tiny_llama(d, vocab=256)
+    write_byte_tokenizer(d)
+    return d
+
+
+def test_tokenizer_larger_than_model_vocab(mismatched_tokenizer_dir, capsys):
+    res = run_main(capsys, "complete", "--model", str(mismatched_tokenizer_dir), "--prompt", "hi", "-n", "2")
+    assert "quantchat: error:" in res.stderr and res.returncode == 2
+    assert "vocabulary" in res.stderr
+    assert_user_error(res, status_lines=len(nonempty_lines(res.stderr)) - 1)
+
+
+def test_chat_stdin_not_utf8(tiny_dir, capsys, monkeypatch):
+    import io
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nhello\n/exit\n"), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    res = run_main(capsys, "chat", "--model", str(tiny_dir), "-t", "0", "-n", "4")
+    assert res.returncode == 0
+    assert len([line for line in res.stderr.splitlines() if "tok/s" in line]) >= 1  # the chat went on
 
 
 # --- working commands --------------------------------------------------------------------------------

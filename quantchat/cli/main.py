@@ -57,7 +57,9 @@ def status(msg: str) -> None:
 def load_from_args(args: argparse.Namespace):
     from quantchat.loading.resolve import load_engine
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise QuantchatError("--threads must be at least 1")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -136,6 +138,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     loaded = load_from_args(args)
     ids = loaded.engine.tokenizer.encode(prompt)
+    loaded.engine.check_prompt(ids)
     if not args.no_echo:
         sys.stdout.write(prompt)
     stream_out(loaded.engine.generate(ids, params), not args.no_stats)
@@ -217,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdin, sys.stdout):  # undecodable input must not crash the chat
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         return args.func(args)
     except QuantchatError as e:

@@ -93,6 +93,7 @@ class Engine:
             raise ContextLengthError(
                 f"prompt of {end} tokens does not fit the context window of {self.max_seq_len} tokens"
             )
+        self.check_ids(tokens)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         logits = None
         for s in range(0, len(tokens), PREFILL_CHUNK):
@@ -111,6 +112,19 @@ class Engine:
         return self._decode_forward(tokens[:, None], positions[:, None], kv_len=kv_len, slot=slot)[:, -1]
 
     # -- generation --------------------------------------------------------------------------
+    def check_ids(self, tokens: list[int]) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.model.config.vocab_size]
+        if bad:
+            raise QuantchatError(
+                f"token id {bad[0]} is outside the model's vocabulary of {self.model.config.vocab_size} "
+                "(the tokenizer does not match the model)"
+            )
+
+    def check_prompt(self, tokens: list[int]) -> None:
+        """Raise a clear error for a prompt that cannot run: too long, empty, or with unknown ids."""
+        self.check_fits(len(tokens))
+        self.check_ids(tokens)
+
     def check_fits(self, n_prompt: int) -> None:
         if n_prompt >= self.max_seq_len:
             raise ContextLengthError(

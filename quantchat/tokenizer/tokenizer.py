@@ -219,6 +219,10 @@ class Tokenizer:
         add_bos None follows the tokenizer's default, but adds no second BOS when the text
         (e.g. a rendered chat prompt) already starts with one.
         """
+        if not isinstance(text, str):
+            raise QuantchatError(f"text to encode must be a string, not {type(text).__name__}")
+        # lone surrogates (undecodable input read with surrogateescape) become U+FFFD
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if not text.isascii() else text
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_bos is None:
             add_bos = self.add_bos and not (ids and ids[0] == self.bos_id)
