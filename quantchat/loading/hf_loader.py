@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from quantchat.errors import ModelLoadError
 from quantchat.model.config import ModelConfig
+from quantchat.model.linear import use_cpu_layout
 from quantchat.model.llama import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -138,4 +139,7 @@ def load_model(
     model.rope_cos = torch.empty(0, device=device)
     model.rope_sin = torch.empty(0, device=device)
     model.rope_len = 0
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        use_cpu_layout(model)
+    return model

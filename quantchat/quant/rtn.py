@@ -1,0 +1,97 @@
+"""Round-to-nearest weight quantizers and the int4 packing: plain reference code, float64-safe.
+
+Formats (device-independent; what checkpoints store):
+
+* int8: symmetric per output channel. ``scale = absmax / 127``, codes in [-127, 127] (int8).
+* int4 symmetric, per group of ``group_size`` input columns: ``scale = absmax / 7``, codes in [-7, 7]
+  stored as ``code + 8`` in [1, 15]. Absmax/7 keeps the grid symmetric around zero, so no weight is
+  clipped and -max..max maps exactly; llama.cpp's Q4_0 instead divides the signed extreme by -8,
+  using the 16th level at the cost of an asymmetric grid. We keep absmax/7 (the AWQ/GPTQ
+  symmetric convention) because AWQ's clip search then shrinks the range where it pays.
+* int4 asymmetric, per group: ``scale = (max - min) / 15``, integer zero point ``z = round(-min / scale)``,
+  codes in [0, 15]; ``w ≈ (code - z) * scale``.
+
+When in_features is not a multiple of the group size the weight is zero-padded on the right to
+the next multiple (the padding quantizes to exact zeros and meets zero-padded activations).
+
+int4 codes are packed two per byte along the input dimension: byte j holds column 2j in its low
+nibble and column 2j+1 in its high nibble.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: returns (codes int8 [N, K], scales float32 [N])."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale[:, None]
+
+
+def padded_in_features(k: int, group_size: int) -> int:
+    return (k + group_size - 1) // group_size * group_size
+
+
+def pad_columns(w: Tensor, k_padded: int) -> Tensor:
+    return w if w.shape[1] == k_padded else torch.nn.functional.pad(w, (0, k_padded - w.shape[1]))
+
+
+def quantize_int4(
+    w: Tensor, group_size: int, symmetric: bool, clip: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Group-wise int4. Returns (codes uint8 [N, Kp] in 0..15, scales float32 [N, G], zeros uint8 [N, G]).
+
+    ``clip`` (optional, [N, G]) is a per-group max magnitude (symmetric) or a shrink factor applied
+    to min/max (asymmetric) found by a clipping search; values outside are clamped.
+    """
+    N, K = w.shape
+    Kp = padded_in_features(K, group_size)
+    wg = pad_columns(w.float(), Kp).view(N, Kp // group_size, group_size)
+    if symmetric:
+        amax = wg.abs().amax(dim=-1)
+        if clip is not None:
+            amax = torch.minimum(amax, clip)
+        scale = (amax / 7).clamp(min=1e-10)
+        q = torch.round(wg / scale[..., None]).clamp(-7, 7) + 8
+        zeros = torch.full_like(scale, 8, dtype=torch.uint8)
+    else:
+        mn, mx = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+        if clip is not None:
+            mn, mx = mn * clip, mx * clip
+        scale = ((mx - mn) / 15).clamp(min=1e-10)
+        z = torch.round(-mn / scale).clamp(0, 15)
+        q = (torch.round(wg / scale[..., None]) + z[..., None]).clamp(0, 15)
+        zeros = z.to(torch.uint8)
+    return q.to(torch.uint8).view(N, Kp), scale, zeros
+
+
+def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor, in_features: int | None = None) -> Tensor:
+    """Float32 weight [N, K] from unpacked codes [N, Kp] (reference path)."""
+    N, Kp = codes.shape
+    G = scales.shape[1]
+    gs = Kp // G
+    w = (codes.float().view(N, G, gs) - zeros.float()[..., None]) * scales[..., None]
+    w = w.view(N, Kp)
+    return w if in_features is None else w[:, :in_features]
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """[N, K] uint8 codes in 0..15 (K even) -> [N, K/2] bytes: low nibble = even column."""
+    if codes.shape[-1] % 2:
+        raise ValueError("int4 packing needs an even number of columns")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of ``pack_int4``."""
+    lo, hi = packed & 0x0F, packed >> 4
+    return torch.stack([lo, hi], dim=-1).view(*packed.shape[:-1], packed.shape[-1] * 2)

@@ -1,0 +1,93 @@
+"""Quantizers give the expected codes; packing round-trips; each kernel equals dequantize-then-matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantchat.quant import rtn
+from quantchat.quant.linear import QuantizedLinear
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 8), half_k=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(n, half_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, 2 * half_k), generator=g, dtype=torch.uint8)
+    packed = rtn.pack_int4(codes)
+    assert packed.shape == (n, half_k) and packed.dtype == torch.uint8
+    assert torch.equal(rtn.unpack_int4(packed), codes)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 6), groups=st.integers(1, 4), gs=st.sampled_from([32, 64, 128]),
+       extra=st.integers(0, 31), sym=st.booleans(), seed=st.integers(0, 2**16))
+def test_int4_quantize_dequantize_error_bound(n, groups, gs, extra, sym, seed):
+    """Any shape (K not a multiple of the group too): error <= half a step per group, codes in range."""
+    g = torch.Generator().manual_seed(seed)
+    k = groups * gs - (extra if groups * gs - extra > 0 else 0)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64).float()
+    q, s, z = rtn.quantize_int4(w, gs, sym)
+    assert q.shape == (n, rtn.padded_in_features(k, gs)) and int(q.max()) <= 15
+    deq = rtn.dequantize_int4(q, s, z, k)
+    step = s.repeat_interleave(gs, dim=1)[:, :k]
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_int4_symmetric_exact_codes():
+    w = torch.tensor([[-7.0, -3.5, 0.0, 1.0, 3.5, 7.0, 2.0, -1.0]])
+    q, s, z = rtn.quantize_int4(w, 8, symmetric=True)
+    assert s.tolist() == [[1.0]] and z.tolist() == [[8]]
+    assert (q.int() - 8).tolist() == [[-7, -4, 0, 1, 4, 7, 2, -1]]  # round half to even: -3.5 -> -4, 3.5 -> 4
+
+
+def test_int4_asymmetric_exact_codes():
+    w = torch.tensor([[0.0, 1.5, 3.0, 15.0, 7.5, 0.5, 14.0, 2.0]]) - 3.0  # min -3, max 12 -> scale 1, zero 3
+    q, s, z = rtn.quantize_int4(w, 8, symmetric=False)
+    assert s.tolist() == [[1.0]] and z.tolist() == [[3]]
+    # w = [-3, -1.5, 0, 12, 4.5, -2.5, 11, -1]; code = round_half_even(w / 1) + 3
+    assert q.tolist() == [[0, 1, 3, 15, 7, 1, 14, 2]]
+
+
+def test_int8_exact_codes():
+    w = torch.tensor([[127.0, -63.5, 1.0, 0.0], [0.5, -0.25, 0.0, 0.125]])
+    q, s = rtn.quantize_int8(w)
+    assert torch.allclose(s, torch.tensor([1.0, 0.5 / 127]))
+    assert q.tolist() == [[127, -64, 1, 0], [127, -64, 0, 32]]
+
+
+SHAPES = [(1, 64, 32), (3, 64, 48), (5, 576, 960), (1, 1536, 576), (7, 100, 80), (2, 576, 3072)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("fmt", ["int8", "int4-sym-32", "int4-asym-32", "int4-sym-64", "int4-asym-128"])
+def test_kernel_matches_reference(m, k, n, fmt):
+    if n % 16:
+        pytest.skip("int4 kernels need out_features % 16 == 0")
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    w = torch.randn(n, k, generator=g) * 0.05
+    bias = torch.randn(n, generator=g) if m % 2 else None
+    x = torch.randn(m, k, generator=g)
+    if fmt == "int8":
+        ql = QuantizedLinear.from_float(w, bias, bits=8, keep_codes=True)
+    else:
+        _, kind, gs = fmt.split("-")
+        ql = QuantizedLinear.from_float(w, bias, bits=4, group_size=int(gs), symmetric=kind == "sym", keep_codes=True)
+    got, want = ql(x), ql.reference_forward(x)
+    assert got.shape == (m, n)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-5)
+    # and the quantized layer approximates the float layer
+    ref = torch.nn.functional.linear(x, w, bias)
+    assert (got - ref).norm() / ref.norm() < (0.02 if fmt == "int8" else 0.2)
+
+
+def test_kernel_3d_input_and_memory():
+    w = torch.randn(1152, 1024)
+    ql = QuantizedLinear.from_float(w, None, bits=4, group_size=128, symmetric=True)
+    x = torch.randn(2, 3, 1024)
+    assert ql(x).shape == (2, 3, 1152)
+    assert ql.weight_bytes / w.numel() <= 0.6
+    q8 = QuantizedLinear.from_float(w, None, bits=8)
+    assert q8.weight_bytes / w.numel() <= 1.05
