@@ -86,8 +86,13 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def load_model(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    cpu_layout: bool = True,
 ) -> Transformer:
-    """Build the model described by ``model_dir/config.json`` and fill it from its safetensors."""
+    """Build the model described by ``model_dir/config.json`` and fill it from its safetensors.
+
+    ``cpu_layout`` stores wide linears transposed on CPU (faster decode); pass False to get plain
+    ``nn.Linear`` modules (for quantization algorithms that edit weights).
+    """
     model_dir = Path(model_dir)
     config = ModelConfig.from_json_file(model_dir / "config.json")
     with torch.device("meta"):
@@ -140,6 +145,6 @@ def load_model(
     model.rope_sin = torch.empty(0, device=device)
     model.rope_len = 0
     model = model.eval().requires_grad_(False)
-    if torch.device(device).type == "cpu":
+    if cpu_layout and torch.device(device).type == "cpu":
         use_cpu_layout(model)
     return model
