@@ -83,6 +83,7 @@ class LoadedModel:
 def load_engine(
     spec: str | None, device: str = "auto", dtype: str = "float32", max_seq_len: int | None = None,
     max_batch: int = 1, progress: Callable[[str], None] | None = None, compile: bool = False,
+    quant: str | None = None, group_size: int | None = None,
 ) -> LoadedModel:
     """Resolve, load weights and tokenizer, and allocate the KV cache."""
     from quantchat.engine.generate import Engine
@@ -92,7 +93,25 @@ def load_engine(
     t0 = time.perf_counter()
     dev, dt = pick_device(device), pick_dtype(dtype)
     source = resolve_model(spec, progress)
-    model = load_model(source.hf_dir, device=dev, dtype=dt)
+    from quantchat.quant.checkpoint import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(source.hf_dir):
+        if quant not in (None, "none"):
+            raise QuantchatError(f"{source.hf_dir} is already quantized; drop --quant")
+        model = load_quantized(source.hf_dir, device=dev, dtype=dt)
+    elif quant in (None, "none"):
+        model = load_model(source.hf_dir, device=dev, dtype=dt)
+    else:
+        from quantchat.quant.quantize import NEEDS_CALIBRATION, QuantSpec, quantize_model
+
+        spec = QuantSpec.for_method(quant, group_size)
+        if quant in NEEDS_CALIBRATION:
+            raise QuantchatError(
+                f"--quant {quant} needs a calibration pass: run `quantchat quantize --method {quant}` once and "
+                "load the saved folder (--quant takes int8, int4-sym, int4-asym)"
+            )
+        model = load_model(source.hf_dir, device=dev, dtype=dt, cpu_layout=False)
+        quantize_model(model, spec)
     tokenizer = Tokenizer.from_dir(source.hf_dir)
     engine = Engine(model, tokenizer, max_seq_len=max_seq_len, max_batch=max_batch, compile=compile)
     if compile:

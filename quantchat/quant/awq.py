@@ -1,0 +1,219 @@
+"""AWQ (Lin et al., 2023): activation-aware scaling and clipping before round-to-nearest int4.
+
+Follows mit-han-lab/llm-awq (``auto_scale.py``, ``auto_clip.py``), block by block:
+
+1. Scale search. A few input channels of each linear carry most of the activation magnitude; the
+   weights that meet them matter most. For each group of linears sharing an input, with per-channel
+   mean |x| (``x_mean``), try ``s = x_mean ** alpha`` for alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid},
+   normalized ``s / sqrt(max(s) * min(s))``; fake-quantize ``W * s`` with RTN (the target group
+   size / symmetry), divide by s, and measure the MSE of the output of the sub-module the linears
+   feed, as llm-awq does: the whole attention (wqkv; wo stays float) or the whole MLP (w13; w2 stays
+   float), the linear itself for wo and w2. alpha = 0 is plain RTN, so the search never does worse
+   than RTN on the calibration tokens. The best s is folded into the model so the float function is
+   unchanged: 1/s into ``attention_norm.weight`` (wqkv) and ``ffn_norm.weight`` (w13), into the up
+   rows of w13 (w2: silu(gate) * up is linear in up), and into the v rows of wqkv (wo) -- the last
+   only when n_head == n_kv_head: with grouped-query attention one v channel feeds several wo
+   columns, which would need equal scales (llm-awq applies it only when v_proj and o_proj have
+   the same shape, for the same reason).
+2. Clip search (llm-awq ``auto_clip_layer``): per output row and group, shrink the quantization
+   range by 1 - i/n_grid for i < max_shrink * n_grid (1.0, 0.95, ..., 0.55 with the defaults) and
+   keep the factor minimizing the group's partial output error sum_k x_k w_k on a subsample of the
+   (scaled) calibration inputs. q and k rows are not clipped (their errors pass through q k^T, which
+   the per-group output error does not see -- llm-awq skips q/k); the v rows of wqkv are.
+
+``awq_model`` edits the float weights in place (step 1) and returns the clip tensors of step 2;
+quantize each linear afterwards with ``rtn.quantize_int4(w, group_size, symmetric, clip=clips[name])``
+(or ``QuantizedLinear.from_float(..., clip=...)``), the same group size and symmetry as the search.
+Clip semantics are rtn's: symmetric -> the max magnitude per group (already shrunk), asymmetric -> the
+shrink factor applied to the group's min and max.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from quantchat.quant import rtn
+from quantchat.quant.calibration import (
+    BlockContext, Progress, attention_forward, block_context, block_forward, chunks, embed, limit_tokens,
+)
+
+
+def fake_quantize_int4(w: Tensor, group_size: int, symmetric: bool, clip: Tensor | None = None) -> Tensor:
+    """RTN int4 quantize-dequantize of w [N, K] (float32, same shape)."""
+    q, s, z = rtn.quantize_int4(w, group_size, symmetric, clip)
+    return rtn.dequantize_int4(q, s, z, w.shape[1])
+
+
+def act_scale(x: Tensor) -> Tensor:
+    """Per input channel mean |x| over all tokens of x [..., K] (float32 [K])."""
+    return x.detach().reshape(-1, x.shape[-1]).float().abs().mean(0)
+
+
+# -- scale search -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def search_scale(
+    forward: Callable[[Tensor], Tensor], linears: list[nn.Linear], inp: Tensor, group_size: int,
+    symmetric: bool, n_grid: int = 20, batch_size: int = 8,
+) -> tuple[Tensor, float, float]:
+    """Best AWQ input-channel scale s [K] for ``linears`` (all fed ``inp`` [n, T, K]); ``forward`` maps a
+    chunk of ``inp`` to the output the loss is measured on. Returns (s, best MSE, MSE at alpha = 0
+    i.e. plain RTN). The linears' weights are restored before returning."""
+    x_mean = act_scale(inp)
+    orig = [lin.weight.data.clone() for lin in linears]
+    sl_list = list(chunks(inp.shape[0], batch_size))
+    ref = [forward(inp[sl]).float() for sl in sl_list]
+    numel = sum(r.numel() for r in ref)
+    best, best_s, rtn_loss = float("inf"), torch.ones_like(x_mean), float("nan")
+    try:
+        for r in range(n_grid):
+            alpha = r / n_grid
+            s = x_mean.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for lin, w in zip(linears, orig):
+                lin.weight.data.copy_(fake_quantize_int4(w.float() * s, group_size, symmetric) / s)
+            loss = sum(float((forward(inp[sl]).float() - r_).pow(2).sum()) for sl, r_ in zip(sl_list, ref)) / numel
+            if r == 0:
+                rtn_loss = loss
+            if loss < best:
+                best, best_s = loss, s.clone()
+    finally:
+        for lin, w in zip(linears, orig):
+            lin.weight.data.copy_(w)
+    return best_s, best, rtn_loss
+
+
+def _scale_columns_(lin: nn.Linear, s: Tensor) -> None:
+    lin.weight.data.mul_(s.to(lin.weight.dtype)[None, :])
+
+
+def _scale_rows_(lin: nn.Linear, rows: slice, inv: Tensor) -> None:
+    """Divide output rows ``rows`` of lin (and their bias) by ``inv``."""
+    lin.weight.data[rows].div_(inv.to(lin.weight.dtype)[:, None])
+    if lin.bias is not None:
+        lin.bias.data[rows].div_(inv.to(lin.bias.dtype))
+
+
+# -- clip search --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def search_clip(
+    w: Tensor, x: Tensor, group_size: int, symmetric: bool, n_grid: int = 20, max_shrink: float = 0.5,
+    n_sample_token: int = 512, rows: slice | None = None, row_batch: int = 512,
+) -> Tensor:
+    """Per-group clip [N, G] for w [N, K] given inputs x [..., K], in ``rtn.quantize_int4``'s ``clip``
+    semantics; rows outside ``rows`` (default: all) get the no-clip value (the group absmax, or 1.0)."""
+    N, K = w.shape
+    gs = group_size
+    Kp = rtn.padded_in_features(K, gs)
+    G = Kp // gs
+    wf = rtn.pad_columns(w.detach().float(), Kp)
+    xs = x.detach().reshape(-1, K).float()
+    xs = rtn.pad_columns(xs[:: max(1, xs.shape[0] // n_sample_token)], Kp).view(-1, G, gs)  # [t, G, gs]
+    absmax = wf.view(N, G, gs).abs().amax(-1)
+    clip = absmax.clone() if symmetric else torch.ones(N, G, device=wf.device)
+    todo = range(N)[rows] if rows is not None else range(N)
+    for r0 in range(todo.start, todo.stop, row_batch):
+        r1 = min(todo.stop, r0 + row_batch)
+        wb = wf[r0:r1]
+        ref = torch.einsum("tgk,ngk->ntg", xs, wb.view(-1, G, gs))
+        best_err = torch.full((r1 - r0, G), float("inf"), device=wf.device)
+        best = clip[r0:r1].clone()
+        for i_s in range(int(max_shrink * n_grid)):
+            f = 1 - i_s / n_grid
+            c = absmax[r0:r1] * f if symmetric else torch.full((r1 - r0, G), f, device=wf.device)
+            wq = fake_quantize_int4(wb, gs, symmetric, c)
+            err = (torch.einsum("tgk,ngk->ntg", xs, wq.view(-1, G, gs)) - ref).pow(2).mean(1)
+            better = err < best_err
+            best_err[better], best[better] = err[better], c[better]
+        clip[r0:r1] = best
+    return clip
+
+
+# -- whole model --------------------------------------------------------------------------------
+
+def _capture_inputs(layer: nn.Module, x: Tensor, ctx: BlockContext, names: list[str], batch_size: int) -> dict[str, Tensor]:
+    """Run the block on x [n, T, dim] (x becomes the block output, in place) and keep the inputs of
+    the named linears ([n, T, in_features] each)."""
+    n, T = x.shape[:2]
+    mods = {nm: layer.get_submodule(nm) for nm in names}
+    feats = {nm: torch.empty(n, T, m.in_features, dtype=x.dtype, device=x.device) for nm, m in mods.items()}
+    cur: list[slice] = []
+
+    def hook(nm: str):
+        def keep(_m: nn.Module, inp: tuple[Tensor, ...], _out: Tensor) -> None:
+            feats[nm][cur[0]] = inp[0]
+        return keep
+
+    hooks = [m.register_forward_hook(hook(nm)) for nm, m in mods.items()]
+    try:
+        for sl in chunks(n, batch_size):
+            cur[:] = [sl]
+            x[sl] = block_forward(layer, x[sl], ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return feats
+
+
+@torch.no_grad()
+def awq_model(
+    model: nn.Module, calib: Tensor, group_size: int = 128, symmetric: bool = True, n_grid: int = 20,
+    progress: Progress = None, *, max_tokens: int | None = None, batch_size: int = 8, clip: bool = True,
+    max_shrink: float = 0.5, n_sample_token: int = 512, stats: dict[str, tuple[float, float]] | None = None,
+) -> dict[str, Tensor]:
+    """AWQ scale search (folded into the model's float weights, in place) and clip search on ``calib`` [n, T].
+
+    Returns {"layers.{i}.attention.wqkv": clip [N, G], ...} for every block linear (empty if not ``clip``),
+    to pass to ``rtn.quantize_int4`` with the same group size and symmetry. Block inputs are the float
+    outputs of the previous blocks (as llm-awq). ``progress(done, n_blocks)`` is called after each
+    block. ``stats``, if given, receives per scaled group
+    (best MSE, plain-RTN MSE) of the search loss. ``max_tokens`` caps the calibration tokens.
+    """
+    calib = limit_tokens(calib, max_tokens)
+    ctx = block_context(model, calib.shape[1])
+    x = embed(model, calib)
+    n_layers = len(model.layers)
+    clips: dict[str, Tensor] = {}
+    names = ["attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"]
+    for li, layer in enumerate(model.layers):
+        feats = _capture_inputs(layer, x, ctx, names, batch_size)  # x: float output of the block
+        att, ff = layer.attention, layer.feed_forward
+        wqkv, wo, w13, w2 = att.wqkv, att.wo, ff.w13, ff.w2
+        v_rows = slice(att.q_size + att.kv_size, att.q_size + 2 * att.kv_size)
+
+        def search(key: str, fwd: Callable[[Tensor], Tensor], lin: nn.Linear) -> Tensor:
+            s, best, base = search_scale(fwd, [lin], feats[key], group_size, symmetric, n_grid, batch_size)
+            if stats is not None:
+                stats[f"layers.{li}.{key}"] = (best, base)
+            feats[key].div_(s.to(feats[key].dtype))  # the linear's input after folding
+            _scale_columns_(lin, s)
+            return s
+
+        # attention input: 1/s into attention_norm
+        s = search("attention.wqkv", lambda t: attention_forward(att, t, ctx), wqkv)
+        layer.attention_norm.weight.data.div_(s.to(layer.attention_norm.weight.dtype))
+        # attention output: 1/s into the v rows (only without GQA)
+        if att.n_head == att.n_kv_head:
+            s = search("attention.wo", wo, wo)
+            _scale_rows_(wqkv, v_rows, s)
+        # MLP input: 1/s into ffn_norm
+        s = search("feed_forward.w13", ff, w13)
+        layer.ffn_norm.weight.data.div_(s.to(layer.ffn_norm.weight.dtype))
+        # MLP down projection: 1/s into the up rows of w13
+        s = search("feed_forward.w2", w2, w2)
+        _scale_rows_(w13, slice(ff.hidden, 2 * ff.hidden), s)
+
+        if clip:
+            for key, lin in (("attention.wqkv", wqkv), ("attention.wo", wo), ("feed_forward.w13", w13),
+                             ("feed_forward.w2", w2)):
+                rows = v_rows if key == "attention.wqkv" else None
+                clips[f"layers.{li}.{key}"] = search_clip(
+                    lin.weight, feats[key], group_size, symmetric, n_grid, max_shrink, n_sample_token, rows)
+        del feats
+        if progress:
+            progress(li + 1, n_layers)
+    return clips

@@ -1,0 +1,116 @@
+"""Calibration data for GPTQ/AWQ, and running the decoder block by block on it.
+
+The default text is Python's own documentation (``pydoc_data.topics``, bundled with CPython), so
+calibration needs no download. GPTQ and AWQ both use random windows of a fixed length from a
+tokenized text (the papers take 128 windows of 2048 / 512 tokens from C4 / the Pile).
+
+The block-runner helpers feed hidden states through one ``TransformerBlock`` at a time, in chunks
+of a few sequences, with the same rope tables and sliding-window mask as ``Transformer.forward``
+(plain causal pass, no KV cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from quantchat.errors import QuantchatError
+from quantchat.kvcache.cache import attention_mask
+
+Progress = Callable[[int, int], None] | None  # (blocks done, blocks in all)
+
+
+def builtin_corpus() -> str:
+    """Python's bundled pydoc topic texts (sorted by key), joined with blank lines: ~465k characters."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def calibration_batches(
+    tokenizer, n_samples: int = 128, seq_len: int = 512, text: str | None = None, seed: int = 0,
+    consecutive: bool = False,
+) -> Tensor:
+    """Token windows [n_samples, seq_len] (int64) from ``text`` (default: ``builtin_corpus()``).
+
+    The text is tokenized once (no BOS). Windows start at seeded random offsets (they may overlap),
+    or, with ``consecutive``, tile the token stream from its start without overlap.
+    """
+    if n_samples < 1 or seq_len < 1:
+        raise QuantchatError(f"calibration needs n_samples >= 1 and seq_len >= 1 (got {n_samples}, {seq_len})")
+    ids = torch.tensor(tokenizer.encode(builtin_corpus() if text is None else text, add_bos=False),
+                       dtype=torch.long)
+    need = n_samples * seq_len if consecutive else seq_len
+    if ids.numel() < need:
+        what = f"{n_samples} consecutive windows of {seq_len}" if consecutive else f"a window of {seq_len}"
+        raise QuantchatError(
+            f"calibration text too short: {ids.numel()} tokens, {what} needs {need}; "
+            "give a longer text or use fewer/shorter samples"
+        )
+    if consecutive:
+        return ids[:need].view(n_samples, seq_len).clone()
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
+    return ids[starts[:, None] + torch.arange(seq_len)]
+
+
+def limit_tokens(calib: Tensor, max_tokens: int | None) -> Tensor:
+    """The first sequences of ``calib`` [n, T] holding at most ``max_tokens`` tokens (at least one row,
+    cut to ``max_tokens`` positions if a single row is longer)."""
+    if max_tokens is None:
+        return calib
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    n, T = calib.shape
+    if T > max_tokens:
+        return calib[:1, :max_tokens]
+    return calib[: max(1, min(n, max_tokens // T))]
+
+
+# -- block-by-block forward ---------------------------------------------------------------------
+
+BlockContext = tuple[Tensor, Tensor, "Tensor | None", int]
+
+
+def block_context(model: nn.Module, seq_len: int) -> BlockContext:
+    """(cos, sin, mask, seq_len) for a plain causal pass of ``seq_len`` tokens, as ``Transformer.forward``."""
+    model.setup_rope(seq_len)
+    cos, sin = model.rope_cos[:seq_len][None, None], model.rope_sin[:seq_len][None, None]
+    window = model.config.sliding_window
+    mask = None
+    if window and seq_len > window:
+        mask = attention_mask(torch.arange(seq_len, device=model.device)[None], seq_len, window)
+    return cos.to(model.dtype), sin.to(model.dtype), mask, seq_len
+
+
+@torch.no_grad()
+def embed(model: nn.Module, calib: Tensor) -> Tensor:
+    """Hidden states entering block 0: the token embeddings [n, T, dim]."""
+    return model.tok_embeddings(calib.to(model.device))
+
+
+def block_forward(layer: nn.Module, x: Tensor, ctx: BlockContext) -> Tensor:
+    """One ``TransformerBlock`` on x [B, T, dim] (plain causal, no cache)."""
+    cos, sin, mask, T = ctx
+    return layer(x, cos, sin, None, mask, T, None, True)
+
+
+def attention_forward(attention: nn.Module, x: Tensor, ctx: BlockContext) -> Tensor:
+    """The attention sub-module on its (normalized) input x [B, T, dim]."""
+    cos, sin, mask, T = ctx
+    return attention(x, cos, sin, None, mask, T, None, True)
+
+
+def chunks(n: int, batch_size: int) -> Iterator[slice]:
+    for i in range(0, n, batch_size):
+        yield slice(i, min(n, i + batch_size))
+
+
+@torch.no_grad()
+def run_block_(layer: nn.Module, x: Tensor, ctx: BlockContext, batch_size: int = 8) -> Tensor:
+    """Replace x [n, T, dim] by the block's output, in place, ``batch_size`` sequences at a time."""
+    for sl in chunks(x.shape[0], batch_size):
+        x[sl] = block_forward(layer, x[sl], ctx)
+    return x

@@ -1,0 +1,239 @@
+"""Quantized checkpoints: sharded safetensors of portable codes, a quantization config, a sha256 manifest.
+
+A folder holds:
+* ``config.json`` (the model's, plus ``quantization_config``), tokenizer files;
+* ``quantchat_quant.json``: method, bits, group size, symmetry, packing layout, format version, and
+  for each quantized module its shape and format;
+* ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``: for each quantized module
+  ``NAME.qweight`` / ``NAME.scales`` / ``NAME.zeros`` (int4) and float tensors (norms, biases);
+* ``manifest.json``: sha256 and size of every other file, checked at load.
+
+Loading reads one tensor at a time from memory-mapped shards into modules built on the meta
+device, so the peak stays near the final resident size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from quantchat.errors import ModelLoadError
+from quantchat.model.config import ModelConfig
+from quantchat.model.llama import Transformer
+from quantchat.quant.embedding import QuantizedEmbedding
+from quantchat.quant.linear import QuantizedLinear
+from quantchat.quant.quantize import METHODS, QuantSpec, set_module
+
+FORMAT = "quantchat-quant"
+FORMAT_VERSION = 1
+QUANT_FILE = "quantchat_quant.json"
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "tokenizer.model")
+PACKING = {
+    "int4": "uint8 [out, in_padded/2]: byte j = column 2j (low nibble) | column 2j+1 (high nibble); "
+            "w = (code - zero) * scale per group; in_padded = in rounded up to the group size (zero padding)",
+    "int8": "int8 [out, in], w = code * scale[out]",
+}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_quantized_dir(path: Path) -> bool:
+    return (Path(path) / QUANT_FILE).is_file()
+
+
+def save_quantized(
+    out_dir: Path, model: Transformer, spec: QuantSpec, codes: dict[str, dict[str, Tensor]], source_dir: Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write a quantized checkpoint (atomically: a temp folder renamed at the end)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tensors: dict[str, Tensor] = {}
+        modules: dict[str, dict] = {}
+        for name, c in codes.items():
+            for k, v in c.items():
+                tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
+            mod = model.get_submodule(name)
+            if isinstance(mod, QuantizedLinear):
+                modules[name] = {"bits": mod.bits, "group_size": mod.group_size, "symmetric": mod.symmetric,
+                                 "in_features": mod.in_features, "out_features": mod.out_features,
+                                 "bias": mod.bias is not None}
+                if mod.bias is not None:
+                    tensors[f"{name}.bias"] = mod.bias.detach().float().cpu().contiguous()
+            else:  # the untied int8 embedding
+                modules[name] = {"bits": 8, "group_size": None, "symmetric": True, "embedding": True,
+                                 "in_features": c["qweight"].shape[1], "out_features": c["qweight"].shape[0],
+                                 "bias": False}
+        for name, p in model.named_parameters():
+            owner = name.rpartition(".")[0]
+            if owner not in codes and not name.endswith(".bias"):
+                tensors[name] = p.detach().float().cpu().contiguous()
+        shards: list[dict[str, Tensor]] = [{}]
+        size = 0
+        for name in sorted(tensors):
+            t = tensors[name]
+            n = t.numel() * t.element_size()
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += n
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / fname, metadata={"format": "pt", "quantchat": FORMAT})
+            weight_map.update({k: fname for k in shard})
+            if progress:
+                progress(f"wrote {fname}")
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=1))
+        quant = {"format": FORMAT, "version": FORMAT_VERSION, **spec.to_dict(), "packing": PACKING,
+                 "tied_embedding": bool(model.config.tie_word_embeddings), "modules": modules}
+        (tmp / QUANT_FILE).write_text(json.dumps(quant, indent=1))
+        cfg = json.loads((Path(source_dir) / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "quantchat", **spec.to_dict(), "version": FORMAT_VERSION}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        for f in TOKENIZER_FILES:
+            if (Path(source_dir) / f).is_file():
+                shutil.copy2(Path(source_dir) / f, tmp / f)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        manifest = {"files": {f: {"sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size} for f in files}}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def verify_manifest(model_dir: Path) -> None:
+    """Every file listed in manifest.json exists with its size and sha256; errors name the file."""
+    mpath = model_dir / MANIFEST_FILE
+    if not mpath.is_file():
+        raise ModelLoadError(f"{mpath}: missing (quantized checkpoints carry a manifest of sha256 sums)")
+    try:
+        files = json.loads(mpath.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{mpath}: invalid manifest ({e})") from None
+    for fname, info in files.items():
+        f = model_dir / fname
+        if not f.is_file():
+            raise ModelLoadError(f"{f}: missing (listed in {MANIFEST_FILE})")
+        if f.stat().st_size != info.get("size"):
+            raise ModelLoadError(f"{f}: size {f.stat().st_size} differs from the manifest's {info.get('size')} "
+                                 "(truncated or modified)")
+        if sha256_file(f) != info.get("sha256"):
+            raise ModelLoadError(f"{f}: sha256 mismatch with {MANIFEST_FILE} (corrupted or modified)")
+
+
+def read_quant_config(model_dir: Path) -> dict:
+    qpath = model_dir / QUANT_FILE
+    try:
+        q = json.loads(qpath.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{qpath}: cannot read ({e})") from None
+    if q.get("format") != FORMAT or not isinstance(q.get("modules"), dict):
+        raise ModelLoadError(f"{qpath}: not a quantchat quantization config")
+    if q.get("version", 0) > FORMAT_VERSION:
+        raise ModelLoadError(f"{qpath}: format version {q.get('version')} is newer than this quantchat "
+                             f"({FORMAT_VERSION}); upgrade quantchat")
+    if q.get("method") not in METHODS:
+        raise ModelLoadError(f"{qpath}: unknown quantization method '{q.get('method')}' "
+                             f"(known: {', '.join(METHODS)})")
+    return q
+
+
+def load_quantized(
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    verify: bool = True, keep_codes: bool = False,
+) -> Transformer:
+    """Load a quantized checkpoint with its weights packed (never dequantized to a float copy)."""
+    model_dir = Path(model_dir)
+    if verify:
+        verify_manifest(model_dir)
+    q = read_quant_config(model_dir)
+    config = ModelConfig.from_json_file(model_dir / "config.json")
+    try:
+        weight_map = json.loads((model_dir / INDEX_FILE).read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{model_dir / INDEX_FILE}: cannot read the shard index ({e})") from None
+    with torch.device("meta"):
+        model = Transformer(config)
+    handles: dict[str, object] = {}
+
+    def tensor(name: str) -> Tensor:
+        fname = weight_map.get(name)
+        if fname is None:
+            raise ModelLoadError(f"{model_dir}: tensor {name} missing from {INDEX_FILE} (config/weights mismatch)")
+        try:
+            if fname not in handles:
+                handles[fname] = safe_open(model_dir / fname, framework="pt", device="cpu")
+            return handles[fname].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{model_dir / fname}: cannot read {name} ({e})") from None
+
+    tied = bool(q.get("tied_embedding"))
+    for name, m in q["modules"].items():
+        if m.get("embedding"):
+            continue
+        try:
+            target = model.get_submodule(name)
+            want = (target.out_features, target.in_features)
+        except AttributeError:
+            want = None
+        if want is None or want != (m["out_features"], m["in_features"]):
+            raise ModelLoadError(f"{model_dir / QUANT_FILE}: module {name} {m['out_features']}x{m['in_features']} "
+                                 f"does not match config.json ({want}): config/weights mismatch")
+        keys = ("qweight", "scales") if m["bits"] == 8 else ("qweight", "scales", "zeros")
+        codes = {k: tensor(f"{name}.{k}") for k in keys}
+        bias = tensor(f"{name}.bias") if m.get("bias") else None
+        try:
+            ql = QuantizedLinear.from_codes(codes, m["in_features"], m["out_features"], m["bits"], m["group_size"],
+                                            m["symmetric"], bias, device, dtype, keep_codes)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{model_dir}: module {name} has malformed codes ({e})") from None
+        set_module(model, name, ql)
+    if not isinstance(model.output, QuantizedLinear):
+        raise ModelLoadError(f"{model_dir / QUANT_FILE}: no quantized LM head ('output')")
+    if tied:
+        model.tok_embeddings = QuantizedEmbedding(model.output.weight_int8, model.output.scales, dtype)
+    elif "tok_embeddings" in q["modules"]:
+        model.tok_embeddings = QuantizedEmbedding(tensor("tok_embeddings.qweight").to(device),
+                                                  tensor("tok_embeddings.scales").to(device), dtype)
+    state = {}
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            state[name] = tensor(name).to(device=device, dtype=dtype)
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ModelLoadError(f"{model_dir}: {name} has shape {tuple(state[name].shape)}, config.json "
+                                     f"implies {tuple(p.shape)}: config/weights mismatch")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.rope_cos = torch.empty(0, device=device)
+    model.rope_sin = torch.empty(0, device=device)
+    model.rope_len = 0
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,264 @@
+"""GPTQ (Frantar et al., 2022): second-order weight rounding, in the int4/int8 formats of ``quant.rtn``.
+
+For a linear with inputs X (calibration tokens) GPTQ minimizes ||X W^T - X Q^T||^2 column by column:
+after rounding column j the error is spread over the not-yet-quantized columns through the inverse
+Hessian H^-1 (H = 2/n X^T X), using the upper Cholesky factor of H^-1 and lazy block updates, as the
+reference implementation (IST-DASLab/gptq ``fasterquant``, AutoGPTQ) does:
+
+* dead inputs (H diagonal 0: the channel is always zero) get H_jj = 1 and a zero weight;
+* damping: ``damp * mean(diag H)`` on the diagonal (raised tenfold if H still is not positive definite);
+* without ``act_order``, a group's scale/zero point come from the group's weights at the moment the
+  quantization reaches its first column (already updated by the errors of earlier columns);
+* with ``act_order`` (columns in order of decreasing H_jj) the groups are "static" (AutoGPTQ's
+  ``static_groups``): each group's scale/zero are computed up front from the original weights, so the
+  result stays in the plain group layout (no g_idx) and runs on the same packed kernels as RTN.
+
+The output is exactly ``rtn.quantize_int4``'s format: codes uint8 [N, Kp] in 0..15, scales [N, G],
+zeros uint8 [N, G] (8 when symmetric), K zero-padded to a multiple of the group size (padding
+columns are dead inputs, so they quantize to exact zeros).
+
+``gptq_model`` runs the whole decoder block by block on calibration tokens: each block's linears see
+inputs computed with the earlier blocks already quantized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from quantchat.quant import rtn
+from quantchat.quant.calibration import (
+    Progress, block_context, block_forward, chunks, embed, limit_tokens, run_block_,
+)
+
+LINEAR_NAMES = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+
+
+# -- Hessian ------------------------------------------------------------------------------------
+
+class HessianAccumulator:
+    """Running H = 2/n * sum x x^T over input rows x [..., K] (float32 products summed in float64)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.sum: Tensor | None = None  # allocated on the inputs' device
+        self.n = 0
+
+    def add(self, x: Tensor, chunk_rows: int = 8192) -> None:
+        x = x.detach().reshape(-1, self.k)
+        if self.sum is None:
+            self.sum = torch.zeros(self.k, self.k, dtype=torch.float64, device=x.device)
+        for i in range(0, x.shape[0], chunk_rows):
+            xc = x[i:i + chunk_rows].float()
+            self.sum += (xc.t() @ xc).double()
+        self.n += x.shape[0]
+
+    def result(self) -> Tensor:
+        if self.sum is None or self.n == 0:
+            raise ValueError("no inputs were accumulated")
+        return (self.sum * (2.0 / self.n)).float()
+
+
+def hessian_from_inputs(x: Tensor) -> Tensor:
+    """H = 2/n X^T X [K, K] (float32) for inputs x [..., K] (n = number of rows)."""
+    acc = HessianAccumulator(x.shape[-1])
+    acc.add(x)
+    return acc.result()
+
+
+# -- the GPTQ solver ----------------------------------------------------------------------------
+
+def _prepare(w: Tensor, H: Tensor, k_padded: int, act_order: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Padded float32 weight with dead columns zeroed, the fixed-up Hessian (float64), and the permutation."""
+    N, K = w.shape
+    if H.shape != (K, K):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight {tuple(w.shape)}")
+    W = rtn.pad_columns(w.detach().float(), k_padded).clone()
+    Hp = torch.zeros(k_padded, k_padded, dtype=torch.float64, device=W.device)
+    Hp[:K, :K] = H.detach().to(W.device, torch.float64)
+    dead = Hp.diagonal() == 0
+    Hp[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(Hp.diagonal(), descending=True) if act_order else None
+    if perm is not None:
+        W, Hp = W[:, perm], Hp[perm][:, perm]
+    return W, Hp, perm
+
+
+def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor (float32) of (H + damp * mean(diag H) * I)^-1."""
+    K = H.shape[0]
+    lam = damp * H.diagonal().mean()
+    eye = torch.eye(K, dtype=H.dtype, device=H.device)
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if int(info) == 0:
+            break
+        lam = lam * 10 if lam > 0 else H.diagonal().mean() * 1e-6
+    else:
+        raise ValueError("GPTQ: the Hessian is not positive definite even after damping")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+
+
+ColumnQuantizer = Callable[[int, Tensor, int], tuple[Tensor, Tensor]]
+
+
+def _gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quant: ColumnQuantizer) -> Tensor:
+    """The GPTQ sweep over the columns of W (updated in place). ``quant(j, W1, i)`` rounds column i of
+    the current block W1 (global column j) and returns (dequantized column, codes column).
+    Returns the codes [N, K] (float)."""
+    N, K = W.shape
+    codes = torch.zeros_like(W)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i].clone()
+            q, c = quant(i1 + i, W1, i)
+            codes[:, i1 + i] = c
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes
+
+
+def _round_column(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """rtn's rounding of one column with per-row scale/zero: (dequantized, codes)."""
+    c = (torch.round(w / scale) + zero).clamp(qmin, qmax)
+    return (c - zero) * scale, c
+
+
+def gptq_quantize(
+    w: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True, damp: float = 0.01,
+    block_size: int = 128, act_order: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ int4 of w [N, K] with Hessian H [K, K]: (codes uint8 [N, Kp], scales f32 [N, G], zeros uint8 [N, G]),
+    exactly ``rtn.quantize_int4``'s format (for int8 see ``gptq_quantize_int8``)."""
+    if bits != 4:
+        raise ValueError(f"gptq_quantize makes int4 codes (bits=4), got bits={bits}; use gptq_quantize_int8")
+    N, K = w.shape
+    gs = group_size
+    Kp = rtn.padded_in_features(K, gs)
+    W, Hp, perm = _prepare(w, H, Kp, act_order)
+    Hinv = _inverse_cholesky(Hp, damp)
+    qmin = 1 if symmetric else 0  # symmetric: code - 8 in [-7, 7]
+    scales = torch.zeros(N, Kp // gs, device=W.device)
+    zeros = torch.zeros(N, Kp // gs, device=W.device)
+
+    if act_order:  # static groups from the original (dead-zeroed) weights, looked up per permuted column
+        Worig = torch.empty_like(W)
+        Worig[:, perm] = W
+        _, s, z = rtn.quantize_int4(Worig, gs, symmetric)
+        scales, zeros = s, z.float()
+        col_s = s.repeat_interleave(gs, dim=1)[:, perm]
+        col_z = zeros.repeat_interleave(gs, dim=1)[:, perm]
+
+        def quant(j: int, W1: Tensor, i: int) -> tuple[Tensor, Tensor]:
+            return _round_column(W1[:, i], col_s[:, j], col_z[:, j], qmin, 15)
+    else:
+        block_size = max(gs, block_size // gs * gs)  # groups never straddle a block
+        cur: list[Tensor] = []
+
+        def quant(j: int, W1: Tensor, i: int) -> tuple[Tensor, Tensor]:
+            if j % gs == 0:  # group params from the current (error-updated) weights of the group
+                _, s, z = rtn.quantize_int4(W1[:, i:i + gs], gs, symmetric)
+                scales[:, j // gs], zeros[:, j // gs] = s[:, 0], z[:, 0].float()
+                cur[:] = [s[:, 0], z[:, 0].float()]
+            return _round_column(W1[:, i], cur[0], cur[1], qmin, 15)
+
+    codes = _gptq_columns(W, Hinv, block_size, quant)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.to(torch.uint8), scales.float(), zeros.to(torch.uint8)
+
+
+def gptq_quantize_int8(
+    w: Tensor, H: Tensor, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """GPTQ in ``rtn.quantize_int8``'s format: (codes int8 [N, K], scales f32 [N]); the per-channel
+    scales (absmax / 127) are fixed from the original weights."""
+    W, Hp, perm = _prepare(w, H, w.shape[1], act_order)
+    Hinv = _inverse_cholesky(Hp, damp)
+    _, scale = rtn.quantize_int8(W)
+    zero = torch.zeros(())
+
+    def quant(j: int, W1: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        return _round_column(W1[:, i], scale, zero, -127, 127)
+
+    codes = _gptq_columns(W, Hinv, block_size, quant)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.to(torch.int8), scale
+
+
+# -- whole model --------------------------------------------------------------------------------
+
+def _quantize_linear(
+    lin: nn.Linear, H: Tensor, bits: int, group_size: int, symmetric: bool, damp: float, block_size: int,
+    act_order: bool,
+) -> dict[str, Tensor]:
+    """GPTQ one linear; its weight becomes the dequantized one; returns the portable codes dict."""
+    N, K = lin.weight.shape
+    if bits == 8:
+        q, s = gptq_quantize_int8(lin.weight, H, damp, block_size, act_order)
+        deq = rtn.dequantize_int8(q, s)
+        codes = {"qweight": q.cpu(), "scales": s.cpu()}
+    else:
+        q, s, z = gptq_quantize(lin.weight, H, 4, group_size, symmetric, damp, block_size, act_order)
+        deq = rtn.dequantize_int4(q, s, z, K)
+        codes = {"qweight": rtn.pack_int4(q).cpu(), "scales": s.cpu(), "zeros": z.cpu()}
+    lin.weight.data.copy_(deq.to(lin.weight.dtype))
+    return codes
+
+
+@torch.no_grad()
+def gptq_model(
+    model: nn.Module, calib: Tensor, group_size: int = 128, symmetric: bool = True, act_order: bool = False,
+    progress: Progress = None, *, bits: int = 4, damp: float = 0.01, block_size: int = 128,
+    max_tokens: int | None = None, batch_size: int = 8, true_sequential: bool = False,
+) -> dict[str, dict[str, Tensor]]:
+    """GPTQ every linear of the decoder blocks on calibration tokens ``calib`` [n, T].
+
+    Returns {"layers.{i}.attention.wqkv": {"qweight", "scales", "zeros"}, ...} in
+    ``QuantizedLinear.from_codes``'s portable format (int4 packed; int8 without "zeros").
+    Blocks run in order: each block's linears get their Hessians from one float forward of the
+    block (hooks), are quantized, and the block is run again with its quantized weights to make
+    the next block's inputs. ``true_sequential`` re-runs the block before each of wqkv, wo, w13, w2
+    so later linears see the quantized earlier ones (AutoGPTQ's default; one forward per linear).
+    The model's linear weights are replaced by their dequantized values (in place); the embeddings,
+    norms and LM head are left alone. ``max_tokens`` caps the calibration tokens (whole sequences);
+    ``progress(done, n_blocks)`` is called after each block.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"GPTQ supports 4 or 8 bits, not {bits}")
+    calib = limit_tokens(calib, max_tokens)
+    ctx = block_context(model, calib.shape[1])
+    x = embed(model, calib)
+    n_layers = len(model.layers)
+    steps = [[n] for n in LINEAR_NAMES] if true_sequential else [list(LINEAR_NAMES)]
+    result: dict[str, dict[str, Tensor]] = {}
+    for li, layer in enumerate(model.layers):
+        for names in steps:
+            mods = {n: layer.get_submodule(n) for n in names}
+            accs = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
+            hooks = [m.register_forward_hook(lambda _m, inp, _out, a=accs[n]: a.add(inp[0]))
+                     for n, m in mods.items()]
+            try:
+                for sl in chunks(x.shape[0], batch_size):
+                    block_forward(layer, x[sl], ctx)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for n, m in mods.items():
+                H = accs.pop(n).result()
+                result[f"layers.{li}.{n}"] = _quantize_linear(
+                    m, H, bits, group_size, symmetric, damp, block_size, act_order)
+        run_block_(layer, x, ctx, batch_size)
+        if progress:
+            progress(li + 1, n_layers)
+    return result

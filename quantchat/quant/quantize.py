@@ -1,0 +1,140 @@
+"""Quantize a loaded model in memory: swap every linear for a ``QuantizedLinear``.
+
+Methods: ``int8`` (per-channel), ``int4-sym`` / ``int4-asym`` (group-wise round-to-nearest),
+``awq`` (activation-aware scales + clipping, then int4) and ``gptq`` (Hessian-based int4).
+The LM head is kept at int8 for the int4 methods (as llama.cpp keeps it at 8 bits or more); a
+tied token embedding then reads the head's int8 rows, so no float copy of the vocabulary stays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from quantchat.errors import QuantchatError
+from quantchat.quant import rtn
+from quantchat.quant.embedding import QuantizedEmbedding
+from quantchat.quant.linear import QuantizedLinear
+
+METHODS = ("int8", "int4-sym", "int4-asym", "awq", "gptq")
+NEEDS_CALIBRATION = ("awq", "gptq")
+LAYER_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+DEFAULT_GROUP_SIZE = 128
+
+
+@dataclass
+class QuantSpec:
+    """What a quantized model is: stored in checkpoints as quantchat_quant.json."""
+
+    method: str
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    head_bits: int = 8
+
+    @classmethod
+    def for_method(cls, method: str, group_size: int | None = None, symmetric: bool | None = None) -> "QuantSpec":
+        if method not in METHODS:
+            raise QuantchatError(f"unknown quantization method '{method}'; choose one of {', '.join(METHODS)}")
+        if method == "int8":
+            return cls(method, 8, None, True)
+        gs = group_size or DEFAULT_GROUP_SIZE
+        if gs not in (32, 64, 128, 256):
+            raise QuantchatError(f"group size must be 32, 64, 128 or 256, got {gs}")
+        sym = {"int4-sym": True, "int4-asym": False}.get(method, symmetric if symmetric is not None else False)
+        return cls(method, 4, gs, sym)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in LAYER_LINEARS]
+
+
+def float_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """[out, in] float weight and bias of an nn.Linear or TransposedLinear."""
+    return module.weight.detach(), getattr(module, "bias", None)
+
+
+def quantize_codes(weight: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> dict[str, Tensor]:
+    """Portable codes (as checkpoints store them) for one weight by round-to-nearest."""
+    w = weight.detach().float().cpu()
+    if spec.bits == 8:
+        q, s = rtn.quantize_int8(w)
+        return {"qweight": q, "scales": s}
+    q, s, z = rtn.quantize_int4(w, spec.group_size, spec.symmetric, clip)
+    return {"qweight": rtn.pack_int4(q), "scales": s, "zeros": z}
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def install_codes(
+    model: nn.Module, name: str, codes: dict[str, Tensor], bits: int, group_size: int | None, symmetric: bool,
+    in_features: int, out_features: int, bias: Tensor | None, act_dtype: torch.dtype, keep_codes: bool = False,
+) -> QuantizedLinear:
+    ql = QuantizedLinear.from_codes(codes, in_features, out_features, bits, group_size, symmetric, bias,
+                                    model.device, act_dtype, keep_codes)
+    set_module(model, name, ql)
+    return ql
+
+
+def install_head(model: nn.Module, codes: dict[str, Tensor], tied: bool, act_dtype: torch.dtype,
+                 keep_codes: bool = False) -> None:
+    """The int8 LM head; a tied embedding shares its int8 rows."""
+    V, D = codes["qweight"].shape
+    head = install_codes(model, "output", codes, 8, None, True, D, V, None, act_dtype, keep_codes)
+    if tied:
+        model.tok_embeddings = QuantizedEmbedding(head.weight_int8, head.scales, act_dtype)
+
+
+def quantize_model(
+    model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, keep_codes: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """Quantize ``model`` in place; returns the portable codes of every swapped module (for saving)."""
+    act_dtype = model.dtype
+    names = linear_names(model)
+    clips: dict[str, Tensor] = {}
+    gptq_codes: dict[str, dict[str, Tensor]] = {}
+    if spec.method in NEEDS_CALIBRATION and calib is None:
+        raise QuantchatError(f"{spec.method} needs calibration data")
+    if spec.method == "awq":
+        from quantchat.quant.awq import awq_model
+
+        clips = awq_model(model, calib, spec.group_size, spec.symmetric,
+                          progress=(lambda i, n: progress("awq search", i, n)) if progress else None)
+    elif spec.method == "gptq":
+        from quantchat.quant.gptq import gptq_model
+
+        gptq_codes = gptq_model(model, calib, spec.group_size, spec.symmetric,
+                                progress=(lambda i, n: progress("gptq", i, n)) if progress else None)
+    all_codes: dict[str, dict[str, Tensor]] = {}
+    for i, name in enumerate(names):
+        module = model.get_submodule(name)
+        weight, bias = float_weight(module)
+        codes = gptq_codes.get(name) or quantize_codes(weight, spec, clips.get(name))
+        install_codes(model, name, codes, spec.bits, spec.group_size, spec.symmetric,
+                      module.in_features, module.out_features, bias, act_dtype, keep_codes)
+        all_codes[name] = codes
+        if progress:
+            progress("packing", i + 1, len(names) + 1)
+    tied = model.config.tie_word_embeddings
+    head_codes = quantize_codes(model.output.weight, QuantSpec("int8", 8, None, True))
+    install_head(model, head_codes, tied, act_dtype, keep_codes)
+    all_codes["output"] = head_codes
+    if not tied:
+        emb = model.tok_embeddings.weight.detach().float().cpu()
+        q, s = rtn.quantize_int8(emb)
+        model.tok_embeddings = QuantizedEmbedding(q.to(model.output.weight_int8.device),
+                                                  s.to(model.output.weight_int8.device), act_dtype)
+        all_codes["tok_embeddings"] = {"qweight": q, "scales": s}
+    if progress:
+        progress("packing", len(names) + 1, len(names) + 1)
+    return all_codes
