@@ -370,3 +370,27 @@ def test_chat_session_reuses_cache_with_same_result(tiny_dir):
     ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(history + [{"role": "user", "content": "tell me more"}]))
     text, stats = engine.generate_text(ids, params, reuse_cache=False)
     assert stats.cached_tokens == 0 and text == answer2
+
+
+# --- quantization from the command line ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["int8", "int4-asym"])
+def test_quantize_then_run(tiny_dir, tmp_path, capsys, method):
+    out = tmp_path / f"q-{method}"
+    res = run_main(capsys, "quantize", str(tiny_dir), "--method", method, "--group-size", "32", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert (out / "quantchat_quant.json").is_file() and (out / "manifest.json").is_file()
+    res = run_main(capsys, "complete", "--model", str(out), "--prompt", PROMPT, "-n", "8", "--no-echo")
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.rstrip("\n")) == 8
+    # --quant at load time gives the same packed model as the saved checkpoint
+    res2 = run_main(capsys, "complete", "--model", str(tiny_dir), "--quant", method, "--group-size", "32",
+                    "--prompt", PROMPT, "-n", "8", "--no-echo")
+    assert res2.returncode == 0 and res2.stdout == res.stdout
+    # refusing to overwrite, and a clear error for a damaged checkpoint
+    assert_user_error(run_main(capsys, "quantize", str(tiny_dir), "--method", method, "--out", str(out)),
+                      "already exists")
+    shard = next(out.glob("model-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-7] + b"garbage")
+    assert_user_error(run_main(capsys, "complete", "--model", str(out), "--prompt", "hi"), shard.name)
