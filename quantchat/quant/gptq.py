@@ -8,7 +8,10 @@ reference implementation (IST-DASLab/gptq ``fasterquant``, AutoGPTQ) does:
 * dead inputs (H diagonal 0: the channel is always zero) get H_jj = 1 and a zero weight;
 * damping: ``damp * mean(diag H)`` on the diagonal (raised tenfold if H still is not positive definite);
 * without ``act_order``, a group's scale/zero point come from the group's weights at the moment the
-  quantization reaches its first column (already updated by the errors of earlier columns);
+  quantization reaches its first column (already updated by the errors of earlier columns); blocks
+  are a multiple of the group size, so a group never straddles a block (identical to the reference
+  for group 128 / block 128; for smaller groups the reference reads weights that miss the current
+  block's updates, we read the updated ones);
 * with ``act_order`` (columns in order of decreasing H_jj) the groups are "static" (AutoGPTQ's
   ``static_groups``): each group's scale/zero are computed up front from the original weights, so the
   result stays in the plain group layout (no g_idx) and runs on the same packed kernels as RTN.

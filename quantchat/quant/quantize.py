@@ -109,12 +109,12 @@ def quantize_model(
         from quantchat.quant.awq import awq_model
 
         clips = awq_model(model, calib, spec.group_size, spec.symmetric,
-                          progress=(lambda i, n: progress("awq search", i, n)) if progress else None)
+                          progress=(lambda i, n: progress("awq search (blocks)", i, n)) if progress else None)
     elif spec.method == "gptq":
         from quantchat.quant.gptq import gptq_model
 
-        gptq_codes = gptq_model(model, calib, spec.group_size, spec.symmetric,
-                                progress=(lambda i, n: progress("gptq", i, n)) if progress else None)
+        gptq_codes = gptq_model(model, calib, spec.group_size, spec.symmetric, act_order=True,
+                                progress=(lambda i, n: progress("gptq (blocks)", i, n)) if progress else None)
     all_codes: dict[str, dict[str, Tensor]] = {}
     for i, name in enumerate(names):
         module = model.get_submodule(name)
