@@ -394,3 +394,14 @@ def test_quantize_then_run(tiny_dir, tmp_path, capsys, method):
     shard = next(out.glob("model-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-7] + b"garbage")
     assert_user_error(run_main(capsys, "complete", "--model", str(out), "--prompt", "hi"), shard.name)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_quantize_calibrated_methods(tiny_dir, tmp_path, capsys, method):
+    out = tmp_path / f"q-{method}"
+    res = run_main(capsys, "quantize", str(tiny_dir), "--method", method, "--group-size", "32", "--out", str(out),
+                   "--calib-samples", "2", "--calib-seq-len", "32")
+    assert res.returncode == 0, res.stderr
+    assert "calibration: 2 samples x 32 tokens" in res.stderr
+    res = run_main(capsys, "complete", "--model", str(out), "--prompt", PROMPT, "-n", "4", "--no-echo")
+    assert res.returncode == 0, res.stderr
