@@ -2,7 +2,10 @@
 
 The weights stay packed in memory and run through torch's low-bit kernels:
 
-* int8 (per-channel): ``torch._weight_int8pack_mm`` (CPU and CUDA), codes int8 [N, K] as stored.
+* CPU with AVX2 (the usual case): quantchat's own C++ kernels (``quantchat.kernels.cpu``), which read
+  the portable codes as stored (no repacking) and beat float32; torch's weight-only CPU kernels
+  are slower than float32 on AVX2-only CPUs and serve as the fallback when ours cannot be built.
+* int8 (per-channel): ``torch._weight_int8pack_mm`` (CPU fallback and CUDA), codes int8 [N, K] as stored.
 * int4 (group-wise, symmetric or asymmetric): on CPU ``torch._weight_int4pack_mm_for_cpu`` over the
   layout made by ``_convert_weight_to_int4pack_for_cpu``; on CUDA the tinygemm kernel
   ``torch._weight_int4pack_mm`` (bfloat16 activations). Both compute ``(code - 8) * scale + bias``
@@ -20,6 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantchat.quant import rtn
+
+
+def use_own_cpu_kernels() -> bool:
+    """quantchat's AVX2 kernels are built and loadable (``QUANTCHAT_NO_KERNELS=1`` turns them off)."""
+    from quantchat.kernels import cpu
+
+    return cpu.available()
 
 METHODS_BITS = {"int8": 8, "int4": 4}
 
@@ -68,7 +78,16 @@ class QuantizedLinear(nn.Module):
         m = cls(in_features, out_features, bits, group_size, symmetric, bias)
         m.act_dtype = act_dtype
         m.device_type = torch.device(device).type
-        if bits == 8:
+        m.own_kernel = m.device_type == "cpu" and use_own_cpu_kernels()
+        if m.own_kernel:  # portable codes are the kernel's layout
+            m.register_buffer("qweight", codes["qweight"].contiguous())
+            m.register_buffer("scales", codes["scales"].float().contiguous())
+            if bits == 4:
+                m.register_buffer("zeros", codes["zeros"].to(torch.uint8).contiguous())
+                m.k_padded = codes["qweight"].shape[1] * 2
+            else:  # the names the tied embedding and checkpoints use
+                m.weight_int8 = m.qweight
+        elif bits == 8:
             m.register_buffer("weight_int8", codes["qweight"].to(device=device, dtype=torch.int8))
             m.register_buffer("scales", codes["scales"].to(device=device, dtype=act_dtype))
         else:
@@ -103,6 +122,14 @@ class QuantizedLinear(nn.Module):
 
     # -- compute -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if self.own_kernel:
+            from quantchat.kernels import cpu
+
+            if self.bits == 8:
+                y = cpu.int8_linear(x, self.qweight, self.scales)
+            else:
+                y = cpu.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+            return y if self.bias is None else y + self.bias
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.bits == 8:
@@ -122,6 +149,10 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> Tensor:
         """Float32 [out, in] weight from the kept portable codes (reference path; needs keep_codes)."""
+        if self.codes is None and self.own_kernel:
+            self.codes = {"qweight": self.qweight, "scales": self.scales}
+            if self.bits == 4:
+                self.codes["zeros"] = self.zeros
         if self.codes is None:
             raise RuntimeError("portable codes were not kept (build with keep_codes=True)")
         if self.bits == 8:
