@@ -1,0 +1,1 @@
+"""Native compute kernels (built on first use); see ``quantchat.kernels.cpu``."""

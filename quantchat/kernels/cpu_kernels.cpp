@@ -1,0 +1,659 @@
+// Weight-only int4 / int8 linear kernels for x86-64 CPUs with AVX2 + FMA (no AVX-512 needed).
+//
+// Built at first use by quantchat/kernels/cpu.py (g++ -O3 -mavx2 -mfma -mf16c -fopenmp) and
+// registered as torch ops:
+//   torch.ops.quantchat.int4_linear(x, packed, scales, zeros, group_size, in_features, path=0)
+//   torch.ops.quantchat.int8_linear(x, qweight, scales, path=0)
+// path: 0 = auto (float GEMV for M <= 8, dequantized tiles + sgemm above), 1 = float GEMV,
+// 2 = tiles, int4 only: 3 = GEMV with int16 activations, 4 = auto with the int16 GEMV for M <= 12.
+//
+// int4 format (quantchat.quant.rtn, stored as is): packed uint8 [N, Kp/2], byte j of a row holds
+// column 2j in its low nibble and 2j+1 in its high nibble; scales float32 [N, G]; zeros uint8 [N, G];
+// w[n, k] = (code - zero[n, g]) * scale[n, g] with g = k / group_size; Kp = G * group_size >= K.
+//
+// GEMV (decode): per call, x is copied once into a "nibble order" buffer xp [M, Kp] (per block of
+// 16 columns: the 8 even columns, then the 8 odd ones; zeros past in_features), so that one
+// vpmovzxbd of 8 packed bytes gives 16 codes: (v & 15) are the even columns, (v >> 4) the odd ones.
+// y[m, n] = sum_g s[n,g] * (sum_{k in g} q[n,k] xp[m,k]) - sum_g s[n,g] z[n,g] Sx[m,g], with the
+// per-group sums Sx computed once per call. Accumulation is float32 (no activation quantization).
+//
+// Tiles (prefill): each thread dequantizes T rows of the weight into a float32 buffer [T, Kp] (a
+// few hundred KiB, L2-resident) and calls sgemm on it, writing y[:, n0:n0+T] in place.
+//
+// Threads: at::parallel_for over output rows (torch's OpenMP pool, torch.get_num_threads()).
+// Inside the parallel region MKL's sgemm runs single-threaded (OpenMP nesting is off).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// Fortran BLAS sgemm, exported by torch's MKL build (libtorch_cpu). Weak: a torch without it
+// leaves this null and at::mm_out is used instead.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace {
+
+constexpr int64_t kMaxGemvM = 8;      // auto path: float GEMV for M <= this, tiles + sgemm above
+constexpr int64_t kMaxGemvI16M = 12;  // path 4: int16-activation GEMV for M <= this
+#ifndef QC_TILE_KIB
+#define QC_TILE_KIB 192
+#endif
+constexpr int64_t kTileBytes = QC_TILE_KIB << 10;  // dequantized tile per thread (L2: 512 KiB on Zen 3)
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256i load8_u8_epi32(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m256 load8_i8_ps(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// ------------------------------------------------------------------------------------------------
+// sgemm on a dequantized tile: y[m, t] (row stride ldy) = sum_k x[m, k] * tile[t, k], t < T, m < M.
+// ------------------------------------------------------------------------------------------------
+void gemm_tile(int64_t T, int64_t M, int64_t K, const float* tile, int64_t ldt, const float* x, int64_t ldx,
+               float* y, int64_t ldy) {
+  if (sgemm_ != nullptr) {
+    const char ta = 'T', tb = 'N';
+    const int m = static_cast<int>(T), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int lda = static_cast<int>(ldt), ldb = static_cast<int>(ldx), ldc = static_cast<int>(ldy);
+    const float one = 1.0f, zero = 0.0f;
+    sgemm_(&ta, &tb, &m, &n, &k, &one, tile, &lda, x, &ldb, &zero, y, &ldc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = at::from_blob(const_cast<float*>(tile), {T, K}, {ldt, 1}, opts);
+  at::Tensor b = at::from_blob(const_cast<float*>(x), {M, K}, {ldx, 1}, opts);
+  at::Tensor c = at::from_blob(y, {M, T}, {ldy, 1}, opts);
+  at::mm_out(c, b, a.t());
+}
+
+// rows per tile for the tiled path: ~kTileBytes of floats, but at least 64 rows (sgemm is less
+// efficient on thinner tiles: measured at K=1536)
+int64_t tile_rows(int64_t row_floats) {
+  int64_t t = kTileBytes / (row_floats * 4);
+  t = std::max<int64_t>(64, std::min<int64_t>(256, t));
+  return t / 8 * 8;
+}
+
+// ================================================================================================
+// int4
+// ================================================================================================
+struct Int4 {
+  const uint8_t* w;  // [N, Kp/2]
+  const float* s;    // [N, G]
+  const uint8_t* z;  // [N, G]
+  int64_t N, K, Kp, G, gs;
+};
+
+// x [M, K] (row stride ldx) -> xp [M, Kp] in nibble order (zero padded), sx [M, G] group sums
+void prep_x_int4(const Int4& q, const float* x, int64_t ldx, int64_t M, float* xp, float* sx) {
+  const int64_t K = q.K, Kp = q.Kp;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    float* o = xp + m * Kp;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      __m256 a = _mm256_loadu_ps(xr + k), b = _mm256_loadu_ps(xr + k + 8);
+      // shuffle_ps per 128-bit lane: [a0 a2 b0 b2 | a4 a6 b4 b6]; permute 64-bit blocks 0,2,1,3
+      __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
+      ev = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8));
+      od = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8));
+      _mm256_storeu_ps(o + k, ev);
+      _mm256_storeu_ps(o + k + 8, od);
+    }
+    for (; k < Kp; k += 16) {
+      for (int i = 0; i < 8; ++i) {
+        const int64_t c = k + 2 * i;
+        o[k + i] = c < K ? xr[c] : 0.0f;
+        o[k + 8 + i] = c + 1 < K ? xr[c + 1] : 0.0f;
+      }
+    }
+    float* sr = sx + m * q.G;
+    for (int64_t g = 0; g < q.G; ++g) {
+      const int64_t k0 = g * q.gs, k1 = std::min(K, k0 + q.gs);
+      __m256 acc = _mm256_setzero_ps();
+      int64_t kk = k0;
+      for (; kk + 8 <= k1; kk += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(xr + kk));
+      float s = hsum(acc);
+      for (; kk < k1; ++kk) s += xr[kk];
+      sr[g] = s;
+    }
+  }
+}
+
+// sum_g s[g] * z[g] * sx[g]
+inline float zero_term(const float* s, const uint8_t* z, const float* sx, int64_t G) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    __m256 zf = _mm256_cvtepi32_ps(load8_u8_epi32(z + g));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zf), _mm256_loadu_ps(sx + g), acc);
+  }
+  float r = hsum(acc);
+  for (; g < G; ++g) r += s[g] * static_cast<float>(z[g]) * sx[g];
+  return r;
+}
+
+// R weight rows (n0..n0+R) x MB activation rows (m0..m0+MB). NB = group_size / 16 (0: runtime).
+// Even and odd columns accumulate separately (two independent FMA chains per output).
+// pf: prefetch the rows 4 further on, at the pace these are read (weights stream from DRAM at decode).
+template <int R, int MB, int NB, bool ACC2>
+void int4_gemv_kernel(const Int4& q, const float* xp, const float* sx, float* y, int64_t ldy, int64_t n0,
+                      int64_t m0, bool pf) {
+  const int64_t nb = NB > 0 ? NB : q.gs / 16;
+  const int64_t ldw = q.Kp / 2, G = q.G, Kp = q.Kp, gbytes = q.gs / 2;
+  const __m256i mask = _mm256_set1_epi32(15);
+  __m256 tot[R][MB];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) tot[r][m] = _mm256_setzero_ps();
+  const uint8_t* wr = q.w + n0 * ldw;
+  const uint8_t* pfp = wr + 4 * ldw;
+  const float* sr = q.s + n0 * G;
+  const float* xb = xp + m0 * Kp;
+  for (int64_t g = 0; g < G; ++g) {
+    if (pf) {
+      for (int64_t off = 0; off < R * gbytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(pfp + g * R * gbytes + off), _MM_HINT_T0);
+    }
+    __m256 acc[R][MB][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+    const uint8_t* wg = wr + g * gbytes;
+    const float* xg = xb + g * q.gs;
+#pragma GCC unroll 8
+    for (int64_t b = 0; b < nb; ++b) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = load8_u8_epi32(wg + r * ldw + b * 8);
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; ++m) {
+          acc[r][m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg + m * Kp + b * 16), acc[r][m][0]);
+          acc[r][m][ACC2 ? 1 : 0] =
+              _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + m * Kp + b * 16 + 8), acc[r][m][ACC2 ? 1 : 0]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 sv = _mm256_set1_ps(sr[r * G + g]);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m)
+        tot[r][m] = _mm256_fmadd_ps(ACC2 ? _mm256_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0], sv, tot[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m)
+      y[(m0 + m) * ldy + n0 + r] =
+          hsum(tot[r][m]) - zero_term(sr + r * G, q.z + (n0 + r) * G, sx + (m0 + m) * G, G);
+}
+
+template <int NB>
+void int4_gemv_rows(const Int4& q, const float* xp, const float* sx, int64_t M, float* y, int64_t ldy,
+                    int64_t nb, int64_t ne) {
+  for (int64_t n = nb; n < ne; n += 4) {
+    const int64_t rows = std::min<int64_t>(4, ne - n);
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      // prefetch the next rows during the first pass over these (later passes hit the cache)
+      if (mb == 1) {
+        if (rows == 4) {
+          int4_gemv_kernel<4, 1, NB, true>(q, xp, sx, y, ldy, n, m0, m0 == 0);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) int4_gemv_kernel<1, 1, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+        }
+      } else if (mb == 2) {
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2) int4_gemv_kernel<2, 2, NB, false>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+        for (; r < rows; ++r) int4_gemv_kernel<1, 2, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+      } else if (mb == 3) {
+        for (int64_t r = 0; r < rows; ++r) int4_gemv_kernel<1, 3, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) int4_gemv_kernel<1, 4, NB, false>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+      }
+      m0 += mb;
+    }
+  }
+}
+
+void int4_gemv(const Int4& q, const float* x, int64_t ldx, int64_t M, float* y) {
+  // the nibble-order copy of x and its group sums (small: M <= ~8 rows)
+  std::vector<float> xp(static_cast<size_t>(M * q.Kp)), sx(static_cast<size_t>(M * q.G));
+  prep_x_int4(q, x, ldx, M, xp.data(), sx.data());
+  const int64_t bytes_per_row = q.Kp / 2 + q.G * 5;
+  const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / bytes_per_row);  // >= 32 KiB per thread
+  const float* xpp = xp.data();
+  const float* sxp = sx.data();
+  at::parallel_for(0, q.N, grain, [&](int64_t nb, int64_t ne) {
+    switch (q.gs) {
+      case 32: int4_gemv_rows<2>(q, xpp, sxp, M, y, q.N, nb, ne); break;
+      case 64: int4_gemv_rows<4>(q, xpp, sxp, M, y, q.N, nb, ne); break;
+      case 128: int4_gemv_rows<8>(q, xpp, sxp, M, y, q.N, nb, ne); break;
+      default: int4_gemv_rows<0>(q, xpp, sxp, M, y, q.N, nb, ne); break;
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// int4 GEMV with int16 activations (opt-in): x is rounded per call to int16 per weight group,
+// x ~= dx[m, g] * xq (dx = absmax / 32767, error <= absmax / 65534 per element: about 1e-5 of the
+// output, far below bfloat16 rounding), and the products are exact integer sums (vpmaddwd):
+// y = sum_g s[n,g] dx[m,g] (sum_k q xq - z[n,g] sum_k xq). Half the instructions of the float GEMV.
+// Needs group_size % 32 == 0 (xq per 32 columns: the 16 even, then the 16 odd ones).
+// ------------------------------------------------------------------------------------------------
+void prep_x_i16(const Int4& q, const float* x, int64_t ldx, int64_t M, int16_t* xq, float* dx, float* sx) {
+  const int64_t K = q.K, Kp = q.Kp, gs = q.gs;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    for (int64_t g = 0; g < q.G; ++g) {
+      const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(xr[k]));
+      const float d = amax / 32767.0f;
+      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      int64_t sum = 0;
+      int16_t* o = xq + m * Kp + k0;
+      for (int64_t c = 0; c < gs; c += 32) {  // 32 columns: even ones, then odd ones
+        for (int i = 0; i < 16; ++i) {
+          const int64_t ke = k0 + c + 2 * i, ko = ke + 1;
+          const int32_t ve = ke < k1 ? static_cast<int32_t>(std::nearbyint(xr[ke] * inv)) : 0;
+          const int32_t vo = ko < k1 ? static_cast<int32_t>(std::nearbyint(xr[ko] * inv)) : 0;
+          o[c + i] = static_cast<int16_t>(std::max(-32767, std::min(32767, ve)));
+          o[c + 16 + i] = static_cast<int16_t>(std::max(-32767, std::min(32767, vo)));
+          sum += o[c + i] + o[c + 16 + i];
+        }
+      }
+      dx[m * q.G + g] = d;
+      sx[m * q.G + g] = d * static_cast<float>(sum);
+    }
+  }
+}
+
+template <int R, int MB>
+void int4_gemv_i16_kernel(const Int4& q, const int16_t* xq, const float* dx, const float* sx, float* y,
+                          int64_t ldy, int64_t n0, int64_t m0, bool pf) {
+  const int64_t nc = q.gs / 32;
+  const int64_t ldw = q.Kp / 2, G = q.G, Kp = q.Kp, gbytes = q.gs / 2;
+  const __m256i mask = _mm256_set1_epi16(15);
+  __m256 tot[R][MB];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) tot[r][m] = _mm256_setzero_ps();
+  const uint8_t* wr = q.w + n0 * ldw;
+  const uint8_t* pfp = wr + 4 * ldw;
+  const float* sr = q.s + n0 * G;
+  const int16_t* xb = xq + m0 * Kp;
+  for (int64_t g = 0; g < G; ++g) {
+    if (pf) {
+      for (int64_t off = 0; off < R * gbytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(pfp + g * R * gbytes + off), _MM_HINT_T0);
+    }
+    __m256i acc[R][MB];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_si256();
+    const uint8_t* wg = wr + g * gbytes;
+    const int16_t* xg = xb + g * q.gs;
+#pragma GCC unroll 4
+    for (int64_t c = 0; c < nc; ++c) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + r * ldw + c * 16)));
+        const __m256i lo = _mm256_and_si256(v, mask);
+        const __m256i hi = _mm256_srli_epi16(v, 4);
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; ++m) {
+          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + m * Kp + c * 32));
+          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + m * Kp + c * 32 + 16));
+          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(lo, xe));
+          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(hi, xo));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 sv = _mm256_set1_ps(sr[r * G + g]);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m)
+        tot[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m]),
+                                    _mm256_mul_ps(sv, _mm256_set1_ps(dx[(m0 + m) * G + g])), tot[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m)
+      y[(m0 + m) * ldy + n0 + r] =
+          hsum(tot[r][m]) - zero_term(sr + r * G, q.z + (n0 + r) * G, sx + (m0 + m) * G, G);
+}
+
+void int4_gemv_i16(const Int4& q, const float* x, int64_t ldx, int64_t M, float* y) {
+  std::vector<int16_t> xq(static_cast<size_t>(M * q.Kp));
+  std::vector<float> dx(static_cast<size_t>(M * q.G)), sx(static_cast<size_t>(M * q.G));
+  prep_x_i16(q, x, ldx, M, xq.data(), dx.data(), sx.data());
+  const int64_t bytes_per_row = q.Kp / 2 + q.G * 5;
+  const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / bytes_per_row);
+  const int16_t* xqp = xq.data();
+  const float* dxp = dx.data();
+  const float* sxp = sx.data();
+  at::parallel_for(0, q.N, grain, [&](int64_t nb, int64_t ne) {
+    for (int64_t n = nb; n < ne; n += 4) {
+      const int64_t rows = std::min<int64_t>(4, ne - n);
+      for (int64_t m0 = 0; m0 < M;) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        const bool pf = m0 == 0;
+        if (mb == 1 && rows == 4) {
+          int4_gemv_i16_kernel<4, 1>(q, xqp, dxp, sxp, y, q.N, n, m0, pf);
+        } else if (mb == 2 && rows == 4) {
+          int4_gemv_i16_kernel<2, 2>(q, xqp, dxp, sxp, y, q.N, n, m0, pf);
+          int4_gemv_i16_kernel<2, 2>(q, xqp, dxp, sxp, y, q.N, n + 2, m0, pf);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            switch (mb) {
+              case 1: int4_gemv_i16_kernel<1, 1>(q, xqp, dxp, sxp, y, q.N, n + r, m0, pf); break;
+              case 2: int4_gemv_i16_kernel<1, 2>(q, xqp, dxp, sxp, y, q.N, n + r, m0, pf); break;
+              case 3: int4_gemv_i16_kernel<1, 3>(q, xqp, dxp, sxp, y, q.N, n + r, m0, pf); break;
+              default: int4_gemv_i16_kernel<1, 4>(q, xqp, dxp, sxp, y, q.N, n + r, m0, pf); break;
+            }
+          }
+        }
+        m0 += mb;
+      }
+    }
+  });
+}
+
+// dequantize rows [n0, n0+T) into out [T, Kp] (the padding columns come out as (code - z) * s = 0)
+void int4_dequant_rows(const Int4& q, int64_t n0, int64_t T, float* out) {
+  const int64_t ldw = q.Kp / 2, G = q.G, gs = q.gs;
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = n0 + t;
+    const uint8_t* wr = q.w + n * ldw;
+    float* o = out + t * q.Kp;
+    for (int64_t g = 0; g < G; ++g) {
+      const float s = q.s[n * G + g];
+      const int32_t z = q.z[n * G + g];
+      const __m256 sv = _mm256_set1_ps(s);
+      const __m256i zv = _mm256_set1_epi32(z);
+      const int64_t k0 = g * gs;
+      int64_t k = k0;
+      for (; k + 16 <= k0 + gs; k += 16) {
+        const __m128i p = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k / 2));
+        const __m128i lo = _mm_and_si128(p, m4);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(p, 4), m4);
+        const __m128i il = _mm_unpacklo_epi8(lo, hi);  // 16 codes in column order
+        const __m256i c0 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(il), zv);
+        const __m256i c1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(il, 8)), zv);
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(c0), sv));
+        _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(c1), sv));
+      }
+      for (; k < k0 + gs; ++k) {
+        const int32_t c = (wr[k / 2] >> ((k & 1) * 4)) & 15;
+        o[k] = static_cast<float>(c - z) * s;
+      }
+    }
+  }
+}
+
+void int4_tiled(const Int4& q, const float* x, int64_t ldx, int64_t M, float* y) {
+  const int64_t T = tile_rows(q.Kp);
+  const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(T, (q.N + 1) / 2));
+  at::parallel_for(0, q.N, grain, [&](int64_t nb, int64_t ne) {
+    thread_local std::vector<float> buf;
+    const int64_t rows = std::min(T, ne - nb);
+    if (static_cast<int64_t>(buf.size()) < rows * q.Kp) buf.resize(static_cast<size_t>(rows * q.Kp));
+    for (int64_t n = nb; n < ne; n += T) {
+      const int64_t t = std::min(T, ne - n);
+      int4_dequant_rows(q, n, t, buf.data());
+      gemm_tile(t, M, q.K, buf.data(), q.Kp, x, ldx, y + n, q.N);
+    }
+  });
+}
+
+at::Tensor as_float_rows(const at::Tensor& x) {
+  // [M, K] float32 with unit column stride (any row stride)
+  if (x.stride(1) == 1 && x.stride(0) >= x.size(1)) return x;
+  return x.contiguous();
+}
+
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros, int64_t group_size, int64_t in_features, int64_t path) {
+  TORCH_CHECK(x_in.dim() == 2, "int4_linear: x must be 2-D [M, K]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int4_linear: x must be float32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "int4_linear: packed must be a contiguous uint8 [N, Kp/2]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.is_contiguous(),
+              "int4_linear: scales must be a contiguous float32 [N, G]");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
+              "int4_linear: zeros must be a contiguous uint8 [N, G]");
+  TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu(), "int4_linear: CPU tensors only");
+  const int64_t N = packed.size(0), Kp = packed.size(1) * 2, G = scales.size(1);
+  TORCH_CHECK(scales.size(0) == N, "int4_linear: scales rows != packed rows");
+  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && G * group_size == Kp,
+              "int4_linear: packed width * 2 must equal groups * group_size");
+  TORCH_CHECK(in_features > 0 && in_features <= Kp && Kp - in_features < group_size,
+              "int4_linear: in_features inconsistent with the packed width");
+  TORCH_CHECK(x_in.size(1) == in_features, "int4_linear: x has ", x_in.size(1), " columns, expected ",
+              in_features);
+  const at::Tensor x = as_float_rows(x_in);
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  Int4 q{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<uint8_t>(), N, in_features, Kp, G,
+         group_size};
+  // the float GEMV reads 16 codes at a time, the int16 one 32: other group sizes take the tiled path
+  const bool small = M <= kMaxGemvM, small_i16 = M <= kMaxGemvI16M, f_ok = group_size % 16 == 0, i_ok = group_size % 32 == 0;
+  const int kTiled = 0, kGemv = 1, kGemvI16 = 3;
+  int mode;
+  switch (path) {
+    case 0: mode = small && f_ok ? kGemv : kTiled; break;
+    case 1: mode = f_ok ? kGemv : kTiled; break;
+    case 2: mode = kTiled; break;
+    case 3: mode = i_ok ? kGemvI16 : (f_ok ? kGemv : kTiled); break;
+    case 4: mode = !small_i16 ? kTiled : (i_ok ? kGemvI16 : (f_ok ? kGemv : kTiled)); break;
+    default: TORCH_CHECK(false, "int4_linear: unknown path ", path);
+  }
+  if (mode == kGemvI16) {
+    int4_gemv_i16(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
+  } else if (mode == kGemv) {
+    int4_gemv(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
+  } else {
+    int4_tiled(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
+  }
+  return y;
+}
+
+// ================================================================================================
+// int8 (per output channel): w[n, k] = q[n, k] * s[n]
+// ================================================================================================
+template <int R, int MB>
+void int8_gemv_kernel(const int8_t* w, int64_t K, const float* s, const float* x, int64_t ldx, float* y,
+                      int64_t ldy, int64_t n0, int64_t m0, bool pf) {
+  __m256 acc[R][MB][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  const int8_t* wr = w + n0 * K;
+  const float* xb = x + m0 * ldx;
+  const int8_t* pfp = wr + 4 * K;  // rows 4 further on, prefetched at the pace these are read
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (pf && ((k * R) & 63) < R * 16) _mm_prefetch(reinterpret_cast<const char*>(pfp + k * R), _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 w0 = load8_i8_ps(wr + r * K + k), w1 = load8_i8_ps(wr + r * K + k + 8);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        acc[r][m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + m * ldx + k), acc[r][m][0]);
+        acc[r][m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + m * ldx + k + 8), acc[r][m][1]);
+      }
+    }
+  }
+  if (k + 8 <= K) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 w0 = load8_i8_ps(wr + r * K + k);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m)
+        acc[r][m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + m * ldx + k), acc[r][m][0]);
+    }
+    k += 8;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      float v = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+      for (int64_t kk = k; kk < K; ++kk) v += static_cast<float>(wr[r * K + kk]) * xb[m * ldx + kk];
+      y[(m0 + m) * ldy + n0 + r] = v * s[n0 + r];
+    }
+}
+
+void int8_gemv_rows(const int8_t* w, int64_t K, const float* s, const float* x, int64_t ldx, int64_t M, float* y,
+                    int64_t ldy, int64_t nb, int64_t ne) {
+  for (int64_t n = nb; n < ne; n += 4) {
+    const int64_t rows = std::min<int64_t>(4, ne - n);
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      if (mb == 1) {
+        if (rows == 4) {
+          int8_gemv_kernel<4, 1>(w, K, s, x, ldx, y, ldy, n, m0, m0 == 0);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) int8_gemv_kernel<1, 1>(w, K, s, x, ldx, y, ldy, n + r, m0, m0 == 0);
+        }
+      } else if (mb == 2) {
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2) int8_gemv_kernel<2, 2>(w, K, s, x, ldx, y, ldy, n + r, m0, m0 == 0);
+        for (; r < rows; ++r) int8_gemv_kernel<1, 2>(w, K, s, x, ldx, y, ldy, n + r, m0, m0 == 0);
+      } else if (mb == 3) {
+        for (int64_t r = 0; r < rows; ++r) int8_gemv_kernel<1, 3>(w, K, s, x, ldx, y, ldy, n + r, m0, m0 == 0);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) int8_gemv_kernel<1, 4>(w, K, s, x, ldx, y, ldy, n + r, m0, m0 == 0);
+      }
+      m0 += mb;
+    }
+  }
+}
+
+void int8_dequant_rows(const int8_t* w, int64_t K, const float* s, int64_t n0, int64_t T, float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    const int8_t* wr = w + (n0 + t) * K;
+    float* o = out + t * K;
+    const float sc = s[n0 + t];
+    const __m256 sv = _mm256_set1_ps(sc);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(o + k, _mm256_mul_ps(load8_i8_ps(wr + k), sv));
+    for (; k < K; ++k) o[k] = static_cast<float>(wr[k]) * sc;
+  }
+}
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t path) {
+  TORCH_CHECK(x_in.dim() == 2, "int8_linear: x must be 2-D [M, K]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int8_linear: x must be float32");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous(),
+              "int8_linear: qweight must be a contiguous int8 [N, K]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.is_contiguous() &&
+                  scales.size(0) == qweight.size(0),
+              "int8_linear: scales must be a contiguous float32 [N]");
+  TORCH_CHECK(x_in.device().is_cpu() && qweight.device().is_cpu(), "int8_linear: CPU tensors only");
+  TORCH_CHECK(x_in.size(1) == qweight.size(1), "int8_linear: x has ", x_in.size(1), " columns, expected ",
+              qweight.size(1));
+  const at::Tensor x = as_float_rows(x_in);
+  const int64_t M = x.size(0), N = qweight.size(0), K = qweight.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const int8_t* w = qweight.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  float* yp = y.data_ptr<float>();
+  TORCH_CHECK(path >= 0 && path <= 2, "int8_linear: unknown path ", path);
+  const bool gemv = path == 1 || (path == 0 && M <= kMaxGemvM);
+  if (gemv) {
+    const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / K);
+    at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
+      int8_gemv_rows(w, K, s, xp, ldx, M, yp, N, nb, ne);
+    });
+  } else {
+    const int64_t T = tile_rows(K);
+    const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(T, (N + 1) / 2));
+    at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
+      thread_local std::vector<float> buf;
+      const int64_t rows = std::min(T, ne - nb);
+      if (static_cast<int64_t>(buf.size()) < rows * K) buf.resize(static_cast<size_t>(rows * K));
+      for (int64_t n = nb; n < ne; n += T) {
+        const int64_t t = std::min(T, ne - n);
+        int8_dequant_rows(w, K, s, n, t, buf.data());
+        gemm_tile(t, M, K, buf.data(), K, xp, ldx, yp + n, N);
+      }
+    });
+  }
+  return y;
+}
+
+// shape functions for tracing (torch.compile / meta tensors)
+at::Tensor int4_linear_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t group_size, int64_t in_features, int64_t path) {
+  return at::empty({x.size(0), packed.size(0)}, x.options());
+}
+
+at::Tensor int8_linear_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            int64_t path) {
+  return at::empty({x.size(0), qweight.size(0)}, x.options());
+}
+
+int64_t has_blas() { return sgemm_ != nullptr ? 1 : 0; }
+
+}  // namespace
+
+// the op namespace is a macro only so that benchmark variants can be loaded side by side
+#ifndef QC_NS
+#define QC_NS quantchat
+#endif
+#define QC_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define QC_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+QC_LIBRARY(QC_NS, m) {
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, int in_features, "
+        "int path=0) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, int path=0) -> Tensor");
+  m.def("kernels_info() -> int");
+  m.impl("kernels_info", &has_blas);
+}
+
+QC_LIBRARY_IMPL(QC_NS, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+}
+
+QC_LIBRARY_IMPL(QC_NS, Meta, m) {
+  m.impl("int4_linear", &int4_linear_meta);
+  m.impl("int8_linear", &int8_linear_meta);
+}

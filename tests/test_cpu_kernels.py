@@ -1,0 +1,330 @@
+"""quantchat.kernels.cpu: each kernel equals dequantize-then-matmul (float64 reference) on every path.
+
+The kernels build on first use (~15-20 s with g++); the build is cached in $QUANTCHAT_KERNELS_DIR when
+set, else in the user's quantchat home (``~/.cache/quantchat/kernels``): the cache is keyed by a hash
+of the source, the flags, the compiler and torch, so sharing it between test sessions is safe and
+saves the rebuild. Everything here is skipped when the kernels cannot be built on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantchat.kernels import cpu
+from quantchat.quant import rtn
+
+# evaluated at import, before conftest redirects QUANTCHAT_HOME to a per-session temp dir
+_SHARED_KERNELS_DIR = str(cpu.kernels_dir())
+
+PATHS = {"auto": cpu.PATH_AUTO, "gemv": cpu.PATH_GEMV, "tiled": cpu.PATH_TILED}
+I16_PATHS = {"gemv_i16": cpu.PATH_GEMV_I16, "auto_i16": cpu.PATH_AUTO_I16}
+M_VALUES = (1, 2, 3, 7, 64, 130)
+SMOLLM2_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    old = os.environ.get("QUANTCHAT_KERNELS_DIR")
+    os.environ.setdefault("QUANTCHAT_KERNELS_DIR", _SHARED_KERNELS_DIR)
+    try:
+        ok = cpu.available()
+    finally:
+        if old is None:
+            os.environ.pop("QUANTCHAT_KERNELS_DIR", None)
+    if not ok:
+        pytest.skip(f"quantchat CPU kernels unavailable: {cpu.unavailable_reason()}")
+    return cpu
+
+
+@pytest.fixture
+def threads():
+    """Restore torch's thread count after a test that changes it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+_cache: dict = {}
+
+
+def int4_weight(n: int, k: int, gs: int, sym: bool, seed: int = 0):
+    key = ("int4", n, k, gs, sym, seed)
+    if key not in _cache:
+        g = torch.Generator().manual_seed(seed * 1000 + n + k + gs)
+        w = torch.randn(n, k, generator=g)
+        q, s, z = rtn.quantize_int4(w, gs, sym)
+        packed = rtn.pack_int4(q)
+        ref_w = rtn.dequantize_int4(rtn.unpack_int4(packed), s, z, k).double()
+        _cache[key] = (packed, s, z, ref_w)
+    return _cache[key]
+
+
+def int8_weight(n: int, k: int, seed: int = 0):
+    key = ("int8", n, k, seed)
+    if key not in _cache:
+        g = torch.Generator().manual_seed(seed * 1000 + n + k)
+        q, s = rtn.quantize_int8(torch.randn(n, k, generator=g))
+        _cache[key] = (q, s, rtn.dequantize_int8(q, s).double())
+    return _cache[key]
+
+
+def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 7 * m + k))
+
+
+def assert_matches(y: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor) -> None:
+    """Equal to the float64 reference within float32 accumulation error (bugs are O(1) off)."""
+    ref = x.double() @ ref_w.t()
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    # float32 rounding grows with the sum of |terms|; 1e-5 of it is ~30x the observed error
+    bound = 1e-5 * (x.double().abs() @ ref_w.abs().t()) + 1e-6
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), f"max error {err.max().item():.3g}, bound {bound.min().item():.3g}"
+
+
+def assert_matches_i16(y: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor, gs: int) -> None:
+    """The int16-activation path: x rounded per weight group to absmax/32767 steps (error <= half a step)."""
+    ref = x.double() @ ref_w.t()
+    m, k = x.shape
+    kp = rtn.padded_in_features(k, gs)
+    amax = torch.nn.functional.pad(x.double().abs(), (0, kp - k)).view(m, kp // gs, gs).amax(-1)
+    half_step = (amax / 32767 / 2).repeat_interleave(gs, dim=1)[:, :k]
+    bound = 1.01 * half_step @ ref_w.abs().t() + 1e-5 * (x.double().abs() @ ref_w.abs().t()) + 1e-6
+    err = (y.double() - ref).abs()
+    assert y.shape == ref.shape and (err <= bound).all(), f"max error {err.max().item():.3g}"
+
+
+# ------------------------------------------------------------------------------------------------
+# int4
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k", SMOLLM2_SHAPES)
+@pytest.mark.parametrize("gs", (32, 64, 128))
+@pytest.mark.parametrize("sym", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("m", M_VALUES)
+def test_int4_smollm2_shapes(n, k, gs, sym, m):
+    packed, s, z, ref_w = int4_weight(n, k, gs, sym)
+    if sym:
+        assert (z == 8).all()
+    x = activations(m, k)
+    assert_matches(cpu.int4_linear(x, packed, s, z, gs, k), x, ref_w)
+
+
+@pytest.mark.parametrize("path", ("gemv", "tiled"))
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("n,k,gs,sym", [
+    (960, 576, 32, False), (576, 1536, 128, True),
+    (37, 100, 32, False),   # K padded to 128, N not a multiple of the 4-row blocks
+    (41, 200, 128, True),   # K padded to 256 (one partial group of 72 columns)
+    (5, 70, 64, False),     # K padded to 128
+    (3, 16, 16, False),     # tiny: one 16-column group
+    (130, 48, 16, True),    # group 16 (3 groups)
+    (9, 40, 8, False),      # group 8: no GEMV for it, the tiled path is taken either way
+    (17, 30, 10, True),     # group 10 (odd half-group): likewise
+])
+def test_int4_forced_paths_and_odd_shapes(n, k, gs, sym, m, path):
+    packed, s, z, ref_w = int4_weight(n, k, gs, sym, seed=2)
+    x = activations(m, k, seed=3)
+    assert_matches(cpu.int4_linear(x, packed, s, z, gs, k, path=PATHS[path]), x, ref_w)
+
+
+@pytest.mark.parametrize("path", tuple(I16_PATHS))
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("n,k,gs,sym", [
+    (960, 576, 32, False), (3072, 576, 64, True), (576, 1536, 128, False),
+    (37, 100, 32, False), (41, 200, 128, True), (5, 70, 64, False),
+    (130, 48, 16, True),  # group 16: no int16 GEMV for it, the float kernels are used
+])
+def test_int4_int16_activation_path(n, k, gs, sym, m, path):
+    packed, s, z, ref_w = int4_weight(n, k, gs, sym, seed=7)
+    x = activations(m, k, seed=8)
+    x[:, 0] *= 50  # an outlier channel: only its own group's rounding step grows
+    assert_matches_i16(cpu.int4_linear(x, packed, s, z, gs, k, path=I16_PATHS[path]), x, ref_w, gs)
+
+
+def test_int4_padding_codes_are_ignored():
+    """Only the in_features columns of x exist: the padding codes (whatever they hold) add nothing."""
+    n, k, gs = 8, 40, 32
+    packed, s, z, ref_w = int4_weight(n, k, gs, False, seed=4)
+    codes = rtn.unpack_int4(packed).clone()
+    codes[:, k:] = 15  # not equal to the zero point: would matter if the padding met nonzero x
+    junk = rtn.pack_int4(codes)
+    x = activations(3, k)
+    for path in PATHS.values():
+        assert_matches(cpu.int4_linear(x, junk, s, z, gs, k, path=path), x, ref_w)
+    assert_matches_i16(cpu.int4_linear(x, junk, s, z, gs, k, path=cpu.PATH_GEMV_I16), x, ref_w, gs)
+
+
+def test_int4_extreme_codes_and_zeros():
+    """All-0 / all-15 codes with zero points 0 and 15 (largest |code - zero|)."""
+    n, k, gs = 12, 64, 32
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    codes[::2] = 15
+    zeros = torch.zeros(n, k // gs, dtype=torch.uint8)
+    zeros[1::2] = 15
+    scales = torch.rand(n, k // gs) + 0.5
+    packed = rtn.pack_int4(codes)
+    ref_w = rtn.dequantize_int4(codes, scales, zeros, k).double()
+    x = activations(5, k)
+    for path in PATHS.values():
+        assert_matches(cpu.int4_linear(x, packed, scales, zeros, gs, k, path=path), x, ref_w)
+    assert_matches_i16(cpu.int4_linear(x, packed, scales, zeros, gs, k, path=cpu.PATH_GEMV_I16), x, ref_w, gs)
+
+
+# ------------------------------------------------------------------------------------------------
+# int8
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k", SMOLLM2_SHAPES + ((49152, 576),))
+@pytest.mark.parametrize("m", M_VALUES)
+def test_int8_smollm2_shapes(n, k, m):
+    if n == 49152 and m == 130:
+        pytest.skip("covered by M=64; keeps the float64 reference small")
+    q, s, ref_w = int8_weight(n, k)
+    x = activations(m, k)
+    assert_matches(cpu.int8_linear(x, q, s), x, ref_w)
+
+
+@pytest.mark.parametrize("path", ("gemv", "tiled"))
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("n,k", [(960, 576), (37, 100), (5, 7), (3, 24), (130, 1), (11, 33)])
+def test_int8_forced_paths_and_odd_shapes(n, k, m, path):
+    q, s, ref_w = int8_weight(n, k, seed=5)
+    x = activations(m, k, seed=6)
+    assert_matches(cpu.int8_linear(x, q, s, path=PATHS[path]), x, ref_w)
+
+
+# ------------------------------------------------------------------------------------------------
+# threads, layouts, dtypes
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", (1, 3, 7, 64, 130))
+def test_multithreaded_equals_single_threaded(m, threads):
+    n, k = 3072, 576
+    packed, s, z, _ = int4_weight(n, k, 32, False)
+    q8, s8, _ = int8_weight(n, k)
+    x = activations(m, k)
+    out = {}
+    for t in (1, 2, 3):
+        torch.set_num_threads(t)
+        out[t] = [cpu.int4_linear(x, packed, s, z, 32, k, path=p) for p in (*PATHS.values(), *I16_PATHS.values())] + \
+                 [cpu.int8_linear(x, q8, s8, path=p) for p in PATHS.values()]
+    for t in (2, 3):
+        for a, b in zip(out[1], out[t]):
+            # each output is computed by one thread with the same summation order: bit-identical
+            assert torch.equal(a, b)
+
+
+def test_strided_and_batched_inputs():
+    n, k, gs = 64, 100, 32
+    packed, s, z, ref_w = int4_weight(n, k, gs, False)
+    q8, s8, ref8 = int8_weight(n, k)
+    wide = activations(6, k + 28)
+    x_view = wide[:, 5:5 + k]  # rows with stride k + 28
+    assert not x_view.is_contiguous()
+    assert_matches(cpu.int4_linear(x_view, packed, s, z, gs, k), x_view, ref_w)
+    assert_matches(cpu.int8_linear(x_view, q8, s8), x_view, ref8)
+    x_t = activations(k, 5).t()  # column-major
+    assert_matches(cpu.int4_linear(x_t, packed, s, z, gs, k), x_t, ref_w)
+    x3 = activations(6, k).view(2, 3, k)
+    y3 = cpu.int4_linear(x3, packed, s, z, gs, k)
+    assert y3.shape == (2, 3, n)
+    assert_matches(y3.view(6, n), x3.reshape(6, k), ref_w)
+    assert cpu.int8_linear(x3, q8, s8).shape == (2, 3, n)
+    empty = cpu.int4_linear(torch.zeros(0, k), packed, s, z, gs, k)
+    assert empty.shape == (0, n)
+
+
+def test_bfloat16_activations():
+    n, k, gs = 96, 576, 64
+    packed, s, z, ref_w = int4_weight(n, k, gs, True)
+    q8, s8, ref8 = int8_weight(n, k)
+    for m in (1, 64):
+        x = activations(m, k).bfloat16()
+        y4 = cpu.int4_linear(x, packed, s, z, gs, k)
+        y8 = cpu.int8_linear(x, q8, s8)
+        assert y4.dtype == torch.bfloat16 and y8.dtype == torch.bfloat16
+        # computed in float32 from the bf16 values, rounded once to bf16 at the end
+        torch.testing.assert_close(y4, (x.double() @ ref_w.t()).bfloat16(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(y8, (x.double() @ ref8.t()).bfloat16(), rtol=1e-2, atol=1e-2)
+
+
+def test_meta_tensors_give_shapes():
+    """The ops have shape functions (needed to trace them, e.g. under torch.compile)."""
+    ops = cpu.load()
+    x = torch.empty(5, 100, device="meta")
+    y = ops.int4_linear(x, torch.empty(7, 64, dtype=torch.uint8, device="meta"),
+                        torch.empty(7, 4, device="meta"), torch.empty(7, 4, dtype=torch.uint8, device="meta"),
+                        32, 100)
+    assert y.shape == (5, 7) and y.device.type == "meta"
+    y8 = ops.int8_linear(x, torch.empty(9, 100, dtype=torch.int8, device="meta"), torch.empty(9, device="meta"))
+    assert y8.shape == (5, 9)
+
+
+def test_bad_arguments_raise():
+    packed, s, z, _ = int4_weight(8, 64, 32, False)
+    x = activations(2, 64)
+    with pytest.raises((RuntimeError, ValueError)):
+        cpu.int4_linear(activations(2, 60), packed, s, z, 32, 64)  # wrong K
+    with pytest.raises(RuntimeError):
+        cpu.int4_linear(x, packed, s, z, 64, 64)  # group size inconsistent with scales
+    with pytest.raises(RuntimeError):
+        cpu.int4_linear(x, packed, s.double(), z, 32, 64)
+    with pytest.raises(RuntimeError):
+        cpu.int4_linear(x, packed.t().contiguous().t(), s, z, 32, 64)  # non-contiguous codes
+    with pytest.raises(RuntimeError):
+        cpu.int4_linear(x, packed, s, z, 32, 64, path=9)
+    q8, s8, _ = int8_weight(8, 64)
+    with pytest.raises(RuntimeError):
+        cpu.int8_linear(x, q8.to(torch.uint8), s8)
+    with pytest.raises(RuntimeError):
+        cpu.int8_linear(x, q8, s8[:4])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_one_openmp_runtime():
+    """Our library shares torch's OpenMP runtime (one thread pool, no oversubscription)."""
+    cpu.load()
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    gomp = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(gomp) <= 1, gomp
+
+
+# ------------------------------------------------------------------------------------------------
+# fallback: available() is False with a reason when the kernels cannot be built
+# ------------------------------------------------------------------------------------------------
+def _probe(env_extra: dict, tmp_path: Path) -> str:
+    code = ("from quantchat.kernels import cpu; ok = cpu.available(); "
+            "print(ok); print(cpu.unavailable_reason())")
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "QUANTCHAT_NO_KERNELS")}
+    env.update(QUANTCHAT_KERNELS_DIR=str(tmp_path / "kernels"), **env_extra)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_unavailable_without_compiler(tmp_path):
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    out = _probe({"PATH": str(empty_bin)}, tmp_path)
+    assert out.startswith("False") and "compiler" in out
+
+
+def test_unavailable_when_disabled(tmp_path):
+    out = _probe({"QUANTCHAT_NO_KERNELS": "1"}, tmp_path)
+    assert out.startswith("False") and "QUANTCHAT_NO_KERNELS" in out
+
+
+def test_unavailable_when_compilation_fails(tmp_path):
+    bad = tmp_path / "badcxx"
+    bad.write_text("#!/bin/sh\necho 'simulated compiler error' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    out = _probe({"CXX": str(bad)}, tmp_path)
+    assert out.startswith("False") and "simulated compiler error" in out
