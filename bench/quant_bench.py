@@ -1,0 +1,136 @@
+"""Quantization quality and speed on one model, side by side in one run.
+
+For each variant (float32, int8, int4-sym / int4-asym at group 32 and 128, awq, gptq): perplexity on
+the built-in corpus (windows of 512, non-overlapping), decode tokens/s (greedy, EOS ignored, median
+of runs, timed from the 2nd to the last token), resident weight bytes, and quantization time.
+
+    .venv/bin/python bench/quant_bench.py --threads 2 --ppl-tokens 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from quantchat.engine.generate import Engine  # noqa: E402
+from quantchat.eval.perplexity import perplexity  # noqa: E402
+from quantchat.loading.hf_loader import load_model  # noqa: E402
+from quantchat.loading.resolve import resolve_model  # noqa: E402
+from quantchat.quant.calibration import builtin_corpus, calibration_batches  # noqa: E402
+from quantchat.quant.quantize import NEEDS_CALIBRATION, QuantSpec, quantize_model  # noqa: E402
+from quantchat.sampling.sampling import SamplingParams  # noqa: E402
+from quantchat.tokenizer.tokenizer import Tokenizer  # noqa: E402
+
+DEFAULT_VARIANTS = "float32,int8,int4-sym:32,int4-asym:32,int4-sym:128,int4-asym:128,awq:128,gptq:128"
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    for m in model.modules():  # int8 embedding shares the head's buffers; count non-buffer tensors once
+        for name in ("weight_int8", "scales"):
+            t = m.__dict__.get(name)
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total - sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "cache" in n)
+
+
+def linear_params(model: torch.nn.Module) -> int:
+    cfg = model.config
+    per_layer = cfg.dim * cfg.head_dim * (2 * cfg.n_head + 2 * cfg.n_kv_head) + 3 * cfg.dim * cfg.intermediate_size
+    return cfg.n_layer * per_layer
+
+
+def decode_speed(engine: Engine, prompt: list[int], new_tokens: int, runs: int) -> dict:
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    rates = []
+    for r in range(runs + 1):
+        times = []
+        for _ in engine.generate(prompt, params):
+            times.append(time.perf_counter())
+        if r:  # first run is warm-up
+            rates.append((len(times) - 2) / (times[-2] - times[0]))  # last chunk is the final flush
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": rates}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ppl-tokens", type=int, default=32768)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    src = resolve_model(args.model)
+    tok = Tokenizer.from_dir(src.hf_dir)
+    corpus = tok.encode(builtin_corpus(), add_bos=False)
+    # the calibration windows come from the second half of the corpus, perplexity from the first
+    ppl_ids = corpus[: args.ppl_tokens]
+    calib = calibration_batches(tok, args.calib_samples, args.calib_seq_len,
+                                text=tok.decode(corpus[len(corpus) // 2:]))
+    prompt = tok.encode("The history of the printing press begins")
+    rows = []
+    for v in args.variants.split(","):
+        method, _, gs = v.partition(":")
+        t0 = time.perf_counter()
+        model = load_model(src.hf_dir, cpu_layout=method == "float32")
+        qtime = 0.0
+        if method != "float32":
+            spec = QuantSpec.for_method(method, int(gs) if gs else None)
+            with torch.inference_mode():
+                quantize_model(model, spec, calib=calib if method in NEEDS_CALIBRATION else None)
+            qtime = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        res = perplexity(model, ppl_ids, window=args.window)
+        ppl_s = time.perf_counter() - t1
+        engine = Engine(model, tok, max_seq_len=1024)
+        speed = decode_speed(engine, prompt, args.new_tokens, args.runs)
+        wbytes = model_bytes(model)
+        row = {"variant": v, "ppl": res.ppl, "tokens_scored": res.tokens_scored, "ppl_s": ppl_s,
+               "ppl_tokens_per_s": res.tokens_scored / ppl_s, "decode_tok_s": speed,
+               "weight_bytes": wbytes, "quantize_s": qtime}
+        rows.append(row)
+        print(f"{v:>14}: ppl {res.ppl:.3f}  decode {speed['median']:.1f} tok/s  weights {wbytes / 1e6:.1f} MB  "
+              f"(quantize {qtime:.0f} s, ppl pass {res.tokens_scored / ppl_s:.0f} tok/s)", flush=True)
+        del engine, model
+    base = rows[0]["ppl"] if rows and rows[0]["variant"] == "float32" else None
+    lines = ["| variant | perplexity | vs float32 | decode tok/s (median [min-max]) | weights MB |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        d = r["decode_tok_s"]
+        rel = f"{(r['ppl'] / base - 1) * 100:+.2f}%" if base else "-"
+        lines.append(f"| {r['variant']} | {r['ppl']:.3f} | {rel} | {d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}] "
+                     f"| {r['weight_bytes'] / 1e6:.1f} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "model": src.name, "torch": torch.__version__,
+                               "results": rows, "table": table}, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
