@@ -30,7 +30,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 class TransposedLinear(nn.Module):
-    """``y = x W^T + b`` with W kept as a contiguous [in_features, out_features] tensor."""
+    """``y = x W^T + b`` with W kept as a contiguous [in_features, out_features] tensor (float32)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
@@ -44,31 +44,44 @@ class TransposedLinear(nn.Module):
         return self.weight_t.t()
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.bfloat16 and x.numel() > x.shape[-1] and not cpu_has_native_bf16():
-            y = torch.matmul(x.float(), self.weight_t.float()).to(x.dtype)
-        else:
-            y = torch.matmul(x, self.weight_t)
+        y = torch.matmul(x, self.weight_t)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, layout=transposed"
 
 
-def use_cpu_layout(model: nn.Module) -> nn.Module:
-    """Swap each wide ``nn.Linear`` (out > in) of a CPU model for a ``TransposedLinear``, in place.
+class EmulatedBf16Linear(nn.Linear):
+    """A bfloat16 linear for CPUs without bf16 hardware: float32 products for more than one row.
 
-    In bfloat16 without native bf16 hardware every linear is swapped (for the float32 prefill path).
+    (One row keeps torch's bf16 matrix-vector kernel, which is fast in the usual [out, in] layout
+    and 10x slower transposed.)
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() > x.shape[-1]:
+            b = None if self.bias is None else self.bias.float()
+            return nn.functional.linear(x.float(), self.weight.float(), b).to(x.dtype)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def use_cpu_layout(model: nn.Module) -> nn.Module:
+    """Swap each wide float32 ``nn.Linear`` (out > in) of a CPU model for a ``TransposedLinear``, in place.
+
+    In bfloat16 without native bf16 hardware every linear becomes an ``EmulatedBf16Linear`` instead.
 
     A tied LM head keeps sharing its storage with the token embedding (which reads rows of the view).
     """
     tied = getattr(model, "output", None) is not None and getattr(model, "tok_embeddings", None) is not None \
         and model.output.weight is model.tok_embeddings.weight
+    emulated = not cpu_has_native_bf16()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            emulated_bf16 = child.weight.dtype == torch.bfloat16 and not cpu_has_native_bf16() \
-                if isinstance(child, nn.Linear) else False
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" \
-                    and (child.out_features > child.in_features or emulated_bf16):
+            if type(child) is not nn.Linear or child.weight.device.type != "cpu":
+                continue
+            if child.weight.dtype == torch.bfloat16 and emulated:
+                child.__class__ = EmulatedBf16Linear  # same parameters, different forward
+            elif child.weight.dtype == torch.float32 and child.out_features > child.in_features:
                 setattr(parent, name, TransposedLinear(child.weight.detach(), child.bias))
     if tied and isinstance(model.output, TransposedLinear):
         model.tok_embeddings.weight = nn.Parameter(model.output.weight, requires_grad=False)
