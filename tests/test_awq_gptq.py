@@ -82,7 +82,7 @@ def check_int4_format(q, s, z, n, k, gs, sym):
     kp = rtn.padded_in_features(k, gs)
     assert q.shape == (n, kp) and q.dtype == torch.uint8 and int(q.max()) <= 15
     assert s.shape == (n, kp // gs) and s.dtype == torch.float32 and bool((s > 0).all())
-    assert z.shape == (n, kp // gs) and z.dtype == torch.uint8 and int(z.max()) <= 15
+    assert z.shape == (n, kp // gs) and z.dtype == torch.float32 and bool((z == z.round()).all()) and int(z.max()) <= 15
     if sym:
         assert bool((z == 8).all()) and int(q.min()) >= 1
     if kp > k:  # padding columns are exact zeros
@@ -95,7 +95,7 @@ def test_gptq_with_identity_hessian_is_rtn(sym, act_order):
     """Uncorrelated unit inputs: nothing to compensate, GPTQ's codes are RTN's exactly."""
     w = torch.randn(16, 96, generator=torch.Generator().manual_seed(0))
     q, s, z = gptq.gptq_quantize(w, torch.eye(96), 4, 64, sym, act_order=act_order)
-    rq, rs, rz = rtn.quantize_int4(w, 64, sym)
+    rq, rs, rz = rtn.quantize_int4(w, 64, sym, integer_zero=True)
     check_int4_format(q, s, z, 16, 96, 64, sym)
     assert torch.equal(q, rq) and torch.equal(z, rz) and torch.allclose(s, rs)
 
@@ -108,7 +108,7 @@ def reference_fasterquant(w, H, gs, sym, act_order, blocksize=128, percdamp=0.01
     W[:, dead] = 0
 
     def params(cols):
-        _, s, z = rtn.quantize_int4(cols, cols.shape[1], sym)
+        _, s, z = rtn.quantize_int4(cols, cols.shape[1], sym, integer_zero=True)
         return s, z.float()
 
     groups = [params(W[:, i:i + gs]) for i in range(0, W.shape[1], gs)]
@@ -157,7 +157,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(k, gs, sym):
     x, x_test = correlated_inputs(1536, k, seed=k)
     H = gptq.hessian_from_inputs(x)
     assert torch.allclose(H, 2 / x.shape[0] * x.t() @ x, rtol=1e-4, atol=1e-4)
-    w_rtn = rtn.dequantize_int4(*rtn.quantize_int4(w, gs, sym), k)
+    w_rtn = rtn.dequantize_int4(*rtn.quantize_int4(w, gs, sym, integer_zero=True), k)
     e_rtn = output_error(w, w_rtn, x_test)
     for act_order in (False, True):
         q, s, z = gptq.gptq_quantize(w, H, 4, gs, sym, act_order=act_order)

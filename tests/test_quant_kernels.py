@@ -47,8 +47,21 @@ def test_int4_asymmetric_exact_codes():
     w = torch.tensor([[0.0, 1.5, 3.0, 15.0, 7.5, 0.5, 14.0, 2.0]]) - 3.0  # min -3, max 12 -> scale 1, zero 3
     q, s, z = rtn.quantize_int4(w, 8, symmetric=False)
     assert s.tolist() == [[1.0]] and z.tolist() == [[3]]
-    # w = [-3, -1.5, 0, 12, 4.5, -2.5, 11, -1]; code = round_half_even(w / 1) + 3
-    assert q.tolist() == [[0, 1, 3, 15, 7, 1, 14, 2]]
+    # w = [-3, -1.5, 0, 12, 4.5, -2.5, 11, -1]; code = round_half_even(w / 1 + 3)
+    assert q.tolist() == [[0, 2, 3, 15, 8, 0, 14, 2]]
+
+
+def test_int4_asymmetric_recovers_q4_1_grid():
+    """Weights on a Q4_1-style grid (w = d * q + m, m not a multiple of d) come back exactly."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(6, 4, 1, generator=g) * 0.1 + 0.01
+    m = torch.randn(6, 4, 1, generator=g) * 0.3
+    q = torch.randint(0, 16, (6, 4, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15  # each group spans the full grid
+    w = (d * q + m).view(6, 128)
+    codes, s, z = rtn.quantize_int4(w, 32, symmetric=False)
+    assert torch.equal(codes.view(6, 4, 32).long(), q)
+    torch.testing.assert_close(rtn.dequantize_int4(codes, s, z), w, rtol=0, atol=1e-6)
 
 
 def test_int8_exact_codes():

@@ -5,11 +5,11 @@ slower than a float32 matmul on AVX2-only CPUs. These kernels read the portable 
 ``quantchat.quant.rtn`` as stored (no repacking):
 
 * ``int4_linear(x, packed, scales, zeros, group_size, in_features)``: packed uint8 [N, Kp/2] (byte j
-  holds column 2j in its low nibble, 2j+1 in its high nibble), scales float32 [N, G], zeros uint8
+  holds column 2j in its low nibble, 2j+1 in its high nibble), scales float32 [N, G], zeros float32
   [N, G]; w = (code - zero) * scale per group. x has ``in_features`` columns (no padding needed).
 * ``int8_linear(x, qweight, scales)``: qweight int8 [N, K], scales float32 [N]; w = q * scale.
 
-Small M (decode, M <= 8) runs a float32 GEMV straight from the packed codes (AVX2 unpack + FMA,
+Small M (decode, M <= 8; int8: 12) runs a float32 GEMV straight from the packed codes (AVX2 unpack + FMA,
 threads split the output rows); larger M (prefill) dequantizes tiles of rows into an L2-sized
 float32 buffer per thread and runs sgemm on them. Results match dequantize-then-matmul to float32
 rounding (the activations are not quantized). Threads: torch's pool (``torch.get_num_threads()``).
@@ -49,8 +49,9 @@ CXX_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared",
              "-fvisibility=hidden", "-w"]
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 BUILD_TIMEOUT_S = 600
+KEEP_BUILDS = 4  # cached builds kept in kernels_dir() (one per source version / torch / compiler)
 
-# kernel choice (the ``path`` argument): AUTO = float GEMV for M <= 8, tiles + sgemm above; GEMV / TILED
+# kernel choice (the ``path`` argument): AUTO = float GEMV for M <= 8 (int8: 12), tiles + sgemm above; GEMV / TILED
 # force one (tests, benchmarks). int4 only, opt-in: GEMV_I16 = GEMV with the activations rounded to
 # int16 per weight group (exact integer products; ~1.2-1.7x faster than the float GEMV, output error
 # ~2e-5 of its magnitude: far below bfloat16 rounding, but not float32-exact); AUTO_I16 = that GEMV
@@ -158,7 +159,18 @@ def _build(cxx: str, so_path: Path) -> float:
             tail = (res.stderr or res.stdout).strip()[-2000:]
             raise KernelsUnavailable(f"compilation failed ({cxx}, exit {res.returncode}):\n{tail}")
         os.replace(tmp, so_path)
+        _prune(so_path.parent, keep=KEEP_BUILDS)
         return time.perf_counter() - t0
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used builds (other sources / torch versions)."""
+    builds = sorted(folder.glob("quantchat_cpu_*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in builds[keep:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
 
 
 def _registered() -> bool:
@@ -177,6 +189,10 @@ def _load_impl():
         cxx = _compiler()
         so_path = kernels_dir() / f"quantchat_cpu_{_cache_key(cxx)}.so"
         build_s = _build(cxx, so_path) if not so_path.is_file() else 0.0
+        try:
+            os.utime(so_path)  # "recently used", for _prune
+        except OSError:
+            pass
         try:
             torch.ops.load_library(str(so_path))
         except OSError as e:
@@ -270,6 +286,8 @@ def int4_linear(
         load()
         op = _int4_op
     x2, shape, dtype = _as_float_2d(x, in_features)
+    if zeros.dtype != torch.float32:  # integer zero points (e.g. uint8 from GPTQ) are fine too
+        zeros = zeros.float().contiguous()
     y = op(x2, packed, scales, zeros, group_size, in_features, path)
     return _restore(y, shape, dtype)
 

@@ -4,11 +4,11 @@
 // registered as torch ops:
 //   torch.ops.quantchat.int4_linear(x, packed, scales, zeros, group_size, in_features, path=0)
 //   torch.ops.quantchat.int8_linear(x, qweight, scales, path=0)
-// path: 0 = auto (float GEMV for M <= 8, dequantized tiles + sgemm above), 1 = float GEMV,
+// path: 0 = auto (float GEMV for M <= 8 (int8: 12), dequantized tiles + sgemm above), 1 = float GEMV,
 // 2 = tiles, int4 only: 3 = GEMV with int16 activations, 4 = auto with the int16 GEMV for M <= 12.
 //
 // int4 format (quantchat.quant.rtn, stored as is): packed uint8 [N, Kp/2], byte j of a row holds
-// column 2j in its low nibble and 2j+1 in its high nibble; scales float32 [N, G]; zeros uint8 [N, G];
+// column 2j in its low nibble and 2j+1 in its high nibble; scales float32 [N, G]; zeros float32 [N, G];
 // w[n, k] = (code - zero[n, g]) * scale[n, g] with g = k / group_size; Kp = G * group_size >= K.
 //
 // GEMV (decode): per call, x is copied once into a "nibble order" buffer xp [M, Kp] (per block of
@@ -23,11 +23,10 @@
 // Threads: at::parallel_for over output rows (torch's OpenMP pool, torch.get_num_threads()).
 // Inside the parallel region MKL's sgemm runs single-threaded (OpenMP nesting is off).
 
+// Only the core Tensor class, the parallel-for and the op registry (the first build's time is mostly
+// spent parsing torch headers); Tensor methods (new_empty, addmm_) cover the rest.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -39,15 +38,17 @@
 #include <vector>
 
 // Fortran BLAS sgemm, exported by torch's MKL build (libtorch_cpu). Weak: a torch without it
-// leaves this null and at::mm_out is used instead.
+// leaves this null and Tensor::addmm_ is used instead.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 namespace {
 
-constexpr int64_t kMaxGemvM = 8;      // auto path: float GEMV for M <= this, tiles + sgemm above
-constexpr int64_t kMaxGemvI16M = 12;  // path 4: int16-activation GEMV for M <= this
+// auto path: GEMV for M <= these, dequantized tiles + sgemm above (measured crossovers, 1 thread)
+constexpr int64_t kMaxGemvM = 8;      // int4, float GEMV
+constexpr int64_t kMaxGemvI16M = 12;  // int4, int16-activation GEMV (path 4)
+constexpr int64_t kMaxGemvM8 = 12;    // int8
 #ifndef QC_TILE_KIB
 #define QC_TILE_KIB 192
 #endif
@@ -69,23 +70,34 @@ inline __m256 load8_i8_ps(const int8_t* p) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// sgemm on a dequantized tile: y[m, t] (row stride ldy) = sum_k x[m, k] * tile[t, k], t < T, m < M.
+// sgemm on a dequantized tile: y[m, n0 + t] = sum_k x[m, k] * tile[t, k], t < T, m < M, with
+// tile [T, K] (row stride ldt), x [M, K] (row stride ldx), y [M, N] (row stride ldy).
+// Fallback without the BLAS symbol: addmm_ on tensor views.
 // ------------------------------------------------------------------------------------------------
-void gemm_tile(int64_t T, int64_t M, int64_t K, const float* tile, int64_t ldt, const float* x, int64_t ldx,
-               float* y, int64_t ldy) {
+struct GemmArgs {
+  const at::Tensor& x;  // [M, K] float32, unit column stride
+  const at::Tensor& y;  // [M, N]
+};
+
+void gemm_tile(const GemmArgs& a, int64_t n0, int64_t T, int64_t K, const at::Tensor& tile, int64_t ldt) {
+  const float* tp = tile.data_ptr<float>();
+  const float* xp = a.x.data_ptr<float>();
+  float* yp = a.y.data_ptr<float>() + n0;
+  const int64_t M = a.x.size(0), ldx = a.x.stride(0), ldy = a.y.stride(0);
+#ifndef QC_NO_SGEMM
   if (sgemm_ != nullptr) {
+    // column-major view: y^T [T, M] (ld ldy) = tile [T, K] (as K x T, transposed) * x^T [K, M] (ld ldx)
     const char ta = 'T', tb = 'N';
     const int m = static_cast<int>(T), n = static_cast<int>(M), k = static_cast<int>(K);
     const int lda = static_cast<int>(ldt), ldb = static_cast<int>(ldx), ldc = static_cast<int>(ldy);
     const float one = 1.0f, zero = 0.0f;
-    sgemm_(&ta, &tb, &m, &n, &k, &one, tile, &lda, x, &ldb, &zero, y, &ldc);
+    sgemm_(&ta, &tb, &m, &n, &k, &one, tp, &lda, xp, &ldb, &zero, yp, &ldc);
     return;
   }
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor a = at::from_blob(const_cast<float*>(tile), {T, K}, {ldt, 1}, opts);
-  at::Tensor b = at::from_blob(const_cast<float*>(x), {M, K}, {ldx, 1}, opts);
-  at::Tensor c = at::from_blob(y, {M, T}, {ldy, 1}, opts);
-  at::mm_out(c, b, a.t());
+#endif
+  at::Tensor w = tile.as_strided({T, K}, {ldt, 1});
+  at::Tensor out = a.y.narrow(1, n0, T);
+  out.addmm_(a.x, w.t(), /*beta=*/0, /*alpha=*/1);
 }
 
 // rows per tile for the tiled path: ~kTileBytes of floats, but at least 64 rows (sgemm is less
@@ -102,7 +114,7 @@ int64_t tile_rows(int64_t row_floats) {
 struct Int4 {
   const uint8_t* w;  // [N, Kp/2]
   const float* s;    // [N, G]
-  const uint8_t* z;  // [N, G]
+  const float* z;  // [N, G] (fractional zero points allowed)
   int64_t N, K, Kp, G, gs;
 };
 
@@ -143,20 +155,21 @@ void prep_x_int4(const Int4& q, const float* x, int64_t ldx, int64_t M, float* x
 }
 
 // sum_g s[g] * z[g] * sx[g]
-inline float zero_term(const float* s, const uint8_t* z, const float* sx, int64_t G) {
+inline float zero_term(const float* s, const float* z, const float* sx, int64_t G) {
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) {
-    __m256 zf = _mm256_cvtepi32_ps(load8_u8_epi32(z + g));
+    __m256 zf = _mm256_loadu_ps(z + g);
     acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zf), _mm256_loadu_ps(sx + g), acc);
   }
   float r = hsum(acc);
-  for (; g < G; ++g) r += s[g] * static_cast<float>(z[g]) * sx[g];
+  for (; g < G; ++g) r += s[g] * z[g] * sx[g];
   return r;
 }
 
 // R weight rows (n0..n0+R) x MB activation rows (m0..m0+MB). NB = group_size / 16 (0: runtime).
-// Even and odd columns accumulate separately (two independent FMA chains per output).
+// ACC2: even and odd columns accumulate separately (two independent FMA chains per output; where
+// registers allow).
 // pf: prefetch the rows 4 further on, at the pace these are read (weights stream from DRAM at decode).
 template <int R, int MB, int NB, bool ACC2>
 void int4_gemv_kernel(const Int4& q, const float* xp, const float* sx, float* y, int64_t ldy, int64_t n0,
@@ -205,7 +218,8 @@ void int4_gemv_kernel(const Int4& q, const float* xp, const float* sx, float* y,
       const __m256 sv = _mm256_set1_ps(sr[r * G + g]);
 #pragma GCC unroll 4
       for (int m = 0; m < MB; ++m)
-        tot[r][m] = _mm256_fmadd_ps(ACC2 ? _mm256_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0], sv, tot[r][m]);
+        tot[r][m] =
+            _mm256_fmadd_ps(ACC2 ? _mm256_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0], sv, tot[r][m]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -226,16 +240,20 @@ void int4_gemv_rows(const Int4& q, const float* xp, const float* sx, int64_t M, 
         if (rows == 4) {
           int4_gemv_kernel<4, 1, NB, true>(q, xp, sx, y, ldy, n, m0, m0 == 0);
         } else {
-          for (int64_t r = 0; r < rows; ++r) int4_gemv_kernel<1, 1, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+          for (int64_t r = 0; r < rows; ++r)
+            int4_gemv_kernel<1, 1, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
         }
       } else if (mb == 2) {
         int64_t r = 0;
-        for (; r + 2 <= rows; r += 2) int4_gemv_kernel<2, 2, NB, false>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+        for (; r + 2 <= rows; r += 2)
+          int4_gemv_kernel<2, 2, NB, false>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
         for (; r < rows; ++r) int4_gemv_kernel<1, 2, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
       } else if (mb == 3) {
-        for (int64_t r = 0; r < rows; ++r) int4_gemv_kernel<1, 3, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+        for (int64_t r = 0; r < rows; ++r)
+          int4_gemv_kernel<1, 3, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
       } else {
-        for (int64_t r = 0; r < rows; ++r) int4_gemv_kernel<1, 4, NB, false>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+        for (int64_t r = 0; r < rows; ++r)
+          int4_gemv_kernel<1, 4, NB, false>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
       }
       m0 += mb;
     }
@@ -326,7 +344,8 @@ void int4_gemv_i16_kernel(const Int4& q, const int16_t* xq, const float* dx, con
     for (int64_t c = 0; c < nc; ++c) {
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + r * ldw + c * 16)));
+        const __m256i v =
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + r * ldw + c * 16)));
         const __m256i lo = _mm256_and_si256(v, mask);
         const __m256i hi = _mm256_srli_epi16(v, 4);
 #pragma GCC unroll 4
@@ -399,9 +418,9 @@ void int4_dequant_rows(const Int4& q, int64_t n0, int64_t T, float* out) {
     float* o = out + t * q.Kp;
     for (int64_t g = 0; g < G; ++g) {
       const float s = q.s[n * G + g];
-      const int32_t z = q.z[n * G + g];
+      const float z = q.z[n * G + g];
       const __m256 sv = _mm256_set1_ps(s);
-      const __m256i zv = _mm256_set1_epi32(z);
+      const __m256 zv = _mm256_set1_ps(z);
       const int64_t k0 = g * gs;
       int64_t k = k0;
       for (; k + 16 <= k0 + gs; k += 16) {
@@ -409,30 +428,29 @@ void int4_dequant_rows(const Int4& q, int64_t n0, int64_t T, float* out) {
         const __m128i lo = _mm_and_si128(p, m4);
         const __m128i hi = _mm_and_si128(_mm_srli_epi16(p, 4), m4);
         const __m128i il = _mm_unpacklo_epi8(lo, hi);  // 16 codes in column order
-        const __m256i c0 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(il), zv);
-        const __m256i c1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(il, 8)), zv);
-        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(c0), sv));
-        _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(c1), sv));
+        const __m256 c0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(il)), zv);
+        const __m256 c1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(il, 8))), zv);
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(c0, sv));
+        _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(c1, sv));
       }
       for (; k < k0 + gs; ++k) {
         const int32_t c = (wr[k / 2] >> ((k & 1) * 4)) & 15;
-        o[k] = static_cast<float>(c - z) * s;
+        o[k] = (static_cast<float>(c) - z) * s;
       }
     }
   }
 }
 
-void int4_tiled(const Int4& q, const float* x, int64_t ldx, int64_t M, float* y) {
+void int4_tiled(const Int4& q, const at::Tensor& x, const at::Tensor& y) {
   const int64_t T = tile_rows(q.Kp);
   const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(T, (q.N + 1) / 2));
+  const GemmArgs ga{x, y};
   at::parallel_for(0, q.N, grain, [&](int64_t nb, int64_t ne) {
-    thread_local std::vector<float> buf;
-    const int64_t rows = std::min(T, ne - nb);
-    if (static_cast<int64_t>(buf.size()) < rows * q.Kp) buf.resize(static_cast<size_t>(rows * q.Kp));
+    const at::Tensor buf = x.new_empty({std::min(T, ne - nb) * q.Kp});  // per thread, L2-sized
     for (int64_t n = nb; n < ne; n += T) {
       const int64_t t = std::min(T, ne - n);
-      int4_dequant_rows(q, n, t, buf.data());
-      gemm_tile(t, M, q.K, buf.data(), q.Kp, x, ldx, y + n, q.N);
+      int4_dequant_rows(q, n, t, buf.data_ptr<float>());
+      gemm_tile(ga, n, t, q.K, buf, q.Kp);
     }
   });
 }
@@ -451,8 +469,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
               "int4_linear: packed must be a contiguous uint8 [N, Kp/2]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.is_contiguous(),
               "int4_linear: scales must be a contiguous float32 [N, G]");
-  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
-              "int4_linear: zeros must be a contiguous uint8 [N, G]");
+  TORCH_CHECK(zeros.scalar_type() == at::kFloat && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
+              "int4_linear: zeros must be a contiguous float32 [N, G]");
   TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu(), "int4_linear: CPU tensors only");
   const int64_t N = packed.size(0), Kp = packed.size(1) * 2, G = scales.size(1);
   TORCH_CHECK(scales.size(0) == N, "int4_linear: scales rows != packed rows");
@@ -464,12 +482,13 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
               in_features);
   const at::Tensor x = as_float_rows(x_in);
   const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = x.new_empty({M, N});
   if (M == 0 || N == 0) return y;
-  Int4 q{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<uint8_t>(), N, in_features, Kp, G,
+  Int4 q{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), N, in_features, Kp, G,
          group_size};
   // the float GEMV reads 16 codes at a time, the int16 one 32: other group sizes take the tiled path
-  const bool small = M <= kMaxGemvM, small_i16 = M <= kMaxGemvI16M, f_ok = group_size % 16 == 0, i_ok = group_size % 32 == 0;
+  const bool small = M <= kMaxGemvM, small_i16 = M <= kMaxGemvI16M;
+  const bool f_ok = group_size % 16 == 0, i_ok = group_size % 32 == 0;
   const int kTiled = 0, kGemv = 1, kGemvI16 = 3;
   int mode;
   switch (path) {
@@ -485,7 +504,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   } else if (mode == kGemv) {
     int4_gemv(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
   } else {
-    int4_tiled(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
+    int4_tiled(q, x, y);
   }
   return y;
 }
@@ -586,7 +605,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
               qweight.size(1));
   const at::Tensor x = as_float_rows(x_in);
   const int64_t M = x.size(0), N = qweight.size(0), K = qweight.size(1);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = x.new_empty({M, N});
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
   const int8_t* w = qweight.data_ptr<int8_t>();
@@ -595,7 +614,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
   const int64_t ldx = x.stride(0);
   float* yp = y.data_ptr<float>();
   TORCH_CHECK(path >= 0 && path <= 2, "int8_linear: unknown path ", path);
-  const bool gemv = path == 1 || (path == 0 && M <= kMaxGemvM);
+  const bool gemv = path == 1 || (path == 0 && M <= kMaxGemvM8);
   if (gemv) {
     const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / K);
     at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
@@ -604,14 +623,13 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
   } else {
     const int64_t T = tile_rows(K);
     const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(T, (N + 1) / 2));
+    const GemmArgs ga{x, y};
     at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
-      thread_local std::vector<float> buf;
-      const int64_t rows = std::min(T, ne - nb);
-      if (static_cast<int64_t>(buf.size()) < rows * K) buf.resize(static_cast<size_t>(rows * K));
+      const at::Tensor buf = x.new_empty({std::min(T, ne - nb) * K});
       for (int64_t n = nb; n < ne; n += T) {
         const int64_t t = std::min(T, ne - n);
-        int8_dequant_rows(w, K, s, n, t, buf.data());
-        gemm_tile(t, M, K, buf.data(), K, xp, ldx, yp + n, N);
+        int8_dequant_rows(w, K, s, n, t, buf.data_ptr<float>());
+        gemm_tile(ga, n, t, K, buf, K);
       }
     });
   }
@@ -621,12 +639,12 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
 // shape functions for tracing (torch.compile / meta tensors)
 at::Tensor int4_linear_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                             const at::Tensor& zeros, int64_t group_size, int64_t in_features, int64_t path) {
-  return at::empty({x.size(0), packed.size(0)}, x.options());
+  return x.new_empty({x.size(0), packed.size(0)});
 }
 
 at::Tensor int8_linear_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             int64_t path) {
-  return at::empty({x.size(0), qweight.size(0)}, x.options());
+  return x.new_empty({x.size(0), qweight.size(0)});
 }
 
 int64_t has_blas() { return sgemm_ != nullptr ? 1 : 0; }

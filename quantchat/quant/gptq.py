@@ -17,7 +17,7 @@ reference implementation (IST-DASLab/gptq ``fasterquant``, AutoGPTQ) does:
   result stays in the plain group layout (no g_idx) and runs on the same packed kernels as RTN.
 
 The output is exactly ``rtn.quantize_int4``'s format: codes uint8 [N, Kp] in 0..15, scales [N, G],
-zeros uint8 [N, G] (8 when symmetric), K zero-padded to a multiple of the group size (padding
+zeros float32 [N, G] (8 when symmetric), K zero-padded to a multiple of the group size (padding
 columns are dead inputs, so they quantize to exact zeros).
 
 ``gptq_model`` runs the whole decoder block by block on calibration tokens: each block's linears see
@@ -132,7 +132,7 @@ def _gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quant: ColumnQuantiz
 
 def _round_column(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
     """rtn's rounding of one column with per-row scale/zero: (dequantized, codes)."""
-    c = (torch.round(w / scale) + zero).clamp(qmin, qmax)
+    c = (torch.round(w / scale) + zero).clamp(qmin, qmax)  # integer zero points (as the reference)
     return (c - zero) * scale, c
 
 
@@ -140,7 +140,7 @@ def gptq_quantize(
     w: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True, damp: float = 0.01,
     block_size: int = 128, act_order: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """GPTQ int4 of w [N, K] with Hessian H [K, K]: (codes uint8 [N, Kp], scales f32 [N, G], zeros uint8 [N, G]),
+    """GPTQ int4 of w [N, K] with Hessian H [K, K]: (codes uint8 [N, Kp], scales f32 [N, G], zeros f32 [N, G]),
     exactly ``rtn.quantize_int4``'s format (for int8 see ``gptq_quantize_int8``)."""
     if bits != 4:
         raise ValueError(f"gptq_quantize makes int4 codes (bits=4), got bits={bits}; use gptq_quantize_int8")
@@ -156,7 +156,7 @@ def gptq_quantize(
     if act_order:  # static groups from the original (dead-zeroed) weights, looked up per permuted column
         Worig = torch.empty_like(W)
         Worig[:, perm] = W
-        _, s, z = rtn.quantize_int4(Worig, gs, symmetric)
+        _, s, z = rtn.quantize_int4(Worig, gs, symmetric, integer_zero=True)
         scales, zeros = s, z.float()
         col_s = s.repeat_interleave(gs, dim=1)[:, perm]
         col_z = zeros.repeat_interleave(gs, dim=1)[:, perm]
@@ -169,7 +169,7 @@ def gptq_quantize(
 
         def quant(j: int, W1: Tensor, i: int) -> tuple[Tensor, Tensor]:
             if j % gs == 0:  # group params from the current (error-updated) weights of the group
-                _, s, z = rtn.quantize_int4(W1[:, i:i + gs], gs, symmetric)
+                _, s, z = rtn.quantize_int4(W1[:, i:i + gs], gs, symmetric, integer_zero=True)
                 scales[:, j // gs], zeros[:, j // gs] = s[:, 0], z[:, 0].float()
                 cur[:] = [s[:, 0], z[:, 0].float()]
             return _round_column(W1[:, i], cur[0], cur[1], qmin, 15)
@@ -177,7 +177,7 @@ def gptq_quantize(
     codes = _gptq_columns(W, Hinv, block_size, quant)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    return codes.to(torch.uint8), scales.float(), zeros.to(torch.uint8)
+    return codes.to(torch.uint8), scales.float(), zeros.float()
 
 
 def gptq_quantize_int8(

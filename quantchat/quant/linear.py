@@ -9,7 +9,7 @@ The weights stay packed in memory and run through torch's low-bit kernels:
 * int4 (group-wise, symmetric or asymmetric): on CPU ``torch._weight_int4pack_mm_for_cpu`` over the
   layout made by ``_convert_weight_to_int4pack_for_cpu``; on CUDA the tinygemm kernel
   ``torch._weight_int4pack_mm`` (bfloat16 activations). Both compute ``(code - 8) * scale + bias``
-  per group, so an integer zero point z becomes the bias ``(8 - z) * scale``.
+  per group, so a zero point z (fractional for asymmetric RTN) becomes the bias ``(8 - z) * scale``.
 
 ``reference_forward`` is the plain dequantize-then-matmul path the kernels are tested against.
 The portable codes (``quant.rtn`` formats) are what checkpoints store; the kernel layout is made
@@ -83,7 +83,7 @@ class QuantizedLinear(nn.Module):
             m.register_buffer("qweight", codes["qweight"].contiguous())
             m.register_buffer("scales", codes["scales"].float().contiguous())
             if bits == 4:
-                m.register_buffer("zeros", codes["zeros"].to(torch.uint8).contiguous())
+                m.register_buffer("zeros", codes["zeros"].float().contiguous())
                 m.k_padded = codes["qweight"].shape[1] * 2
             else:  # the names the tied embedding and checkpoints use
                 m.weight_int8 = m.qweight

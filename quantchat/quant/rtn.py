@@ -8,8 +8,11 @@ Formats (device-independent; what checkpoints store):
   clipped and -max..max maps exactly; llama.cpp's Q4_0 instead divides the signed extreme by -8,
   using the 16th level at the cost of an asymmetric grid. We keep absmax/7 (the AWQ/GPTQ
   symmetric convention) because AWQ's clip search then shrinks the range where it pays.
-* int4 asymmetric, per group: ``scale = (max - min) / 15``, integer zero point ``z = round(-min / scale)``,
-  codes in [0, 15]; ``w ≈ (code - z) * scale``.
+* int4 asymmetric, per group: ``scale = (max - min) / 15`` and a fractional zero point
+  ``z = -min / scale`` (float32), codes ``round(w / scale + z)`` in [0, 15]; ``w ≈ (code - z) * scale``,
+  i.e. ``code * scale + min``: the group's range is used exactly (no rounding of the zero point,
+  no widening to include 0), the form of llama.cpp's Q4_1. GPTQ keeps integer zero points; they are
+  stored the same way.
 
 When in_features is not a multiple of the group size the weight is zero-padded on the right to
 the next multiple (the padding quantizes to exact zeros and meets zero-padded activations).
@@ -45,12 +48,14 @@ def pad_columns(w: Tensor, k_padded: int) -> Tensor:
 
 
 def quantize_int4(
-    w: Tensor, group_size: int, symmetric: bool, clip: Tensor | None = None,
+    w: Tensor, group_size: int, symmetric: bool, clip: Tensor | None = None, integer_zero: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Group-wise int4. Returns (codes uint8 [N, Kp] in 0..15, scales float32 [N, G], zeros uint8 [N, G]).
+    """Group-wise int4. Returns (codes uint8 [N, Kp] in 0..15, scales float32 [N, G], zeros float32 [N, G]).
 
     ``clip`` (optional, [N, G]) is a per-group max magnitude (symmetric) or a shrink factor applied
     to min/max (asymmetric) found by a clipping search; values outside are clamped.
+    ``integer_zero`` (asymmetric): the classic GPTQ/AWQ grid instead, whose range includes 0 and
+    whose zero point is rounded to an integer (still returned as float32).
     """
     N, K = w.shape
     Kp = padded_in_features(K, group_size)
@@ -61,16 +66,19 @@ def quantize_int4(
             amax = torch.minimum(amax, clip)
         scale = (amax / 7).clamp(min=1e-10)
         q = torch.round(wg / scale[..., None]).clamp(-7, 7) + 8
-        zeros = torch.full_like(scale, 8, dtype=torch.uint8)
+        zeros = torch.full_like(scale, 8.0)
     else:
-        mn, mx = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+        mn, mx = wg.amin(dim=-1), wg.amax(dim=-1)
+        if integer_zero:
+            mn, mx = mn.clamp(max=0), mx.clamp(min=0)
         if clip is not None:
             mn, mx = mn * clip, mx * clip
         scale = ((mx - mn) / 15).clamp(min=1e-10)
-        z = torch.round(-mn / scale).clamp(0, 15)
-        q = (torch.round(wg / scale[..., None]) + z[..., None]).clamp(0, 15)
-        zeros = z.to(torch.uint8)
-    return q.to(torch.uint8).view(N, Kp), scale, zeros
+        zeros = -mn / scale
+        if integer_zero:
+            zeros = torch.round(zeros).clamp(0, 15)
+        q = torch.round(wg / scale[..., None] + zeros[..., None]).clamp(0, 15)
+    return q.to(torch.uint8).view(N, Kp), scale, zeros.float()
 
 
 def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor, in_features: int | None = None) -> Tensor:
