@@ -10,6 +10,8 @@ count, it times:
 * ``torch int4 gXX``    ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (x zero-padded when K % g != 0)
 * ``qc int8``           ``quantchat.kernels.cpu.int8_linear``
 * ``qc int4 gXX``       ``quantchat.kernels.cpu.int4_linear`` (portable packed format, asymmetric)
+* ``qc int4 gXX i16``   the same with ``path=PATH_AUTO_I16`` (opt-in int16-activation GEMV for M <= 12;
+                        identical to the default for larger M, so shown for M <= 12 only)
 
 Weights come from DRAM, not cache: each method cycles through enough distinct copies of its weight
 (at least 30, and at least --footprint-mb of weight bytes, 3x the 32 MiB L3 by default; fewer copies
@@ -17,9 +19,11 @@ only for the 49152x576 head, which is larger than the L3 on its own). One timed 
 over all copies; methods are interleaved sample by sample so that machine noise hits them alike;
 the table shows the median over --runs samples of the time per call, the effective bandwidth
 (weight bytes incl. scales / zeros per call / time) and the speed relative to ``f32 F.linear``.
+"other load" is the CPU time other processes used meanwhile (cores): the machine may be shared,
+and a busy core stalls a 2-thread OpenMP region until the OS runs the descheduled thread again.
 
 Usage: python bench/kernel_bench.py [--threads 1,2] [--m 1,64] [--runs 7] [--shapes 3072x576,...]
-       [--out bench/results/kernels.json]
+       [--max-load 0.25] [--attempts 3] [--out bench/results/kernels.json]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -46,6 +51,22 @@ HEAD = "49152x576"  # the LM head: float32 and int8 only (as stored by the engin
 GROUPS = (32, 64, 128)
 TORCH_INT4_GROUPS = (32, 128)
 MAX_COPIES_BYTES = 700e6
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes have been busy since boot (/proc/stat; 0 where unavailable)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    user, nice, system, idle, iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def nbytes(*ts: torch.Tensor) -> int:
@@ -69,6 +90,7 @@ class Method:
         self.samples: list[float] = []
         self.calls = len(self.weights)  # calls per sample (fewer for very slow methods)
         self.cursor = 0
+        self.max_m = 1 << 30  # shown only for M up to this
 
     def sweep(self, x: torch.Tensor) -> float:
         """Time per call over the next ``calls`` copies (cycling, so each copy is cold when reused)."""
@@ -147,19 +169,37 @@ def make_methods(N: int, K: int, footprint: float, min_copies: int) -> list[Meth
                 ms.append(Method(f"qc int4 g{g}", qc_int4(g),
                                  lambda x, w, K=K: qk.int4_linear(x, w[0], w[1], w[2], w[3], K), footprint,
                                  min_copies))
+            for g in GROUPS:
+                m = Method(f"qc int4 g{g} i16", qc_int4(g),
+                           lambda x, w, K=K: qk.int4_linear(x, w[0], w[1], w[2], w[3], K, path=qk.PATH_AUTO_I16),
+                           footprint, min_copies)
+                m.max_m = 12
+                ms.append(m)
     return ms
 
 
-def check_equal(methods: list[Method], x: torch.Tensor) -> None:
-    """Sanity: every method agrees with the float reference of its own weight (loose: quantization differs)."""
+def check_finite(methods: list[Method], x: torch.Tensor) -> None:
+    """Sanity: every method runs on this input and gives finite values."""
     for m in methods:
         y = m.fn(x, m.weights[0])
         if not torch.isfinite(y).all():
             raise RuntimeError(f"{m.name}: non-finite output")
 
 
+def measure(active: list[Method], x: torch.Tensor, runs: int) -> float:
+    """Fill each method's samples (interleaved); returns the other processes' load meanwhile (cores)."""
+    for m in active:  # warm-up (page faults, thread pool, first-call setup)
+        m.calibrate(x, budget_s=0.5)
+        m.samples = []
+    busy0, own0, t0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
+    for _ in range(runs):
+        for m in active:
+            m.samples.append(m.sweep(x))
+    return max(0.0, (machine_busy_s() - busy0 - (own_cpu_s() - own0)) / (time.perf_counter() - t0))
+
+
 def bench_shape(shape: str, ms_list: list[int], threads: list[int], runs: int, footprint: float,
-                min_copies: int) -> list[dict]:
+                min_copies: int, max_load: float, attempts: int) -> list[dict]:
     N, K = map(int, shape.split("x"))
     methods = make_methods(N, K, footprint, min_copies)
     rows = []
@@ -167,25 +207,29 @@ def bench_shape(shape: str, ms_list: list[int], threads: list[int], runs: int, f
         torch.set_num_threads(t)
         for M in ms_list:
             x = torch.randn(M, K)
-            check_equal(methods, x)
-            for m in methods:  # warm-up (page faults, thread pool, first-call setup)
-                m.calibrate(x, budget_s=0.5)
-                m.samples = []
-            for _ in range(runs):
-                for m in methods:
-                    m.samples.append(m.sweep(x))
-            base = statistics.median(methods[0].samples)
-            print(f"\n{shape} (N x K), M={M}, threads={t}")
+            active = [m for m in methods if M <= m.max_m]
+            check_finite(active, x)
+            best = None
+            for attempt in range(attempts):  # retry when other processes competed for the cores
+                others = measure(active, x, runs)
+                if best is None or others < best[0]:
+                    best = (others, {m.name: list(m.samples) for m in active}, attempt + 1)
+                if others <= max_load:
+                    break
+            others, samples, tries = best
+            base = statistics.median(samples[active[0].name])
+            print(f"\n{shape} (N x K), M={M}, threads={t}   [other load: {others:.2f} cores"
+                  + (f", best of {tries} attempts" if tries > 1 else "") + "]")
             print(f"  {'method':<16} {'us/call':>9} {'GB/s':>7} {'vs F.linear':>11}  {'copies':>6} {'MB/copy':>8}"
                   f" {'calls/sample':>12}")
-            for m in methods:
-                med = statistics.median(m.samples)
+            for m in active:
+                med = statistics.median(samples[m.name])
                 row = dict(shape=shape, N=N, K=K, M=M, threads=t, method=m.name, us=med * 1e6,
-                           us_min=min(m.samples) * 1e6, gbps=m.bytes / med / 1e9, speedup=base / med,
-                           copies=len(m.weights), weight_bytes=m.bytes)
+                           us_min=min(samples[m.name]) * 1e6, gbps=m.bytes / med / 1e9, speedup=base / med,
+                           copies=len(m.weights), weight_bytes=m.bytes, other_load=others)
                 rows.append(row)
                 print(f"  {m.name:<16} {med * 1e6:9.1f} {row['gbps']:7.2f} {row['speedup']:10.2f}x  "
-                      f"{len(m.weights):6d} {m.bytes / 1e6:8.2f} {m.calls:12d}")
+                      f"{len(m.weights):6d} {m.bytes / 1e6:8.2f} {m.calls:12d}", flush=True)
     return rows
 
 
@@ -197,6 +241,9 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--footprint-mb", type=float, default=96.0, help="min weight bytes cycled per method")
     ap.add_argument("--min-copies", type=int, default=30)
+    ap.add_argument("--max-load", type=float, default=0.25,
+                    help="re-measure a table when other processes used more cores than this meanwhile")
+    ap.add_argument("--attempts", type=int, default=3, help="measurements per table at most (best kept)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
 
@@ -214,7 +261,8 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         rows += bench_shape(shape, [int(m) for m in args.m.split(",")], [int(t) for t in args.threads.split(",")],
-                            max(1, args.runs), args.footprint_mb * 1e6, args.min_copies)
+                            max(1, args.runs), args.footprint_mb * 1e6, args.min_copies, args.max_load,
+                            max(1, args.attempts))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))
