@@ -1,4 +1,5 @@
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# the C++ kernels build once (about 12 s) into a cache shared by test runs, outside the user's home
+os.environ.setdefault("QUANTCHAT_KERNELS_DIR", str(Path(tempfile.gettempdir()) / "quantchat-test-kernels"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

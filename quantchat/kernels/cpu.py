@@ -233,6 +233,11 @@ def load():
     return _ops
 
 
+def is_built() -> bool:
+    """Loaded already, or some build is cached (a first build takes about 12 s)."""
+    return _ops is not None or any(kernels_dir().glob("quantchat_cpu_*.so"))
+
+
 def available() -> bool:
     """True when the kernels are built and loaded (builds them on the first call)."""
     try:

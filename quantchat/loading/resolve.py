@@ -95,6 +95,15 @@ def load_engine(
     source = resolve_model(spec, progress)
     from quantchat.quant.checkpoint import is_quantized_dir, load_quantized
 
+    quantized = is_quantized_dir(source.hf_dir) or quant not in (None, "none")
+    if quantized and dev.type == "cpu":
+        from quantchat.kernels import cpu as cpu_kernels
+
+        if not cpu_kernels.is_built() and progress:
+            progress("building quantchat's CPU kernels (once, about 15 s)...")
+        if not cpu_kernels.available() and progress:
+            progress(f"note: quantchat's CPU kernels are unavailable ({cpu_kernels.unavailable_reason()}); "
+                     "using torch's slower kernels")
     if is_quantized_dir(source.hf_dir):
         if quant not in (None, "none"):
             raise QuantchatError(f"{source.hf_dir} is already quantized; drop --quant")
