@@ -111,7 +111,10 @@ def load_model(
                             continue
                         raise ModelLoadError(f"{f}: unexpected tensor '{name}' for a {config.model_type} model")
                     ours, part = mapped
-                    t = sf.get_tensor(name).to(device=device, dtype=dtype)
+                    raw = sf.get_tensor(name)
+                    t = raw.to(device=device, dtype=dtype)
+                    if t is raw:  # own the memory: don't keep the file mapped (and counted in RSS)
+                        t = raw.clone()
                     if part is None:
                         state[ours] = t
                     else:
