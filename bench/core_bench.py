@@ -24,10 +24,18 @@ The prompts are fixed token ids drawn from a seeded generator over the vocabular
 tokens), identical for every engine, so the benchmark does not depend on any tokenizer.
 
 Both engines load the same folder: the float32 Hugging Face folder quantchat converts the GGUF into.
+RSS is reported after load and after the first decode (transformers memory-maps the safetensors and
+only touches weights on first use), with the file-backed part (mapped weights) shown separately.
+
+The machine is shared: before each worker the driver waits (up to ``--max-wait`` s) for other processes
+to use at most ``--max-busy`` cores (and, at the start, for a 1-min load average below ``--max-load``);
+inside the worker every timed run is redone (up to ``--retries`` times) if other processes used more
+than ``--max-busy`` cores while it ran. The table shows the worst kept run's foreign load.
+``--profile`` adds torch.profiler tables (top ops by self CPU time over 20 raw decode steps).
 
 Usage: python bench/core_bench.py [--threads 2] [--runs 3] [--new-tokens 128] [--prompt-len 512]
        [--dtypes float32,bfloat16] [--engines quantchat,transformers] [--model PATH]
-       [--out bench/results/core.json]
+       [--out bench/results/core.json] [--max-wait 900] [--max-busy 0.3] [--retries 5] [--profile]
 """
 
 from __future__ import annotations
@@ -78,6 +86,29 @@ def busy_cores(window_s: float) -> float:
     time.sleep(window_s)
     b1, _ = cpu_busy_jiffies()
     return (b1 - b0) / hz / window_s
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The matrix-relevant CPU flags present (bf16 is only fast with avx512_bf16 or amx_bf16)."""
+    want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in want if f in have]
+    except OSError:
+        pass
+    return []
 
 
 def stats(values: list[float]) -> dict:
@@ -436,6 +467,10 @@ def ratio(a: dict | None, b: dict | None, key: str = "median") -> float | None:
 def report(args, results: list[dict], meta: dict) -> str:
     lines = []
     lines.append(f"model: {meta['model']}  ({meta['hf_dir']})")
+    lines.append(f"CPU: {meta['cpu_model']}, {meta['nproc']} cores; torch CPU capability {meta['torch_cpu_capability']}; "
+                 f"flags: {' '.join(meta['cpu_flags']) or '?'}"
+                 + ("" if {"avx512_bf16", "amx_bf16"} & set(meta["cpu_flags"]) else
+                    " (no bf16 hardware: bf16 matrix products are emulated)"))
     lines.append(f"threads {args.threads}, runs {args.runs} (+1 warm-up), decode: {args.new_tokens} new tokens after a "
                  f"{DECODE_PROMPT_LEN}-token prompt, timed token 1→{args.new_tokens} "
                  f"(rate = {args.new_tokens - 1}/time); prefill: {args.prompt_len}-token prompt. "
@@ -587,7 +622,10 @@ def main() -> None:
     spec_path = Path(name)
     spec_path.write_text(json.dumps(spec))
 
-    meta = {"model": src.name, "hf_dir": str(src.hf_dir), "origin": str(src.origin), "python": platform.python_version(),
+    import torch
+
+    meta = {"cpu_model": cpu_model_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_flags": cpu_flags(), "model": src.name, "hf_dir": str(src.hf_dir), "origin": str(src.origin), "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "quiet_checks": []}
     results = []
