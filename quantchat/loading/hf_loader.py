@@ -113,12 +113,16 @@ def load_model(
                     ours, part = mapped
                     raw = sf.get_tensor(name)
                     t = raw.to(device=device, dtype=dtype)
-                    if t is raw:  # own the memory: don't keep the file mapped (and counted in RSS)
-                        t = raw.clone()
                     if part is None:
-                        state[ours] = t
-                    else:
-                        parts.setdefault(ours, {})[part] = t
+                        # own the memory: don't keep the file mapped (and counted in RSS)
+                        state[ours] = raw.clone() if t is raw else t
+                        continue
+                    pieces = parts.setdefault(ours, {})
+                    pieces[part] = t  # torch.cat below copies: no clone needed
+                    need = next(n for k, n in n_parts.items() if k in ours)
+                    if len(pieces) == need:  # fuse at once, so the parts don't pile up
+                        state[ours] = torch.cat([pieces[i] for i in range(need)], dim=0)
+                        del parts[ours]
         except SafetensorError as e:
             raise ModelLoadError(f"{f}: corrupt or truncated safetensors file ({e})") from None
         except OSError as e:
