@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from quantchat.paths import default_model_path
+from quantchat.tokenizer.gguf_tokenizer import bytes_to_unicode
 from tiny_models import make_tiny_llama
 
 BOS, EOS = "<s>", "</s>"
@@ -31,15 +32,8 @@ LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 3  # 132 byte tok
 
 def byte_chars() -> list[str]:
     """GPT-2's bytes_to_unicode alphabet, in byte order (the ByteLevel pre-tokenizer's symbols)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    to_char = dict(zip(bs, cs))
-    return [chr(to_char[b]) for b in range(256)]
+    table = bytes_to_unicode()
+    return [table[b] for b in range(256)]
 
 
 def write_byte_tokenizer(out_dir: Path, chat_template: str | None = CHAT_TEMPLATE) -> None:

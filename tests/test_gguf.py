@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from quantchat.errors import ModelLoadError
 from quantchat.loading import gguf_io
+from quantchat.tokenizer.gguf_tokenizer import bytes_to_unicode
 from quantchat.loading.gguf_io import (
     TensorInfo,
     convert_gguf_to_hf,
@@ -51,16 +52,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def byte_tokens() -> list[str]:
-    """GPT-2's bytes_to_unicode alphabet, in byte order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+    """GPT-2's bytes_to_unicode alphabet, in byte order (the ByteLevel pre-tokenizer's symbols)."""
+    table = bytes_to_unicode()
+    return [table[b] for b in range(256)]
 
 
 TOKENS = SPECIALS + byte_tokens() + [m.replace(" ", "") for m in MERGES]
