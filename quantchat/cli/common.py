@@ -1,0 +1,86 @@
+"""Shared pieces of the command line: model and sampling options, loading, status output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from quantchat.errors import QuantchatError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None,
+                   help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--max-seq-len", type=int, default=4096,
+                   help="KV cache length in tokens, capped by the model's context (default: 4096)")
+    g.add_argument("--quant", default=None, choices=["none", "int8", "int4-sym", "int4-asym"],
+                   help="quantize in memory at load time (round-to-nearest); weights stay packed")
+    g.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 (default 128)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile: faster tokens/s after a one-time compile")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40, help="0 = off (default: 40)")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-new-tokens", "-n", type=int, default=512)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--no-stats", action="store_true", help="do not print the timing line")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from quantchat.sampling.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, stop=list(args.stop),
+    ).validate()
+
+
+def status(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_from_args(args: argparse.Namespace):
+    from quantchat.loading.resolve import load_engine
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise QuantchatError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise QuantchatError("--max-seq-len must be at least 2")
+    loaded = load_engine(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                         progress=status, compile=args.compile,
+                         quant=args.quant, group_size=args.group_size)
+    e = loaded.engine
+    q = f", {args.quant}" if args.quant and args.quant != "none" else ""
+    status(f"loaded {loaded.source.name} ({e.model.config.n_params / 1e6:.0f}M params, {args.dtype}{q}, "
+           f"{e.device}) in {loaded.load_s:.1f} s; context {e.max_seq_len} tokens")
+    return loaded
+
+
+def stream_out(chunks, show_stats: bool) -> str:
+    pieces, stats = [], None
+    for chunk in chunks:
+        if chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            pieces.append(chunk.text)
+        stats = chunk.stats
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if show_stats and stats is not None:
+        status(stats.summary())
+    return "".join(pieces)
