@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import torch
+
+from quantchat.tokenizer.gguf_tokenizer import bytes_to_unicode
 
 
 def make_tiny_llama(
@@ -41,3 +45,52 @@ def make_tiny_llama(
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kwargs)
     return model
+
+
+BOS, EOS = "<s>", "</s>"
+VOCAB = 258  # 256 byte tokens (id == byte value) + <s> (256) + </s> (257)
+# Greedy output of the random tiny model is limited to these bytes (readable, no newlines): see make_tiny_chat_model.
+PRINTABLE = b"abcdefghijklmnopqrstuvwxyz "
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def byte_chars() -> list[str]:
+    """GPT-2's bytes_to_unicode alphabet, in byte order (the ByteLevel pre-tokenizer's symbols)."""
+    table = bytes_to_unicode()
+    return [table[b] for b in range(256)]
+
+
+def write_byte_tokenizer(out_dir: Path, chat_template: str | None = CHAT_TEMPLATE) -> None:
+    """A byte-level BPE (no merges): byte b is token b, then <s> = 256 and </s> = 257."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_chars())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS])
+    assert (tok.token_to_id(BOS), tok.token_to_id(EOS), tok.get_vocab_size()) == (256, 257, VOCAB)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"bos_token": BOS, "eos_token": EOS, "add_bos_token": True}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def make_tiny_chat_model(out_dir: Path) -> None:
+    """A random tiny LLaMA with a byte tokenizer whose greedy output is lowercase letters and spaces.
+
+    The lm_head rows of all other tokens are zeroed: their logits are exactly 0 while the maximum over
+    the 27 allowed random logits is positive, so greedy decoding never leaves PRINTABLE (nor hits EOS).
+    """
+    model = make_tiny_llama(out_dir, vocab=VOCAB)
+    keep = torch.zeros(VOCAB, dtype=torch.bool)
+    keep[list(PRINTABLE)] = True
+    with torch.no_grad():
+        model.lm_head.weight[~keep] = 0.0
+    for cfg in (model.config, model.generation_config):
+        cfg.bos_token_id, cfg.eos_token_id = 256, 257
+    model.save_pretrained(out_dir, safe_serialization=True)
+    write_byte_tokenizer(out_dir)

@@ -18,6 +18,8 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # 1.0 = off (CTRL-style: divide positive logits, multiply negative ones)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
     seed: int | None = None
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
@@ -56,6 +58,14 @@ def apply_repetition_penalty(logits: Tensor, previous: Tensor, penalty: float) -
     seen = logits.gather(0, previous)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
     return logits.scatter(0, previous, seen)
+
+
+def apply_openai_penalties(logits: Tensor, generated: Tensor, presence: float, frequency: float) -> Tensor:
+    """OpenAI's presence and frequency penalties over the generated token ids [N] (logits [V])."""
+    if (presence == 0.0 and frequency == 0.0) or generated.numel() == 0:
+        return logits
+    counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:

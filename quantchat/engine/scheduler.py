@@ -1,0 +1,349 @@
+"""Continuous batching: sequences join and leave the running batch at every decode step.
+
+One background thread owns the model. Decoding sequences sit in KV slots ``0..d-1`` (so a
+decode step is one batched forward over a contiguous block of the cache, no gather); the one
+sequence being prefilled sits in slot ``d`` and is prefilled a chunk at a time between decode
+steps, so a long prompt never stalls the others for long. When a sequence finishes (or its
+client goes away) the last decoding slot's KV is copied into its hole. KV slots are allocated
+once (``Engine(max_batch=...)``), never per request.
+
+Each ``Sequence`` carries its own sampling parameters, stop strings, token limit and seed; its
+events (text, token ids, log-probabilities, finish reason) go to a callback, usually an asyncio
+queue fed across threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from quantchat.engine.generate import Engine
+from quantchat.engine.stopping import StopStringMatcher
+from quantchat.errors import QueueFullError
+from quantchat.sampling.sampling import (
+    SamplingParams,
+    apply_openai_penalties,
+    apply_repetition_penalty,
+    make_generator,
+    sample_token,
+)
+
+PREFILL_STEP = 256  # prompt tokens prefilled between two decode steps
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float | None  # None for the first prompt token (nothing predicts it)
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
+class SeqEvent:
+    """What one step produced for a sequence: text (stop-string safe), new token ids, their logprobs."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # once, first, when asked (echo)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    sink: Callable[[SeqEvent], None]
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k best
+    prompt_logprobs: bool = False
+    decoder: object | None = None  # tokenizer stream decoder
+    # state
+    generated: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    cancelled: bool = False
+    finished: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    _gen: torch.Generator | None = None
+    _stopper: StopStringMatcher | None = None
+    _next_logits: Tensor | None = None
+    _prompt_lp: list[TokenLogprob] = field(default_factory=list)
+    _stopped_by_string: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def length(self) -> int:
+        """Tokens whose KV is in the slot (prompt + generated, except the newest sampled one)."""
+        return len(self.prompt) + max(0, len(self.generated) - 1) if self.generated else self.prefilled
+
+
+def token_logprobs(logits: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]:
+    """Logprob of ``chosen`` [N] under ``logits`` [N, V] plus the top ``k`` alternatives of each row."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(1, chosen[:, None])[:, 0].tolist()
+    if k > 0:
+        vals, ids = torch.topk(lp, k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    else:
+        tops = [[] for _ in picked]
+    return [TokenLogprob(int(t), float(p), top) for t, p, top in zip(chosen.tolist(), picked, tops)]
+
+
+class Scheduler:
+    """Runs an ``Engine``'s slots as a continuously batched server loop on a background thread."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64) -> None:
+        self.engine = engine
+        self.max_batch = engine.max_batch
+        self.max_queue = max_queue
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.decoding: list[Sequence] = []  # slot i holds decoding[i]
+        self.prefilling: Sequence | None = None  # in slot len(decoding)
+        self.cond = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.error: str | None = None
+        # metrics
+        self.requests_total = 0
+        self.requests_finished = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.decode_steps = 0
+        self.started_at = time.time()
+
+    # -- public, any thread -------------------------------------------------------------------
+    def start(self) -> Scheduler:
+        if not self.running:
+            self.running = True
+            self.thread = threading.Thread(target=self._loop, name="quantchat-scheduler", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def submit(self, seq: Sequence) -> Sequence:
+        self.engine.check_prompt(seq.prompt)
+        seq.params.validate()
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self.waiting.append(seq)
+            self.requests_total += 1
+            self.cond.notify_all()
+        return seq
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running_batch(self) -> int:
+        return len(self.decoding) + (self.prefilling is not None)
+
+    def kv_usage(self) -> float:
+        used = sum(s.length for s in self.decoding) + (self.prefilling.prefilled if self.prefilling else 0)
+        return used / (self.max_batch * self.engine.max_seq_len)
+
+    def stats(self) -> dict:
+        return {
+            "requests_total": self.requests_total,
+            "requests_finished": self.requests_finished,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "queue_length": self.queue_length,
+            "running_batch": self.running_batch,
+            "max_batch": self.max_batch,
+            "kv_cache_usage": self.kv_usage(),
+            "decode_steps": self.decode_steps,
+        }
+
+    # -- the loop (scheduler thread only) -----------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while self.running and not (self.waiting or self.decoding or self.prefilling):
+                        self.cond.wait(timeout=1.0)
+                    if not self.running:
+                        break
+                self._drop_cancelled()
+                self._admit()
+                if self.prefilling is not None:
+                    self._prefill_step()
+                if self.decoding:
+                    self._decode_step()
+        except Exception as e:  # the model failed: fail every request rather than hang them
+            self.error = f"{type(e).__name__}: {e}"
+            for seq in [*self.decoding, *([self.prefilling] if self.prefilling else []), *self.waiting]:
+                self._finish(seq, "error", error=self.error)
+            self.decoding, self.prefilling = [], None
+            self.waiting.clear()
+            self.running = False
+            raise
+
+    def _admit(self) -> None:
+        with self.cond:
+            if self.prefilling is None and len(self.decoding) < self.max_batch and self.waiting:
+                seq = self.waiting.popleft()
+                seq._gen = make_generator(seq.params.seed, self.engine.device)
+                seq._stopper = StopStringMatcher(seq.params.stop)
+                seq.prefilled = 0
+                self.prefilling = seq
+                self.prompt_tokens_total += len(seq.prompt)
+
+    def _drop_cancelled(self) -> None:
+        with self.cond:
+            for seq in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(seq)
+                self._finish(seq, "abort")
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self._finish(self.prefilling, "abort")
+            self.prefilling = None
+        gone = [i for i, s in enumerate(self.decoding) if s.cancelled]
+        for i in gone:
+            self._finish(self.decoding[i], "abort")
+        self._remove(gone)
+
+    @torch.inference_mode()
+    def _prefill_step(self) -> None:
+        seq = self.prefilling
+        assert seq is not None
+        slot = len(self.decoding)
+        start = seq.prefilled
+        chunk = seq.prompt[start:start + PREFILL_STEP]
+        dev = self.engine.device
+        ids = torch.tensor(chunk, dtype=torch.long, device=dev)[None]
+        pos = torch.arange(start, start + len(chunk), device=dev)[None]
+        logits = self.engine.model(ids, pos, kv_len=start + len(chunk), slot=slot,
+                                   last_only=not seq.prompt_logprobs)[0]
+        seq.prefilled += len(chunk)
+        if seq.prompt_logprobs:
+            if start == 0:
+                seq._prompt_lp.append(TokenLogprob(seq.prompt[0], None, []))
+            nxt = seq.prompt[start + 1:start + len(chunk) + 1]
+            if nxt:
+                k = seq.logprobs or 0
+                seq._prompt_lp += token_logprobs(logits[:len(nxt)], torch.tensor(nxt, device=dev), k)
+        if seq.prefilled < len(seq.prompt):
+            return
+        self.engine.slot_tokens[slot] = list(seq.prompt)
+        self.prefilling = None
+        first = SeqEvent(prompt_logprobs=seq._prompt_lp if seq.prompt_logprobs else None,
+                         prompt_tokens=len(seq.prompt))
+        seq._prompt_lp = []
+        if seq.params.max_new_tokens == 0:
+            first.finish_reason = "length"
+            self._emit_final(seq, first)
+            return
+        self.decoding.append(seq)
+        finished = self._sample(seq, logits[-1:], first)
+        if finished:
+            self._remove([len(self.decoding) - 1])
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        dev = self.engine.device
+        tokens = torch.tensor([s.generated[-1] for s in self.decoding], dtype=torch.long, device=dev)
+        positions = torch.tensor([len(s.prompt) + len(s.generated) - 1 for s in self.decoding], device=dev)
+        logits = self.engine.decode(tokens, positions)
+        self.decode_steps += 1
+        done = [i for i, seq in enumerate(self.decoding) if self._sample(seq, logits[i:i + 1], SeqEvent())]
+        self._remove(done)
+
+    def _sample(self, seq: Sequence, logits: Tensor, event: SeqEvent) -> bool:
+        """Pick the next token for ``seq`` from logits [1, V]; emit it; return whether the sequence ended."""
+        p = seq.params
+        history = None
+        if p.repetition_penalty != 1.0:
+            history = torch.tensor(seq.prompt + seq.generated, dtype=torch.long, device=logits.device)
+        if p.presence_penalty or p.frequency_penalty:
+            out = torch.tensor(seq.generated, dtype=torch.long, device=logits.device)
+            logits = apply_openai_penalties(logits[0], out, p.presence_penalty, p.frequency_penalty)[None]
+        token = sample_token(logits[0], p, history, seq._gen)
+        now = time.perf_counter()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        seq.generated.append(token)
+        self.generation_tokens_total += 1
+        if seq.logprobs is not None:
+            row = logits if history is None else apply_repetition_penalty(logits[0], history, p.repetition_penalty)[None]
+            event.logprobs = token_logprobs(row, torch.tensor([token], device=logits.device), seq.logprobs)
+        event.token_ids = [token]
+        if token in self.engine.eos_ids and not p.ignore_eos:
+            event.finish_reason = "stop"
+            event.token_ids, event.logprobs = [], []  # the end-of-turn token is not part of the answer
+            seq.generated.pop()
+        else:
+            text, hit = seq._stopper.push(seq.decoder.push(token) if seq.decoder else "")
+            event.text = text
+            if hit:
+                event.finish_reason = "stop"
+                seq._stopped_by_string = True
+            elif len(seq.generated) >= p.max_new_tokens:
+                event.finish_reason = "length"
+            elif len(seq.prompt) + len(seq.generated) >= self.engine.max_seq_len:
+                event.finish_reason = "length"
+        if event.finish_reason is None:
+            self._emit(seq, event)
+            return False
+        if not seq._stopped_by_string and seq.decoder is not None:  # flush held-back text
+            tail, _ = seq._stopper.push(seq.decoder.flush())
+            event.text += tail + seq._stopper.flush()
+        self._emit_final(seq, event)
+        return True
+
+    def _remove(self, indices: list[int]) -> None:
+        """Take finished rows out of the decoding block, keeping it contiguous from slot 0."""
+        if not indices:
+            return
+        old_d = len(self.decoding)
+        for i in sorted(indices, reverse=True):
+            last = len(self.decoding) - 1
+            if i != last:
+                moved = self.decoding[last]
+                self._copy_slot(last, i, moved.length)
+                self.decoding[i] = moved
+            self.decoding.pop()
+        new_d = len(self.decoding)
+        if self.prefilling is not None and self.prefilling.prefilled > 0 and new_d != old_d:
+            self._copy_slot(old_d, new_d, self.prefilling.prefilled)
+
+    def _copy_slot(self, src: int, dst: int, length: int) -> None:
+        for layer in self.engine.model.layers:
+            cache = layer.attention.kv_cache
+            cache.k_cache[dst, :, :length] = cache.k_cache[src, :, :length]
+            cache.v_cache[dst, :, :length] = cache.v_cache[src, :, :length]
+        self.engine.slot_tokens[dst] = self.engine.slot_tokens[src][:length]
+
+    def _emit(self, seq: Sequence, event: SeqEvent) -> None:
+        event.prompt_tokens = len(seq.prompt)
+        event.completion_tokens = len(seq.generated)
+        try:
+            seq.sink(event)
+        except Exception:  # a broken consumer must not take the loop down
+            seq.cancelled = True
+
+    def _emit_final(self, seq: Sequence, event: SeqEvent) -> None:
+        seq.finished = True
+        self.requests_finished += 1
+        self._emit(seq, event)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if not seq.finished:
+            self._emit_final(seq, SeqEvent(finish_reason=reason, error=error))

@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible API, workers with continuous batching, the controller, the web page."""

@@ -1,0 +1,162 @@
+"""A model worker: one loaded model, its continuous-batching scheduler, and the request preparation.
+
+``Worker`` turns a ``GenerateRequest`` (chat messages, prompt text or token ids) into a scheduled
+sequence and streams plain-dict events back; the same dicts travel over HTTP when the worker runs
+as its own process (``worker_app``), so the API server works the same with a local or a remote one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from quantchat.engine.generate import Engine
+from quantchat.engine.scheduler import Scheduler, SeqEvent, Sequence, TokenLogprob
+from quantchat.errors import BadRequestError, ContextLengthError, QuantchatError
+from quantchat.sampling.sampling import SamplingParams
+from quantchat.serving.protocol import GenerateRequest
+
+
+class Worker:
+    def __init__(self, engine: Engine, model_name: str, max_queue: int = 64, template: str | None = None) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.template = template
+        self.scheduler = Scheduler(engine, max_queue=max_queue).start()
+        self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
+    # -- preparation ----------------------------------------------------------------------
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      template=self.template)
+        except QuantchatError as e:
+            raise BadRequestError(str(e), "messages") from None
+        return self.tokenizer.encode(text)
+
+    def prompt_ids(self, req: GenerateRequest) -> list[int]:
+        given = [x is not None for x in (req.prompt_ids, req.prompt, req.messages)]
+        if sum(given) != 1:
+            raise BadRequestError("give exactly one of prompt, prompt token ids or messages")
+        if req.messages is not None:
+            return self.render_chat(req.messages, req.add_generation_prompt)
+        if req.prompt is not None:
+            return self.tokenizer.encode(req.prompt)
+        ids = list(req.prompt_ids or [])
+        vocab = self.engine.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise BadRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
+        return ids
+
+    def prepare(self, req: GenerateRequest) -> tuple[list[int], SamplingParams]:
+        ids = self.prompt_ids(req)
+        if not ids:
+            raise BadRequestError("the prompt is empty", "prompt")
+        n_ctx = self.max_seq_len
+        room = n_ctx - len(ids)
+        max_new = req.max_tokens if req.max_tokens is not None else room
+        if room < (1 if req.max_tokens is None else 0) or max_new > room:
+            raise ContextLengthError(
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{len(ids) + (max_new if req.max_tokens is not None else 1)} tokens ({len(ids)} in the prompt, "
+                f"{max_new if req.max_tokens is not None else 'at least 1'} for the completion). "
+                "Please reduce the prompt or max_tokens."
+            )
+        params = SamplingParams(
+            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, seed=req.seed, max_new_tokens=max_new,
+            stop=list(req.stop), ignore_eos=req.ignore_eos,
+        )
+        try:
+            params.validate()
+        except QuantchatError as e:
+            raise BadRequestError(str(e)) from None
+        return ids, params
+
+    # -- generation -----------------------------------------------------------------------
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        """Validate and queue ``req`` (errors raise here, before any event); return its event stream."""
+        ids, params = self.prepare(req)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[SeqEvent] = asyncio.Queue()
+
+        def sink(ev: SeqEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        seq = Sequence(ids, params, sink, logprobs=req.logprobs,
+                       prompt_logprobs=req.echo and req.logprobs is not None,
+                       decoder=self.tokenizer.stream_decoder(skip_special_tokens=True))
+        self.scheduler.submit(seq)
+        return self._events(seq, queue, echo_text=self.tokenizer.decode(ids) if req.echo else None)
+
+    async def _events(self, seq: Sequence, queue: asyncio.Queue, echo_text: str | None) -> AsyncIterator[dict]:
+        first = True
+        try:
+            while True:
+                ev = await queue.get()
+                out = self.event_dict(ev)
+                if first:
+                    out["prompt_text"] = echo_text
+                    first = False
+                yield out
+                if ev.finish_reason is not None:
+                    break
+        finally:
+            if not seq.finished:
+                seq.cancel()
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    def _lp(self, lp: TokenLogprob) -> dict[str, Any]:
+        return {"id": lp.token_id, "token": self.token_text(lp.token_id), "logprob": lp.logprob,
+                "top": [[self.token_text(i), v] for i, v in lp.top]}
+
+    def event_dict(self, ev: SeqEvent) -> dict[str, Any]:
+        return {
+            "text": ev.text,
+            "token_ids": ev.token_ids,
+            "logprobs": [self._lp(x) for x in ev.logprobs],
+            "prompt_logprobs": None if ev.prompt_logprobs is None else [self._lp(x) for x in ev.prompt_logprobs],
+            "finish_reason": ev.finish_reason,
+            "error": ev.error,
+            "prompt_tokens": ev.prompt_tokens,
+            "completion_tokens": ev.completion_tokens,
+        }
+
+    # -- small services -------------------------------------------------------------------
+    def tokenize(self, prompt: str | None, messages: list[dict[str, str]] | None,
+                 add_special_tokens: bool = True) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise BadRequestError("give exactly one of prompt or messages")
+        if messages is not None:
+            return self.render_chat(messages)
+        return self.tokenizer.encode(prompt, add_bos=None if add_special_tokens else False)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        vocab = self.engine.model.config.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise BadRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "tokens")
+        return self.tokenizer.decode(tokens)
+
+    def status(self) -> dict[str, Any]:
+        return {"model": self.model_name, "max_model_len": self.max_seq_len, "created": self.created,
+                "error": self.scheduler.error, **self.scheduler.stats()}

@@ -1,0 +1,419 @@
+"""The OpenAI-compatible server on loopback, driven by the official ``openai`` client and raw HTTP.
+
+A real uvicorn server runs in a background thread of the test process (one per module) over a tiny
+random chat model; one test also starts ``quantchat serve`` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from quantchat.loading.resolve import load_engine
+from quantchat.serving.api import LocalBackend, create_app
+from quantchat.serving.worker import Worker
+from tiny_models import PRINTABLE, make_tiny_chat_model
+
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on a free loopback port, in a daemon thread."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_serve")
+    make_tiny_chat_model(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_dir):
+    loaded = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=256, max_batch=8)
+    w = Worker(loaded.engine, "tiny", max_queue=64)
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def server(worker):
+    s = ServerThread(create_app(LocalBackend(worker), api_keys={KEY}, max_body_bytes=64 * 1024))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (bytes, str)):
+        return httpx.post(server.url + path, content=body, headers={**headers, "content-type": "application/json"},
+                          timeout=60, **kw)
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
+
+
+def wait_idle(worker: Worker, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while worker.scheduler.running_batch or worker.scheduler.queue_length:
+        assert time.time() < deadline, worker.scheduler.stats()
+        time.sleep(0.02)
+
+
+# -- OpenAI semantics ---------------------------------------------------------------------------
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_chat_non_streaming(client, worker):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=12, temperature=0)
+    text = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.role == "assistant"
+    assert len(text) == 12 and set(text.encode()) <= set(PRINTABLE)
+    ids = worker.render_chat([{"role": "user", "content": "hello"}])
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == len(ids) + 12
+    # the same answer as the engine run directly (greedy)
+    from quantchat.sampling.sampling import SamplingParams
+
+    direct, _ = worker.engine.generate_text(ids, SamplingParams(temperature=0, max_new_tokens=12), slot=7)
+    assert text == direct
+
+
+def test_chat_streaming_with_usage(client):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                            max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"] and len(text) == 12
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    full = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=12, temperature=0)
+    assert full.choices[0].message.content == text
+
+
+def test_sse_wire_format(server):
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True},
+                      timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    json.loads(events[0][6:])
+
+
+def test_completion_echo_logprobs_token_ids(client, worker):
+    """lm-eval's local-completions shape: token-id prompt, echo, logprobs, max_tokens 0/1."""
+    prompt = list(b"the cat sat")
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=3)
+    ch = r.choices[0]
+    lp = ch.logprobs
+    assert ch.text.startswith("the cat sat") and len(ch.text) == len(prompt) + 1
+    assert lp.tokens[: len(prompt)] == [chr(b) for b in prompt]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert len(lp.token_logprobs) == len(prompt) + 1 and lp.text_offset == list(range(len(prompt) + 1))
+    # reference: log-softmax of the model's own logits
+    with torch.no_grad():
+        logits = worker.engine.model(torch.tensor([prompt + [ord(ch.text[-1])]]))[0]
+    ref = torch.log_softmax(logits.double(), -1)
+    full = prompt + [ord(ch.text[-1])]
+    for i in range(1, len(full)):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, full[i]]), abs=1e-4)
+        top = lp.top_logprobs[i]
+        assert len(top) >= 3
+        best = max(top, key=top.get)
+        assert ord(best) == int(ref[i - 1].argmax())
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 1
+    r0 = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    assert r0.choices[0].text == "the cat sat" and len(r0.choices[0].logprobs.tokens) == len(prompt)
+    assert r0.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(prompt)], abs=1e-5)
+
+
+def test_completion_prompt_list_and_default_max_tokens(client):
+    r = client.completions.create(model="tiny", prompt=["abc", "hello there"], temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(len(c.text) == 16 for c in r.choices)  # OpenAI's default max_tokens is 16
+    assert r.usage.completion_tokens == 32
+
+
+def test_stop_string(client):
+    base = client.completions.create(model="tiny", prompt="hello", max_tokens=20, temperature=0).choices[0].text
+    stop = base[5:7]
+    cut = base.index(stop)
+    for stream in (False, True):
+        if stream:
+            text = "".join(c.choices[0].text for c in client.completions.create(
+                model="tiny", prompt="hello", max_tokens=20, temperature=0, stop=[stop, "zzzz"], stream=True))
+        else:
+            r = client.completions.create(model="tiny", prompt="hello", max_tokens=20, temperature=0, stop=stop)
+            assert r.choices[0].finish_reason == "stop"
+            text = r.choices[0].text
+        assert text == base[:cut]
+
+
+def test_n_and_seed(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=3,
+                                       max_tokens=8, temperature=0)
+    assert len(r.choices) == 3 and len({c.message.content for c in r.choices}) == 1
+    assert r.usage.completion_tokens == 24
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=16, temperature=1.0,
+              seed=7)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.content != a.choices[1].message.content  # seed + index per choice
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token  # greedy = best
+        assert c.logprob <= 0 and c.bytes == list(c.token.encode())
+
+
+def test_tokenize_detokenize(server):
+    r = post(server, "/tokenize", {"prompt": "abc"}).json()
+    assert r["tokens"][-3:] == [97, 98, 99] and r["max_model_len"] == 256
+    assert post(server, "/detokenize", {"tokens": [104, 105]}).json() == {"prompt": "hi"}
+    assert post(server, "/detokenize", {"tokens": [99999]}).status_code == 400
+
+
+# -- errors -------------------------------------------------------------------------------------
+def assert_error(r: httpx.Response, status: int, text: str = "") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert text.lower() in err["message"].lower(), err
+    return err
+
+
+def test_auth(server, client):
+    assert_error(post(server, "/v1/completions", {"prompt": "a"}, key=None), 401, "api key")
+    assert_error(post(server, "/v1/completions", {"prompt": "a"}, key="wrong"), 401)
+    assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+    assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_bad_requests(server, client):
+    assert_error(post(server, "/v1/chat/completions", b"{not json"), 400, "json")
+    assert_error(post(server, "/v1/chat/completions", {"messages": []}), 400, "messages")
+    assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                       "temperature": 5}), 400, "temperature")
+    assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}), 400)
+    assert_error(post(server, "/v1/completions", {"prompt": "x", "max_tokens": -1}), 400, "max_tokens")
+    assert_error(post(server, "/v1/completions", {"prompt": [1, 2, 100000]}), 400, "vocabulary")
+    assert_error(post(server, "/v1/completions", {"prompt": "x", "stop": ["a"] * 40}), 400, "stop")
+    err = assert_error(post(server, "/v1/completions", {"prompt": "x" * 300, "max_tokens": 4}), 400,
+                       "maximum context length is 256")
+    assert err["type"] == "invalid_request_error"
+    assert_error(post(server, "/v1/completions", {"prompt": "x" * 200, "max_tokens": 100}), 400, "context length")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "y" * 400}])
+    assert_error(post(server, "/v1/chat/completions", {"model": "gpt-9", "messages": [
+        {"role": "user", "content": "x"}]}), 404, "gpt-9")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    assert_error(post(server, "/v1/completions", {"prompt": "x" * 100_000}), 413)
+    assert post(server, "/v1/nothing-here", {}).status_code == 404
+
+
+def test_queue_full_and_loading(worker):
+    full = Worker(worker.engine, "tiny", max_queue=0)  # a second scheduler on the same engine, never used
+    try:
+        s = ServerThread(create_app(LocalBackend(full)))
+        try:
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
+            assert_error(r, 429, "queue")
+            assert r.headers["retry-after"] == "1"
+        finally:
+            s.stop()
+    finally:
+        full.close()
+    backend = LocalBackend()
+    s = ServerThread(create_app(backend))
+    try:
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 503
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
+        assert_error(r, 503, "loading")
+        assert "retry-after" in r.headers
+    finally:
+        s.stop()
+
+
+# -- continuous batching ------------------------------------------------------------------------
+def test_concurrent_streams_equal_solo_runs(client, worker):
+    """8 concurrent greedy streams of different lengths all finish and equal the same request run alone."""
+    prompts = [f"prompt number {i} " + "ab" * i for i in range(8)]
+    lengths = [5 + 3 * i for i in range(8)]
+
+    def run(i: int, stream: bool) -> str:
+        kw = dict(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        if stream:
+            return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+        return client.completions.create(**kw).choices[0].text
+
+    solo = [run(i, False) for i in range(8)]
+    wait_idle(worker)
+    steps0 = worker.scheduler.decode_steps
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda i: run(i, True), range(8)))
+    assert together == solo
+    assert [len(t) for t in together] == lengths
+    # batching, not queueing: far fewer decode steps than the sum of the tokens
+    assert worker.scheduler.decode_steps - steps0 < sum(lengths) * 0.7
+
+
+def test_disconnect_frees_slot(server, worker):
+    wait_idle(worker)
+    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "go", "max_tokens": 240, "stream": True, "ignore_eos": True},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+        assert worker.scheduler.running_batch == 1
+    wait_idle(worker, timeout=10)  # the slot is freed long before 240 tokens
+    assert worker.scheduler.running_batch == 0
+
+
+def test_scheduler_kv_compaction_mixed_lengths(worker):
+    """Sequences join and leave at different steps; each still equals its solo greedy run."""
+    from quantchat.engine.scheduler import Sequence
+    from quantchat.sampling.sampling import SamplingParams
+
+    eng = worker.engine
+    wait_idle(worker)
+    prompts = [list(b"xy" * (i + 1)) for i in range(6)]
+    lims = [3, 17, 6, 25, 1, 9]
+    solo = []
+    for p, n in zip(prompts, lims):
+        out = eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))[0]
+        solo.append(out)
+    results: dict[int, list[int]] = {i: [] for i in range(6)}
+    done = threading.Event()
+    finished: list[int] = []
+
+    def sink_for(i):
+        def sink(ev):
+            results[i] += ev.token_ids
+            if ev.finish_reason:
+                finished.append(i)
+                if len(finished) == 6:
+                    done.set()
+        return sink
+
+    for i, (p, n) in enumerate(zip(prompts, lims)):
+        worker.scheduler.submit(Sequence(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True),
+                                         sink_for(i)))
+        time.sleep(0.01 * i)  # staggered arrivals
+    assert done.wait(30)
+    assert [results[i] for i in range(6)] == solo
+
+
+def test_metrics(server, client):
+    client.completions.create(model="tiny", prompt="abc", max_tokens=2)
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+    for name in ("quantchat_requests_total", "quantchat_prompt_tokens_total", "quantchat_generation_tokens_total",
+                 "quantchat_generation_tokens_per_second", "quantchat_queue_length", "quantchat_running_batch",
+                 "quantchat_kv_cache_usage_ratio"):
+        assert f"\n{name}" in "\n" + text, name
+    assert 'route="/v1/completions",status="200"' in text
+
+
+def test_serve_command_subprocess(tiny_dir, tmp_path):
+    """`quantchat serve` as a user runs it: prints the URL, /health turns 200, answers with the key."""
+    port = free_port()
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("# keys\nk1\n")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.Popen([sys.executable, "-m", "quantchat", "serve", "--model", str(tiny_dir), "--port",
+                             str(port), "--api-key-file", str(keyfile), "--quant", "int8", "--max-seq-len", "128"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
+        name = f"{tiny_dir.name}-int8"  # the folder's name plus the load-time quantization
+        assert c.models.list().data[0].id == name
+        r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        assert r.choices[0].finish_reason in ("length", "stop")
+    finally:
+        proc.terminate()
+        try:
+            out = proc.communicate(timeout=20)[0].decode()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0].decode()
+    assert f"http://127.0.0.1:{port}/" in out
+
+
+def test_async_client(server):
+    async def main():
+        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+        rs = await asyncio.gather(*[c.completions.create(model="tiny", prompt="ab", max_tokens=4, temperature=0)
+                                    for _ in range(4)])
+        return [r.choices[0].text for r in rs]
+
+    texts = asyncio.run(main())
+    assert len(set(texts)) == 1 and len(texts[0]) == 4
