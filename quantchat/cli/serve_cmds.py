@@ -12,6 +12,7 @@ from quantchat.cli.common import add_model_args, status
 from quantchat.errors import QuantchatError
 
 DEFAULT_SERVE_QUANT = "int4-asym"
+DEFAULT_SERVE_GROUP = 32
 
 
 def read_api_keys(args: argparse.Namespace) -> set[str]:
@@ -99,8 +100,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not keys:
         status(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
                "(set --api-key or --api-key-file)")
-    if args.quant is None:
+    if args.quant is None:  # INT4 by default; group 32 keeps a Q4_1 source's weights exactly
         args.quant = DEFAULT_SERVE_QUANT
+        args.group_size = args.group_size or DEFAULT_SERVE_GROUP
     backend = LocalBackend()
     app = create_app(backend, api_keys=keys, max_body_bytes=args.max_body_bytes, web=not args.no_web)
 
