@@ -324,8 +324,10 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
             if not given or not any(secrets.compare_digest(given, k) for k in keys):
                 metrics.requests[(path, 401)] += 1
                 return error_response(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
-                                      "authentication_error")
+                                      "authentication_error", headers={"WWW-Authenticate": "Bearer"})
         response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
         metrics.requests[(path if path.startswith("/v1/") or path in ("/tokenize", "/detokenize") else "other",
                           response.status_code)] += 1
         return response
@@ -349,10 +351,13 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
     async def on_quantchat(request: Request, exc: QuantchatError):
         return error_for(exc)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if backend.ready():
             return {"status": "ok"}
+        failed = getattr(backend, "load_error", None)
+        if failed:
+            return JSONResponse({"status": "error", "message": failed}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/metrics")
@@ -406,14 +411,13 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
 
             async def events() -> AsyncIterator[str]:
                 usage = {"prompt_tokens": 0, "completion_tokens": 0}
-                started: set[int] = set()
                 try:
                     for i in range(body.n):
                         yield sse(chunk(i, {"role": "assistant", "content": ""}))
-                        started.add(i)
                     async for i, ev in merged(streams):
                         if ev.get("error"):
                             yield sse(error_body(ev["error"], "server_error", None, 500))
+                            yield "data: [DONE]\n\n"
                             return
                         metrics.add_tokens(len(ev["token_ids"]))
                         lp = {"content": chat_logprobs(ev["logprobs"], top)} if want_lp and ev["logprobs"] else None
@@ -431,6 +435,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
                     yield "data: [DONE]\n\n"
                 except QuantchatError as e:
                     yield sse(error_body(str(e), "server_error", None, 500))
+                    yield "data: [DONE]\n\n"
                 finally:
                     for s in streams:
                         await s.aclose()
@@ -506,6 +511,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
                     async for i, ev in merged(streams):
                         if ev.get("error"):
                             yield sse(error_body(ev["error"], "server_error", None, 500))
+                            yield "data: [DONE]\n\n"
                             return
                         text = ev["text"]
                         entries = ev["logprobs"]
@@ -536,6 +542,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
                     yield "data: [DONE]\n\n"
                 except QuantchatError as e:
                     yield sse(error_body(str(e), "server_error", None, 500))
+                    yield "data: [DONE]\n\n"
                 finally:
                     for s in streams:
                         await s.aclose()
@@ -596,7 +603,7 @@ def install_web(app: FastAPI) -> None:
     """Serve the chat page and its assets from the package (no CDN, no build step)."""
     web_dir = resources.files("quantchat.serving") / "web"
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index():
         page = web_dir / "index.html"
         if not page.is_file():
@@ -605,7 +612,7 @@ def install_web(app: FastAPI) -> None:
 
     types = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
 
-    @app.get("/static/{name}")
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"])
     async def static(name: str):
         f = web_dir / name
         if "/" in name or name.startswith(".") or not f.is_file():

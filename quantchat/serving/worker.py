@@ -100,23 +100,7 @@ class Worker:
                        prompt_logprobs=req.echo and req.logprobs is not None,
                        decoder=self.tokenizer.stream_decoder(skip_special_tokens=True))
         self.scheduler.submit(seq)
-        return self._events(seq, queue, echo_text=self.tokenizer.decode(ids) if req.echo else None)
-
-    async def _events(self, seq: Sequence, queue: asyncio.Queue, echo_text: str | None) -> AsyncIterator[dict]:
-        first = True
-        try:
-            while True:
-                ev = await queue.get()
-                out = self.event_dict(ev)
-                if first:
-                    out["prompt_text"] = echo_text
-                    first = False
-                yield out
-                if ev.finish_reason is not None:
-                    break
-        finally:
-            if not seq.finished:
-                seq.cancel()
+        return EventStream(self, seq, queue, echo_text=self.tokenizer.decode(ids) if req.echo else None)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -160,3 +144,36 @@ class Worker:
     def status(self) -> dict[str, Any]:
         return {"model": self.model_name, "max_model_len": self.max_seq_len, "created": self.created,
                 "error": self.scheduler.error, **self.scheduler.stats()}
+
+
+class EventStream:
+    """The events of one scheduled sequence as an async iterator; closing it (or dropping out of the
+    loop) cancels the sequence, even before the first event was read."""
+
+    def __init__(self, worker: Worker, seq: Sequence, queue: asyncio.Queue, echo_text: str | None) -> None:
+        self.worker, self.seq, self.queue, self.echo_text = worker, seq, queue, echo_text
+        self.first, self.done = True, False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            ev = await self.queue.get()
+        except BaseException:
+            self.seq.cancel()
+            raise
+        out = self.worker.event_dict(ev)
+        if self.first:
+            out["prompt_text"] = self.echo_text
+            self.first = False
+        if ev.finish_reason is not None:
+            self.done = True
+        return out
+
+    async def aclose(self) -> None:
+        self.done = True
+        if not self.seq.finished:
+            self.seq.cancel()
