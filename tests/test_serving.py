@@ -242,6 +242,8 @@ def test_auth(server, client):
     assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
     assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    odd = httpx.get(server.url + "/v1/models", headers={"Authorization": b"Bearer \xe9\xff"}, timeout=10)
+    assert odd.status_code == 401 and odd.headers["www-authenticate"] == "Bearer"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
 

@@ -321,7 +321,8 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
         if keys and not public:
             header = request.headers.get("authorization", "")
             given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
-            if not given or not any(secrets.compare_digest(given, k) for k in keys):
+            raw = (given or "").encode("utf-8", "surrogateescape")
+            if not given or not any(secrets.compare_digest(raw, k.encode("utf-8")) for k in keys):
                 metrics.requests[(path, 401)] += 1
                 return error_response(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
                                       "authentication_error", headers={"WWW-Authenticate": "Bearer"})

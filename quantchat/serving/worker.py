@@ -100,7 +100,13 @@ class Worker:
                        prompt_logprobs=req.echo and req.logprobs is not None,
                        decoder=self.tokenizer.stream_decoder(skip_special_tokens=True))
         self.scheduler.submit(seq)
-        return EventStream(self, seq, queue, echo_text=self.tokenizer.decode(ids) if req.echo else None)
+        return EventStream(self, seq, queue, echo_text=self.echo_text(req, ids))
+
+    def echo_text(self, req: GenerateRequest, ids: list[int]) -> str | None:
+        """The prompt as echoed: a text prompt as given, token ids decoded."""
+        if not req.echo:
+            return None
+        return req.prompt if req.prompt is not None else self.tokenizer.decode(ids)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
