@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -52,119 +51,22 @@ from pathlib import Path
 
 RESULT_MARK = "@@CORE_BENCH_RESULT@@ "
 DECODE_PROMPT_LEN = 16
-PROMPT_SEED = 1234
-FIRST_ID = 100  # ids below this are special tokens in the default model (0..16); skip them all
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-
-# ---------------------------------------------------------------------------------------------
-# small helpers (no torch needed)
-# ---------------------------------------------------------------------------------------------
-def proc_status_mb() -> dict[str, float]:
-    """VmRSS / VmHWM / RssAnon / RssFile of this process in MB (1e6 bytes)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0]) * 1024 / 1e6
-    return out
-
-
-def cpu_busy_jiffies() -> tuple[int, int]:
-    """(busy, steal) jiffies of the whole machine since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq = fields[:7]
-    steal = fields[7] if len(fields) > 7 else 0
-    return user + nice + system + irq + softirq, steal
-
-
-def busy_cores(window_s: float) -> float:
-    hz = os.sysconf("SC_CLK_TCK")
-    b0, _ = cpu_busy_jiffies()
-    time.sleep(window_s)
-    b1, _ = cpu_busy_jiffies()
-    return (b1 - b0) / hz / window_s
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The matrix-relevant CPU flags present (bf16 is only fast with avx512_bf16 or amx_bf16)."""
-    want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in want if f in have]
-    except OSError:
-        pass
-    return []
-
-
-def stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
-def fmt_stat(s: dict | None, digits: int = 1) -> str:
-    if not s:
-        return "–"
-    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}–{s['max']:.{digits}f}]"
-
-
-def prompt_ids(vocab_size: int, n: int, seed: int) -> list[int]:
-    """Deterministic pseudo-random token ids in [FIRST_ID, vocab_size) (a plain LCG: no torch/numpy needed)."""
-    state, ids = seed, []
-    for _ in range(n):
-        state = (6364136223846793005 * state + 1442695040888963407) % (1 << 64)
-        ids.append(FIRST_ID + (state >> 33) % (vocab_size - FIRST_ID))
-    return ids
-
-
-class ContentionGuard:
-    """Runs a timed function, measuring other processes' CPU use meanwhile; redoes disturbed runs."""
-
-    def __init__(self, max_busy: float, max_wait: float, retries: int) -> None:
-        self.max_busy, self.max_wait, self.retries = max_busy, max_wait, retries
-        self.hz = os.sysconf("SC_CLK_TCK")
-        self.waited = 0.0
-
-    def _own_cpu(self) -> float:
-        t = os.times()
-        return t.user + t.system
-
-    def foreign_during(self, fn):
-        b0, c0, w0 = cpu_busy_jiffies()[0], self._own_cpu(), time.perf_counter()
-        out = fn()
-        b1, c1, w1 = cpu_busy_jiffies()[0], self._own_cpu(), time.perf_counter()
-        return out, max(0.0, (b1 - b0) / self.hz - (c1 - c0)) / max(w1 - w0, 1e-6)
-
-    def wait_quiet(self) -> None:
-        while self.waited < self.max_wait:
-            t = time.perf_counter()
-            busy = busy_cores(2.0)
-            self.waited += time.perf_counter() - t
-            if busy <= self.max_busy:
-                return
-
-    def run(self, fn):
-        """(fn's result, foreign busy cores during it, number of discarded attempts)."""
-        bad = 0
-        while True:
-            out, load = self.foreign_during(fn)
-            if load <= self.max_busy or bad >= self.retries or self.waited >= self.max_wait:
-                return out, load, bad
-            bad += 1
-            self.wait_quiet()
+# the measuring tools live in quantchat.benchmark.measure (shared with `quantchat bench`); no torch needed
+from quantchat.benchmark.measure import (  # noqa: E402
+    PROMPT_SEED,
+    ContentionGuard,
+    busy_cores,
+    cpu_busy_jiffies,
+    cpu_flags,
+    cpu_model_name,
+    fmt_stat,
+    proc_status_mb,
+    prompt_ids,
+    stats,
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ count, it times:
 * ``torch int8pack``    ``torch._weight_int8pack_mm`` (int8 per channel)
 * ``torch int4 gXX``    ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (x zero-padded when K % g != 0)
 * ``qc int8``           ``quantchat.kernels.cpu.int8_linear``
-* ``qc int4 gXX``       ``quantchat.kernels.cpu.int4_linear`` (portable packed format, asymmetric)
+* ``qc int4 gXX``       ``quantchat.kernels.cpu.int4_linear`` (packed codes, float16 scales / mins, asymmetric)
 * ``qc int4 gXX i16``   the same with ``path=PATH_AUTO_I16`` (opt-in int16-activation GEMV for M <= 12;
                         identical to the default for larger M, so shown for M <= 12 only)
 
@@ -18,7 +18,7 @@ Weights come from DRAM, not cache: each method cycles through enough distinct co
 only for the 49152x576 head, which is larger than the L3 on its own). One timed sample is a sweep
 over all copies; methods are interleaved sample by sample so that machine noise hits them alike;
 the table shows the median over --runs samples of the time per call, the effective bandwidth
-(weight bytes incl. scales / zeros per call / time) and the speed relative to ``f32 F.linear``.
+(weight bytes incl. scales / zeros / mins per call / time) and the speed relative to ``f32 F.linear``.
 "other load" is the CPU time other processes used meanwhile (cores): the machine may be shared,
 and a busy core stalls a 2-thread OpenMP region until the OS runs the descheduled thread again.
 
@@ -143,9 +143,9 @@ def make_methods(N: int, K: int, footprint: float, min_copies: int) -> list[Meth
         return make
 
     def qc_int4(g):
-        def make(i):
+        def make(i):  # what QuantizedLinear keeps: packed codes, float16 scales and mins
             q, s, z = int4_codes(g, i)
-            return (rtn.pack_int4(q), s, z, g)
+            return (rtn.pack_int4(q), *rtn.int4_resident(s, z), g)
         return make
 
     def run_torch_int4(x, w):

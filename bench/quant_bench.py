@@ -2,7 +2,10 @@
 
 For each variant (float32, int8, int4-sym / int4-asym at group 32 and 128, awq, gptq): perplexity on
 the built-in corpus (windows of 512, non-overlapping), decode tokens/s (greedy, EOS ignored, median
-of runs, timed from the 2nd to the last token), resident weight bytes, and quantization time.
+of runs, timed from the 2nd to the last token), resident weight bytes, resident bytes per parameter
+of the transformer blocks' linear layers (every tensor each module holds: packed codes, scales, mins,
+bias; int4 pays 0.5 + 4 / group size, plus the zero padding of K = 576 to the group), and
+quantization time.
 
     .venv/bin/python bench/quant_bench.py --threads 2 --ppl-tokens 32768
 """
@@ -21,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quantchat.benchmark.measure import weight_bytes  # noqa: E402
 from quantchat.engine.generate import Engine  # noqa: E402
 from quantchat.eval.perplexity import perplexity  # noqa: E402
 from quantchat.loading.hf_loader import load_model  # noqa: E402
@@ -34,19 +38,24 @@ DEFAULT_VARIANTS = "float32,int8,int4-sym:32,int4-asym:32,int4-sym:128,int4-asym
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or t.device.type == "meta":
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    for m in model.modules():  # int8 embedding shares the head's buffers; count non-buffer tensors once
-        for name in ("weight_int8", "scales"):
-            t = m.__dict__.get(name)
-            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total - sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "cache" in n)
+    """Resident weight bytes (packed codes for quantized modules, shared storage once, KV cache excluded)."""
+    return weight_bytes(model)
+
+
+def linear_bytes_per_param(model: torch.nn.Module) -> float:
+    """Resident bytes per weight of the blocks' linears (wqkv, wo, w13, w2; not the LM head)."""
+    from quantchat.quant.linear import QuantizedLinear, module_tensor_bytes
+    from quantchat.quant.quantize import linear_names
+
+    nbytes = params = 0
+    for name in linear_names(model):
+        m = model.get_submodule(name)
+        params += m.in_features * m.out_features
+        if isinstance(m, QuantizedLinear):
+            nbytes += sum(module_tensor_bytes(m).values())
+        else:
+            nbytes += sum(t.numel() * t.element_size() for t in m.parameters())
+    return nbytes / params
 
 
 def linear_params(model: torch.nn.Module) -> int:
@@ -106,21 +115,23 @@ def main() -> None:
         engine = Engine(model, tok, max_seq_len=1024)
         speed = decode_speed(engine, prompt, args.new_tokens, args.runs)
         wbytes = model_bytes(model)
+        bpp = linear_bytes_per_param(model)
         row = {"variant": v, "ppl": res.ppl, "tokens_scored": res.tokens_scored, "ppl_s": ppl_s,
                "ppl_tokens_per_s": res.tokens_scored / ppl_s, "decode_tok_s": speed,
-               "weight_bytes": wbytes, "quantize_s": qtime}
+               "weight_bytes": wbytes, "linear_bytes_per_param": bpp, "quantize_s": qtime}
         rows.append(row)
         print(f"{v:>14}: ppl {res.ppl:.3f}  decode {speed['median']:.1f} tok/s  weights {wbytes / 1e6:.1f} MB  "
-              f"(quantize {qtime:.0f} s, ppl pass {res.tokens_scored / ppl_s:.0f} tok/s)", flush=True)
+              f"linears {bpp:.3f} B/param  (quantize {qtime:.0f} s, ppl pass {res.tokens_scored / ppl_s:.0f} tok/s)",
+              flush=True)
         del engine, model
     base = rows[0]["ppl"] if rows and rows[0]["variant"] == "float32" else None
-    lines = ["| variant | perplexity | vs float32 | decode tok/s (median [min-max]) | weights MB |",
-             "|---|---|---|---|---|"]
+    lines = ["| variant | perplexity | vs float32 | decode tok/s (median [min-max]) | weights MB | linears B/param |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         d = r["decode_tok_s"]
         rel = f"{(r['ppl'] / base - 1) * 100:+.2f}%" if base else "-"
         lines.append(f"| {r['variant']} | {r['ppl']:.3f} | {rel} | {d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}] "
-                     f"| {r['weight_bytes'] / 1e6:.1f} |")
+                     f"| {r['weight_bytes'] / 1e6:.1f} | {r['linear_bytes_per_param']:.3f} |")
     table = "\n".join(lines)
     print()
     print(table)

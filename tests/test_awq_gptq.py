@@ -94,7 +94,7 @@ def check_int4_format(q, s, z, n, k, gs, sym):
 def test_gptq_with_identity_hessian_is_rtn(sym, act_order):
     """Uncorrelated unit inputs: nothing to compensate, GPTQ's codes are RTN's exactly."""
     w = torch.randn(16, 96, generator=torch.Generator().manual_seed(0))
-    q, s, z = gptq.gptq_quantize(w, torch.eye(96), 4, 64, sym, act_order=act_order)
+    q, s, z = gptq.gptq_quantize(w, torch.eye(96), 4, 64, sym, act_order=act_order, clip_search=False)
     rq, rs, rz = rtn.quantize_int4(w, 64, sym, integer_zero=True)
     check_int4_format(q, s, z, 16, 96, 64, sym)
     assert torch.equal(q, rq) and torch.equal(z, rz) and torch.allclose(s, rs)
@@ -144,9 +144,25 @@ def test_gptq_matches_reference_implementation(sym, act_order):
     x[:, 5] = 0  # a dead input
     H = gptq.hessian_from_inputs(x)
     w = torch.randn(24, 256, generator=torch.Generator().manual_seed(12)) * 0.05
-    q, s, z = gptq.gptq_quantize(w, H, 4, 128, sym, act_order=act_order)
+    q, s, z = gptq.gptq_quantize(w, H, 4, 128, sym, act_order=act_order, clip_search=False)
     ref = reference_fasterquant(w, H, 128, sym, act_order)
     assert torch.allclose(rtn.dequantize_int4(q, s, z, 256), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_clip_search_lowers_output_error(sym):
+    """The Hessian-weighted clipping search (default) beats min/max group ranges on held-out inputs."""
+    k = 256
+    x, x_test = correlated_inputs(1536, k, seed=21)
+    H = gptq.hessian_from_inputs(x)
+    w = torch.randn(64, k, generator=torch.Generator().manual_seed(22)) * 0.05
+    w[:, ::37] *= 4  # a few large weights stretch the groups' ranges
+    errs = {}
+    for search in (False, True):
+        q, s, z = gptq.gptq_quantize(w, H, 4, 128, sym, clip_search=search)
+        errs[search] = output_error(w, rtn.dequantize_int4(q, s, z, k), x_test)
+    print(f"sym={sym}: min/max {errs[False]:.4f}, clip search {errs[True]:.4f}")
+    assert errs[True] < errs[False]
 
 
 @pytest.mark.parametrize("k,gs", [(192, 32), (192, 128), (256, 128)])

@@ -1,5 +1,8 @@
 """quantchat.kernels.cpu: each kernel equals dequantize-then-matmul (float64 reference) on every path.
 
+int4 weights are what the kernels read: packed codes with float16 scales and mins (``w = code * scale +
+min``); the reference dequantizes those same float16 values in float64.
+
 The kernels build on first use (~15-20 s with g++); the build is cached in $QUANTCHAT_KERNELS_DIR when
 set, else in the user's quantchat home (``~/.cache/quantchat/kernels``): the cache is keyed by a hash
 of the source, the flags, the compiler and torch, so sharing it between test sessions is safe and
@@ -56,15 +59,29 @@ def threads():
 _cache: dict = {}
 
 
+def ref_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 [N, k] weight: code * scale + min from the float16 scales / mins."""
+    codes = rtn.unpack_int4(packed).double()
+    n, kp = codes.shape
+    g = scales.shape[1]
+    w = codes.view(n, g, kp // g) * scales.double()[..., None] + mins.double()[..., None]
+    return w.view(n, kp)[:, :k]
+
+
 def int4_weight(n: int, k: int, gs: int, sym: bool, seed: int = 0):
+    """(packed, scales float16, mins float16, float64 reference weight)."""
     key = ("int4", n, k, gs, sym, seed)
     if key not in _cache:
         g = torch.Generator().manual_seed(seed * 1000 + n + k + gs)
         w = torch.randn(n, k, generator=g)
         q, s, z = rtn.quantize_int4(w, gs, sym)
         packed = rtn.pack_int4(q)
-        ref_w = rtn.dequantize_int4(rtn.unpack_int4(packed), s, z, k).double()
-        _cache[key] = (packed, s, z, ref_w)
+        s16, m16 = rtn.int4_resident(s, z)
+        assert s16.dtype == m16.dtype == torch.float16
+        # lossless: the float32 reference of the quantizer's output is the float16 one
+        torch.testing.assert_close(rtn.dequantize_int4(q, s, z, k).double(), ref_int4(packed, s16, m16, k),
+                                   rtol=0, atol=1e-6)
+        _cache[key] = (packed, s16, m16, ref_int4(packed, s16, m16, k))
     return _cache[key]
 
 
@@ -112,8 +129,8 @@ def assert_matches_i16(y: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor, gs
 @pytest.mark.parametrize("m", M_VALUES)
 def test_int4_smollm2_shapes(n, k, gs, sym, m):
     packed, s, z, ref_w = int4_weight(n, k, gs, sym)
-    if sym:
-        assert (z == 8).all()
+    if sym:  # min = -8 * scale exactly
+        assert torch.equal(z, -8 * s)
     x = activations(m, k)
     assert_matches(cpu.int4_linear(x, packed, s, z, gs, k), x, ref_w)
 
@@ -150,6 +167,23 @@ def test_int4_int16_activation_path(n, k, gs, sym, m, path):
     assert_matches_i16(cpu.int4_linear(x, packed, s, z, gs, k, path=I16_PATHS[path]), x, ref_w, gs)
 
 
+def test_int4_float16_extremes():
+    """Subnormal, tiny and large float16 scales / mins are widened exactly (F16C), on every path."""
+    n, k, gs = 16, 96, 32
+    g = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    packed = rtn.pack_int4(codes)
+    scales = torch.tensor([2.0**-24, 3 * 2.0**-20, 6.1e-5, 1e-3, 0.5, 1.0, 7.0, 300.0] * 2).repeat(3, 1).t()
+    mins = -scales * torch.tensor([0.0, 7.5, 15.0]).repeat(n, 1)
+    scales, mins = scales.contiguous().half(), mins.contiguous().half()
+    ref_w = ref_int4(packed, scales, mins, k)
+    x = activations(5, k)
+    for path in PATHS.values():
+        assert_matches(cpu.int4_linear(x, packed, scales, mins, gs, k, path=path), x, ref_w)
+        assert_matches(cpu.int4_linear(x[:1], packed, scales, mins, gs, k, path=path), x[:1], ref_w)
+    assert_matches_i16(cpu.int4_linear(x, packed, scales, mins, gs, k, path=cpu.PATH_GEMV_I16), x, ref_w, gs)
+
+
 def test_int4_padding_codes_are_ignored():
     """Only the in_features columns of x exist: the padding codes (whatever they hold) add nothing."""
     n, k, gs = 8, 40, 32
@@ -170,9 +204,9 @@ def test_int4_extreme_codes_and_zeros():
     codes[::2] = 15
     zeros = torch.zeros(n, k // gs, dtype=torch.uint8)
     zeros[1::2] = 15
-    scales = torch.rand(n, k // gs) + 0.5
+    scales, zeros = rtn.int4_resident(torch.rand(n, k // gs) + 0.5, zeros)
     packed = rtn.pack_int4(codes)
-    ref_w = rtn.dequantize_int4(codes, scales, zeros, k).double()
+    ref_w = ref_int4(packed, scales, zeros, k)
     x = activations(5, k)
     for path in PATHS.values():
         assert_matches(cpu.int4_linear(x, packed, scales, zeros, gs, k, path=path), x, ref_w)
@@ -258,8 +292,8 @@ def test_meta_tensors_give_shapes():
     ops = cpu.load()
     x = torch.empty(5, 100, device="meta")
     y = ops.int4_linear(x, torch.empty(7, 64, dtype=torch.uint8, device="meta"),
-                        torch.empty(7, 4, device="meta"), torch.empty(7, 4, dtype=torch.uint8, device="meta"),
-                        32, 100)
+                        torch.empty(7, 4, dtype=torch.float16, device="meta"),
+                        torch.empty(7, 4, dtype=torch.float16, device="meta"), 32, 100)
     assert y.shape == (5, 7) and y.device.type == "meta"
     y8 = ops.int8_linear(x, torch.empty(9, 100, dtype=torch.int8, device="meta"), torch.empty(9, device="meta"))
     assert y8.shape == (5, 9)
@@ -272,8 +306,12 @@ def test_bad_arguments_raise():
         cpu.int4_linear(activations(2, 60), packed, s, z, 32, 64)  # wrong K
     with pytest.raises(RuntimeError):
         cpu.int4_linear(x, packed, s, z, 64, 64)  # group size inconsistent with scales
+    with pytest.raises(TypeError, match="float16"):
+        cpu.int4_linear(x, packed, s.float(), z.float(), 32, 64)  # the old float32 scales / zero points
     with pytest.raises(RuntimeError):
-        cpu.int4_linear(x, packed, s.double(), z, 32, 64)
+        cpu.load().int4_linear(x, packed, s.float(), z, 32, 64)
+    with pytest.raises(RuntimeError):
+        cpu.int4_linear(x, packed, s, z[:4], 32, 64)
     with pytest.raises(RuntimeError):
         cpu.int4_linear(x, packed.t().contiguous().t(), s, z, 32, 64)  # non-contiguous codes
     with pytest.raises(RuntimeError):

@@ -98,3 +98,139 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(FileNotFoundError):
         save_quantized(tmp_path / "q", model, spec, codes, src)
     assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == []
+
+
+# -- format versions ----------------------------------------------------------------------------
+
+def test_format2_stores_float16_scales_and_mins(tmp_path):
+    from quantchat.loading.hf_loader import SafetensorsFile
+    from quantchat.quant import checkpoint, rtn
+
+    _, model, out = quantized_dir(tmp_path, "int4-asym", tie=False, group_size=32)
+    q = json.loads((out / QUANT_FILE).read_text())
+    assert q["version"] == checkpoint.FORMAT_VERSION == 2
+    with SafetensorsFile(next(out.glob("model-*.safetensors"))) as sf:
+        name = "layers.0.attention.wqkv"
+        assert sf.dtype(f"{name}.scales") == sf.dtype(f"{name}.mins") == torch.float16
+        assert f"{name}.zeros" not in sf and sf.dtype(f"{name}.qweight") == torch.uint8
+        assert sf.dtype("output.scales") == torch.float32  # int8 rows keep float32 scales
+        stored = {k: sf.read(f"{name}.{k}") for k in ("qweight", "scales", "mins")}
+    ql = model.get_submodule(name)
+    assert torch.equal(rtn.dequantize_codes(stored, ql.in_features), ql.dequantized_weight())
+
+
+def test_format1_checkpoint_still_loads(tmp_path, monkeypatch):
+    """Version 1 (float32 scales and zero points) loads into the same float16 resident form."""
+    from quantchat.quant import checkpoint
+
+    quantized_dir(tmp_path, "int4-sym", tie=False, group_size=32)  # makes the float source folder
+    src = tmp_path / "src"
+    spec = QuantSpec.for_method("int4-asym", 32)
+    model1 = load_model(src, cpu_layout=False)
+    codes = quantize_model(model1, spec)
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    monkeypatch.setattr(checkpoint, "stored_codes", lambda c: c)  # as version 1 wrote them
+    out1 = save_quantized(tmp_path / "q1", model1, spec, codes, src)
+    monkeypatch.undo()
+    q = json.loads((out1 / QUANT_FILE).read_text())
+    assert q["version"] == 1
+    weight_map = json.loads((out1 / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "layers.0.attention.wqkv.zeros" in weight_map
+    loaded = load_quantized(out1)
+    sd_a, sd_b = model1.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert loaded.layers[0].attention.wqkv.scales.dtype == torch.float16
+    idx = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model1(idx), loaded(idx))
+    # and saved again, it is a version 2 checkpoint of the same weights
+    out_again = save_quantized(tmp_path / "q2", model1, spec, codes, src)
+    assert json.loads((out_again / QUANT_FILE).read_text())["version"] == 2
+    again = load_quantized(out_again)
+    assert all(torch.equal(sd_a[k], again.state_dict()[k]) for k in sd_a)
+    assert sum(f.stat().st_size for f in out_again.glob("*.safetensors")) < \
+        sum(f.stat().st_size for f in out1.glob("*.safetensors"))
+
+
+def test_newer_format_refused(tmp_path):
+    _, _, out = quantized_dir(tmp_path, "int8", tie=True)
+    q = json.loads((out / QUANT_FILE).read_text())
+    q["version"] = 99
+    (out / QUANT_FILE).write_text(json.dumps(q))
+    with pytest.raises(ModelLoadError, match="newer"):
+        load_quantized(out, verify=False)
+
+
+# -- the safetensors reader (plain reads, no mmap) ----------------------------------------------
+
+def test_safetensors_reader_matches_library(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from quantchat.loading.hf_loader import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(37, 11, generator=g), "bf16": torch.randn(5, 64, generator=g).bfloat16(),
+        "f16": torch.randn(130, generator=g).half(), "i8": torch.randint(-127, 127, (9, 8), dtype=torch.int8),
+        "u8": torch.randint(0, 255, (3, 4, 5), dtype=torch.uint8), "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4), "i64": torch.arange(7),
+    }
+    f = tmp_path / "t.safetensors"
+    save_file(tensors, f, metadata={"format": "pt"})
+    with SafetensorsFile(f) as sf, safe_open(f, framework="pt") as ref:
+        assert sorted(sf.keys()) == sorted(ref.keys()) and sf.metadata == {"format": "pt"}
+        for k in tensors:
+            assert torch.equal(sf.read(k), ref.get_tensor(k)), k
+            assert sf.read(k).dtype == tensors[k].dtype
+        # converted on the way in, chunk by chunk
+        assert torch.equal(sf.read("bf16", dtype=torch.float32), tensors["bf16"].float())
+        out = torch.empty(11, 37).t()  # a transposed destination
+        sf.read("f32", out=out)
+        assert torch.equal(out, tensors["f32"])
+        with pytest.raises(ModelLoadError, match="shape"):
+            sf.read("f32", out=torch.empty(37, 12))
+
+
+def _corrupt(tmp_path, mutate):
+    from safetensors.torch import save_file
+
+    f = tmp_path / "bad.safetensors"
+    save_file({"a": torch.ones(4, 4), "b": torch.zeros(8)}, f)
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    data = mutate(data, header, n)
+    f.write_bytes(bytes(data))
+    return f
+
+
+def _with_header(header: dict, data: bytearray, n: int) -> bytearray:
+    h = json.dumps(header).encode()
+    return bytearray(len(h).to_bytes(8, "little")) + h + data[8 + n:]
+
+
+@pytest.mark.parametrize("case", ["truncated", "header_len", "not_json", "overlap", "size_mismatch", "dtype"])
+def test_safetensors_reader_rejects_damage(tmp_path, case):
+    from quantchat.loading.hf_loader import SafetensorsFile
+
+    def mutate(data, header, n):
+        if case == "truncated":
+            return data[:-5]
+        if case == "header_len":
+            return bytearray((10**9).to_bytes(8, "little")) + data[8:]
+        if case == "not_json":
+            return data[:8] + b"{" * n + data[8 + n:]
+        if case == "overlap":
+            header["b"]["data_offsets"] = [0, 32]
+        elif case == "size_mismatch":
+            header["a"]["shape"] = [4, 5]
+        else:
+            header["a"]["dtype"] = "Q4_K"
+        return _with_header(header, data, n)
+
+    f = _corrupt(tmp_path, mutate)
+    with pytest.raises(ModelLoadError, match="bad.safetensors"):
+        with SafetensorsFile(f) as sf:
+            for k in sf.keys():
+                sf.read(k)

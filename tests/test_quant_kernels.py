@@ -52,16 +52,51 @@ def test_int4_asymmetric_exact_codes():
 
 
 def test_int4_asymmetric_recovers_q4_1_grid():
-    """Weights on a Q4_1-style grid (w = d * q + m, m not a multiple of d) come back exactly."""
+    """Weights on a Q4_1 grid (w = d * q + m with float16 d and m, m not a multiple of d, as llama.cpp
+    stores them) come back exactly, through the float16 resident form too."""
     g = torch.Generator().manual_seed(0)
-    d = torch.rand(6, 4, 1, generator=g) * 0.1 + 0.01
-    m = torch.randn(6, 4, 1, generator=g) * 0.3
+    d = (torch.rand(6, 4, 1, generator=g) * 0.1 + 0.01).half().float()
+    m = (torch.randn(6, 4, 1, generator=g) * 0.3).half().float()
     q = torch.randint(0, 16, (6, 4, 32), generator=g)
     q[..., 0], q[..., 1] = 0, 15  # each group spans the full grid
     w = (d * q + m).view(6, 128)
     codes, s, z = rtn.quantize_int4(w, 32, symmetric=False)
     assert torch.equal(codes.view(6, 4, 32).long(), q)
     torch.testing.assert_close(rtn.dequantize_int4(codes, s, z), w, rtol=0, atol=1e-6)
+    s16, m16 = rtn.int4_resident(s, z)
+    assert torch.equal(s16.float(), d.view(6, 4)) and torch.equal(m16.float(), m.view(6, 4))
+    assert torch.equal(rtn.dequantize_int4_resident(codes, s16, m16), w)  # bit-exact: d * q + m in float32
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 6), groups=st.integers(1, 4), gs=st.sampled_from([32, 64, 128]),
+       sym=st.booleans(), integer_zero=st.booleans(), log_scale=st.floats(-12, 8), seed=st.integers(0, 2**16))
+def test_int4_float16_resident_form(n, groups, gs, sym, integer_zero, log_scale, seed):
+    """Scales (and asymmetric mins) are float16 values, so the float16 resident form loses nothing
+    (integer zero points: the min rounds to float16, well under 1/100 of a step)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, groups * gs, generator=g) * 2.0**log_scale + torch.randn(n, 1, generator=g) * 2.0**log_scale
+    q, s, z = rtn.quantize_int4(w, gs, sym, integer_zero=integer_zero)
+    assert s.dtype == z.dtype == torch.float32
+    assert torch.equal(s.half().float(), s) and (s > 0).all()
+    s16, m16 = rtn.int4_resident(s, z)
+    assert s16.dtype == m16.dtype == torch.float16
+    assert torch.equal(s16.float(), s)
+    a = rtn.dequantize_int4(q, s, z)
+    b = rtn.dequantize_int4_resident(q, s16, m16)
+    step = s.repeat_interleave(gs, dim=1)
+    if sym:
+        assert torch.equal(m16.float(), -8 * s)
+    tol = step * (1e-2 if integer_zero and not sym else 1e-5)
+    assert ((a - b).abs() <= tol).all()
+    codes = {"qweight": rtn.pack_int4(q), "scales": s, "zeros": z}
+    assert torch.equal(rtn.dequantize_codes(codes), b)
+    assert torch.equal(rtn.dequantize_codes({"qweight": codes["qweight"], "scales": s16, "mins": m16}), b)
+
+
+def test_int4_scale_out_of_float16_range():
+    with pytest.raises(ValueError, match="float16"):
+        rtn.quantize_int4(torch.tensor([[0.0, 1e6] * 16]), 32, symmetric=True)
 
 
 def test_int8_exact_codes():
@@ -104,3 +139,17 @@ def test_kernel_3d_input_and_memory():
     assert ql.weight_bytes / w.numel() <= 0.6
     q8 = QuantizedLinear.from_float(w, None, bits=8)
     assert q8.weight_bytes / w.numel() <= 1.05
+
+
+def test_resident_int4_is_float16_and_one_layout():
+    """quantchat's kernels: packed codes + float16 scales / mins, nothing else; the reference reads the same."""
+    w = torch.randn(96, 200) * 0.1
+    ql = QuantizedLinear.from_float(w, None, bits=4, group_size=64, symmetric=False)
+    if not ql.own_kernel:
+        pytest.skip("quantchat CPU kernels unavailable")
+    assert {k: (tuple(v.shape), v.dtype) for k, v in ql.state_dict().items()} == {
+        "qweight": ((96, 128), torch.uint8), "scales": ((96, 4), torch.float16), "mins": ((96, 4), torch.float16)}
+    assert ql.codes is None  # the quantizer's float32 dict is not kept
+    assert ql.weight_bytes == 96 * 128 + 2 * 2 * 96 * 4
+    x = torch.randn(3, 200)
+    torch.testing.assert_close(ql(x), ql.reference_forward(x), rtol=1e-5, atol=1e-5)

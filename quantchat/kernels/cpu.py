@@ -4,9 +4,10 @@ torch's own weight-only CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack
 slower than a float32 matmul on AVX2-only CPUs. These kernels read the portable formats of
 ``quantchat.quant.rtn`` as stored (no repacking):
 
-* ``int4_linear(x, packed, scales, zeros, group_size, in_features)``: packed uint8 [N, Kp/2] (byte j
-  holds column 2j in its low nibble, 2j+1 in its high nibble), scales float32 [N, G], zeros float32
-  [N, G]; w = (code - zero) * scale per group. x has ``in_features`` columns (no padding needed).
+* ``int4_linear(x, packed, scales, mins, group_size, in_features)``: packed uint8 [N, Kp/2] (byte j
+  holds column 2j in its low nibble, 2j+1 in its high nibble), scales float16 [N, G], mins float16
+  [N, G]; w = code * scale + min per group (``rtn.int4_resident`` makes scales / mins from zero
+  points; read with F16C). x has ``in_features`` columns (no padding needed).
 * ``int8_linear(x, qweight, scales)``: qweight int8 [N, K], scales float32 [N]; w = q * scale.
 
 Small M (decode, M <= 8; int8: 12) runs a float32 GEMV straight from the packed codes (AVX2 unpack + FMA,
@@ -278,10 +279,11 @@ def _restore(y: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 
 def int4_linear(
-    x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int, in_features: int,
+    x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor, group_size: int, in_features: int,
     path: int = PATH_AUTO,
 ) -> Tensor:
-    """``x @ dequantize_int4(packed, scales, zeros).T`` for x [..., in_features]; output [..., N].
+    """``x @ W.T`` with ``W = rtn.dequantize_int4_resident(unpack(packed), scales, mins)``, for x
+    [..., in_features]; output [..., N]. scales and mins: float16 [N, G] (``rtn.int4_resident``).
 
     x of another float dtype (bfloat16) is computed in float32 and returned in its dtype.
     ``path``: ``PATH_AUTO`` (default), or see the PATH_* constants (int16-activation GEMV: opt-in).
@@ -290,10 +292,11 @@ def int4_linear(
     if op is None:
         load()
         op = _int4_op
+    if scales.dtype != torch.float16 or mins.dtype != torch.float16:
+        raise TypeError(f"int4_linear takes float16 scales and mins (got {scales.dtype}, {mins.dtype}); "
+                        "make them from scales and zero points with quantchat.quant.rtn.int4_resident")
     x2, shape, dtype = _as_float_2d(x, in_features)
-    if zeros.dtype != torch.float32:  # integer zero points (e.g. uint8 from GPTQ) are fine too
-        zeros = zeros.float().contiguous()
-    y = op(x2, packed, scales, zeros, group_size, in_features, path)
+    y = op(x2, packed, scales, mins, group_size, in_features, path)
     return _restore(y, shape, dtype)
 
 

@@ -2,19 +2,22 @@
 //
 // Built at first use by quantchat/kernels/cpu.py (g++ -O3 -mavx2 -mfma -mf16c -fopenmp) and
 // registered as torch ops:
-//   torch.ops.quantchat.int4_linear(x, packed, scales, zeros, group_size, in_features, path=0)
+//   torch.ops.quantchat.int4_linear(x, packed, scales, mins, group_size, in_features, path=0)
 //   torch.ops.quantchat.int8_linear(x, qweight, scales, path=0)
 // path: 0 = auto (float GEMV for M <= 8 (int8: 12), dequantized tiles + sgemm above), 1 = float GEMV,
 // 2 = tiles, int4 only: 3 = GEMV with int16 activations, 4 = auto with the int16 GEMV for M <= 12.
 //
 // int4 format (quantchat.quant.rtn, stored as is): packed uint8 [N, Kp/2], byte j of a row holds
-// column 2j in its low nibble and 2j+1 in its high nibble; scales float32 [N, G]; zeros float32 [N, G];
-// w[n, k] = (code - zero[n, g]) * scale[n, g] with g = k / group_size; Kp = G * group_size >= K.
+// column 2j in its low nibble and 2j+1 in its high nibble; scales float16 [N, G]; mins float16 [N, G];
+// w[n, k] = code * scale[n, g] + min[n, g] with g = k / group_size; Kp = G * group_size >= K
+// (min = -zero * scale, llama.cpp Q4_1's m). The float16 values are widened with F16C (vcvtph2ps):
+// the GEMV converts the scales / mins of each 4-row block once into a per-thread float buffer, the
+// tiled path one group at a time.
 //
 // GEMV (decode): per call, x is copied once into a "nibble order" buffer xp [M, Kp] (per block of
 // 16 columns: the 8 even columns, then the 8 odd ones; zeros past in_features), so that one
 // vpmovzxbd of 8 packed bytes gives 16 codes: (v & 15) are the even columns, (v >> 4) the odd ones.
-// y[m, n] = sum_g s[n,g] * (sum_{k in g} q[n,k] xp[m,k]) - sum_g s[n,g] z[n,g] Sx[m,g], with the
+// y[m, n] = sum_g s[n,g] * (sum_{k in g} q[n,k] xp[m,k]) + sum_g min[n,g] Sx[m,g], with the
 // per-group sums Sx computed once per call. Accumulation is float32 (no activation quantization).
 //
 // Tiles (prefill): each thread dequantizes T rows of the weight into a float32 buffer [T, Kp] (a
@@ -112,11 +115,27 @@ int64_t tile_rows(int64_t row_floats) {
 // int4
 // ================================================================================================
 struct Int4 {
-  const uint8_t* w;  // [N, Kp/2]
-  const float* s;    // [N, G]
-  const float* z;  // [N, G] (fractional zero points allowed)
+  const uint8_t* w;    // [N, Kp/2]
+  const uint16_t* s;   // [N, G] float16 scales
+  const uint16_t* mn;  // [N, G] float16 mins (w = code * scale + min)
   int64_t N, K, Kp, G, gs;
 };
+
+// float16 src[0, n) -> float32 dst (F16C). src may be read up to ``avail`` elements (>= n): whole
+// vectors of 8 as long as they stay within it (dst needs room for n rounded up to 8), then scalars.
+inline void half_to_float(const uint16_t* src, float* dst, int64_t n, int64_t avail) {
+  int64_t i = 0;
+  for (; i < n && i + 8 <= avail; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+// scales and mins of rows [n, n + rows) as float32: sf / mf [rows, G] (each with 8 floats of slack)
+inline void rows_to_float(const Int4& q, int64_t n, int64_t rows, float* sf, float* mf) {
+  const int64_t avail = (q.N - n) * q.G;
+  half_to_float(q.s + n * q.G, sf, rows * q.G, avail);
+  half_to_float(q.mn + n * q.G, mf, rows * q.G, avail);
+}
 
 // x [M, K] (row stride ldx) -> xp [M, Kp] in nibble order (zero padded), sx [M, G] group sums
 void prep_x_int4(const Int4& q, const float* x, int64_t ldx, int64_t M, float* xp, float* sx) {
@@ -154,26 +173,26 @@ void prep_x_int4(const Int4& q, const float* x, int64_t ldx, int64_t M, float* x
   }
 }
 
-// sum_g s[g] * z[g] * sx[g]
-inline float zero_term(const float* s, const float* z, const float* sx, int64_t G) {
+// sum_g mn[g] * sx[g]
+inline float min_term(const float* mn, const float* sx, int64_t G) {
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
-  for (; g + 8 <= G; g += 8) {
-    __m256 zf = _mm256_loadu_ps(z + g);
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zf), _mm256_loadu_ps(sx + g), acc);
-  }
+  for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mn + g), _mm256_loadu_ps(sx + g), acc);
   float r = hsum(acc);
-  for (; g < G; ++g) r += s[g] * z[g] * sx[g];
+  for (; g < G; ++g) r += mn[g] * sx[g];
   return r;
 }
 
-// R weight rows (n0..n0+R) x MB activation rows (m0..m0+MB). NB = group_size / 16 (0: runtime).
+// R weight rows (n0..n0+R) x MB activation rows (m0..m0+MB), their float scales / mins in sr / mr
+// ([R, G]). NB = group_size / 16 (0: runtime).
 // ACC2: even and odd columns accumulate separately (two independent FMA chains per output; where
 // registers allow).
 // pf: prefetch the rows 4 further on, at the pace these are read (weights stream from DRAM at decode).
+// noinline: inlined into int4_gemv_rows it ran ~8% slower (register allocation in the larger function).
 template <int R, int MB, int NB, bool ACC2>
-void int4_gemv_kernel(const Int4& q, const float* xp, const float* sx, float* y, int64_t ldy, int64_t n0,
-                      int64_t m0, bool pf) {
+__attribute__((noinline)) void int4_gemv_kernel(const Int4& q, const float* xp, const float* sx, const float* sr,
+                                                const float* mr, float* y, int64_t ldy, int64_t n0, int64_t m0,
+                                                bool pf) {
   const int64_t nb = NB > 0 ? NB : q.gs / 16;
   const int64_t ldw = q.Kp / 2, G = q.G, Kp = q.Kp, gbytes = q.gs / 2;
   const __m256i mask = _mm256_set1_epi32(15);
@@ -184,7 +203,6 @@ void int4_gemv_kernel(const Int4& q, const float* xp, const float* sx, float* y,
     for (int m = 0; m < MB; ++m) tot[r][m] = _mm256_setzero_ps();
   const uint8_t* wr = q.w + n0 * ldw;
   const uint8_t* pfp = wr + 4 * ldw;
-  const float* sr = q.s + n0 * G;
   const float* xb = xp + m0 * Kp;
   for (int64_t g = 0; g < G; ++g) {
     if (pf) {
@@ -224,36 +242,42 @@ void int4_gemv_kernel(const Int4& q, const float* xp, const float* sx, float* y,
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m)
-      y[(m0 + m) * ldy + n0 + r] =
-          hsum(tot[r][m]) - zero_term(sr + r * G, q.z + (n0 + r) * G, sx + (m0 + m) * G, G);
+      y[(m0 + m) * ldy + n0 + r] = hsum(tot[r][m]) + min_term(mr + r * G, sx + (m0 + m) * G, G);
 }
 
 template <int NB>
 void int4_gemv_rows(const Int4& q, const float* xp, const float* sx, int64_t M, float* y, int64_t ldy,
                     int64_t nb, int64_t ne) {
+  const int64_t G = q.G;
+  std::vector<float> buf(static_cast<size_t>(8 * G + 16));  // float scales and mins of a 4-row block
+  float* const sf = buf.data();
+  float* const mf = sf + 4 * G + 8;
   for (int64_t n = nb; n < ne; n += 4) {
     const int64_t rows = std::min<int64_t>(4, ne - n);
+    rows_to_float(q, n, rows, sf, mf);
     for (int64_t m0 = 0; m0 < M;) {
       const int64_t mb = std::min<int64_t>(4, M - m0);
       // prefetch the next rows during the first pass over these (later passes hit the cache)
+      const bool pf = m0 == 0;
       if (mb == 1) {
         if (rows == 4) {
-          int4_gemv_kernel<4, 1, NB, true>(q, xp, sx, y, ldy, n, m0, m0 == 0);
+          int4_gemv_kernel<4, 1, NB, true>(q, xp, sx, sf, mf, y, ldy, n, m0, pf);
         } else {
           for (int64_t r = 0; r < rows; ++r)
-            int4_gemv_kernel<1, 1, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+            int4_gemv_kernel<1, 1, NB, true>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
         }
       } else if (mb == 2) {
         int64_t r = 0;
         for (; r + 2 <= rows; r += 2)
-          int4_gemv_kernel<2, 2, NB, false>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
-        for (; r < rows; ++r) int4_gemv_kernel<1, 2, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+          int4_gemv_kernel<2, 2, NB, false>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
+        for (; r < rows; ++r)
+          int4_gemv_kernel<1, 2, NB, true>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
       } else if (mb == 3) {
         for (int64_t r = 0; r < rows; ++r)
-          int4_gemv_kernel<1, 3, NB, true>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+          int4_gemv_kernel<1, 3, NB, true>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
       } else {
         for (int64_t r = 0; r < rows; ++r)
-          int4_gemv_kernel<1, 4, NB, false>(q, xp, sx, y, ldy, n + r, m0, m0 == 0);
+          int4_gemv_kernel<1, 4, NB, false>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
       }
       m0 += mb;
     }
@@ -264,7 +288,7 @@ void int4_gemv(const Int4& q, const float* x, int64_t ldx, int64_t M, float* y) 
   // the nibble-order copy of x and its group sums (small: M <= ~8 rows)
   std::vector<float> xp(static_cast<size_t>(M * q.Kp)), sx(static_cast<size_t>(M * q.G));
   prep_x_int4(q, x, ldx, M, xp.data(), sx.data());
-  const int64_t bytes_per_row = q.Kp / 2 + q.G * 5;
+  const int64_t bytes_per_row = q.Kp / 2 + q.G * 4;
   const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / bytes_per_row);  // >= 32 KiB per thread
   const float* xpp = xp.data();
   const float* sxp = sx.data();
@@ -282,7 +306,8 @@ void int4_gemv(const Int4& q, const float* x, int64_t ldx, int64_t M, float* y) 
 // int4 GEMV with int16 activations (opt-in): x is rounded per call to int16 per weight group,
 // x ~= dx[m, g] * xq (dx = absmax / 32767, error <= absmax / 65534 per element: about 1e-5 of the
 // output, far below bfloat16 rounding), and the products are exact integer sums (vpmaddwd):
-// y = sum_g s[n,g] dx[m,g] (sum_k q xq - z[n,g] sum_k xq). Half the instructions of the float GEMV.
+// y = sum_g s[n,g] dx[m,g] sum_k q xq + sum_g min[n,g] dx[m,g] sum_k xq. Half the instructions of the
+// float GEMV.
 // Needs group_size % 32 == 0 (xq per 32 columns: the 16 even, then the 16 odd ones).
 // ------------------------------------------------------------------------------------------------
 void prep_x_i16(const Int4& q, const float* x, int64_t ldx, int64_t M, int16_t* xq, float* dx, float* sx) {
@@ -314,8 +339,9 @@ void prep_x_i16(const Int4& q, const float* x, int64_t ldx, int64_t M, int16_t* 
 }
 
 template <int R, int MB>
-void int4_gemv_i16_kernel(const Int4& q, const int16_t* xq, const float* dx, const float* sx, float* y,
-                          int64_t ldy, int64_t n0, int64_t m0, bool pf) {
+__attribute__((noinline)) void int4_gemv_i16_kernel(const Int4& q, const int16_t* xq, const float* dx,
+                                                    const float* sx, const float* sr, const float* mr, float* y,
+                                                    int64_t ldy, int64_t n0, int64_t m0, bool pf) {
   const int64_t nc = q.gs / 32;
   const int64_t ldw = q.Kp / 2, G = q.G, Kp = q.Kp, gbytes = q.gs / 2;
   const __m256i mask = _mm256_set1_epi16(15);
@@ -326,7 +352,6 @@ void int4_gemv_i16_kernel(const Int4& q, const int16_t* xq, const float* dx, con
     for (int m = 0; m < MB; ++m) tot[r][m] = _mm256_setzero_ps();
   const uint8_t* wr = q.w + n0 * ldw;
   const uint8_t* pfp = wr + 4 * ldw;
-  const float* sr = q.s + n0 * G;
   const int16_t* xb = xq + m0 * Kp;
   for (int64_t g = 0; g < G; ++g) {
     if (pf) {
@@ -368,37 +393,43 @@ void int4_gemv_i16_kernel(const Int4& q, const int16_t* xq, const float* dx, con
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m)
-      y[(m0 + m) * ldy + n0 + r] =
-          hsum(tot[r][m]) - zero_term(sr + r * G, q.z + (n0 + r) * G, sx + (m0 + m) * G, G);
+      y[(m0 + m) * ldy + n0 + r] = hsum(tot[r][m]) + min_term(mr + r * G, sx + (m0 + m) * G, G);
 }
 
 void int4_gemv_i16(const Int4& q, const float* x, int64_t ldx, int64_t M, float* y) {
   std::vector<int16_t> xq(static_cast<size_t>(M * q.Kp));
   std::vector<float> dx(static_cast<size_t>(M * q.G)), sx(static_cast<size_t>(M * q.G));
   prep_x_i16(q, x, ldx, M, xq.data(), dx.data(), sx.data());
-  const int64_t bytes_per_row = q.Kp / 2 + q.G * 5;
+  const int64_t bytes_per_row = q.Kp / 2 + q.G * 4;
   const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / bytes_per_row);
   const int16_t* xqp = xq.data();
   const float* dxp = dx.data();
   const float* sxp = sx.data();
   at::parallel_for(0, q.N, grain, [&](int64_t nb, int64_t ne) {
+    const int64_t G = q.G;
+    std::vector<float> buf(static_cast<size_t>(8 * G + 16));  // float scales and mins of a 4-row block
+    float* const sf = buf.data();
+    float* const mf = sf + 4 * G + 8;
     for (int64_t n = nb; n < ne; n += 4) {
       const int64_t rows = std::min<int64_t>(4, ne - n);
+      rows_to_float(q, n, rows, sf, mf);
       for (int64_t m0 = 0; m0 < M;) {
         const int64_t mb = std::min<int64_t>(4, M - m0);
         const bool pf = m0 == 0;
         if (mb == 1 && rows == 4) {
-          int4_gemv_i16_kernel<4, 1>(q, xqp, dxp, sxp, y, q.N, n, m0, pf);
+          int4_gemv_i16_kernel<4, 1>(q, xqp, dxp, sxp, sf, mf, y, q.N, n, m0, pf);
         } else if (mb == 2 && rows == 4) {
-          int4_gemv_i16_kernel<2, 2>(q, xqp, dxp, sxp, y, q.N, n, m0, pf);
-          int4_gemv_i16_kernel<2, 2>(q, xqp, dxp, sxp, y, q.N, n + 2, m0, pf);
+          int4_gemv_i16_kernel<2, 2>(q, xqp, dxp, sxp, sf, mf, y, q.N, n, m0, pf);
+          int4_gemv_i16_kernel<2, 2>(q, xqp, dxp, sxp, sf + 2 * G, mf + 2 * G, y, q.N, n + 2, m0, pf);
         } else {
           for (int64_t r = 0; r < rows; ++r) {
+            const float* s1 = sf + r * G;
+            const float* m1 = mf + r * G;
             switch (mb) {
-              case 1: int4_gemv_i16_kernel<1, 1>(q, xqp, dxp, sxp, y, q.N, n + r, m0, pf); break;
-              case 2: int4_gemv_i16_kernel<1, 2>(q, xqp, dxp, sxp, y, q.N, n + r, m0, pf); break;
-              case 3: int4_gemv_i16_kernel<1, 3>(q, xqp, dxp, sxp, y, q.N, n + r, m0, pf); break;
-              default: int4_gemv_i16_kernel<1, 4>(q, xqp, dxp, sxp, y, q.N, n + r, m0, pf); break;
+              case 1: int4_gemv_i16_kernel<1, 1>(q, xqp, dxp, sxp, s1, m1, y, q.N, n + r, m0, pf); break;
+              case 2: int4_gemv_i16_kernel<1, 2>(q, xqp, dxp, sxp, s1, m1, y, q.N, n + r, m0, pf); break;
+              case 3: int4_gemv_i16_kernel<1, 3>(q, xqp, dxp, sxp, s1, m1, y, q.N, n + r, m0, pf); break;
+              default: int4_gemv_i16_kernel<1, 4>(q, xqp, dxp, sxp, s1, m1, y, q.N, n + r, m0, pf); break;
             }
           }
         }
@@ -408,7 +439,7 @@ void int4_gemv_i16(const Int4& q, const float* x, int64_t ldx, int64_t M, float*
   });
 }
 
-// dequantize rows [n0, n0+T) into out [T, Kp] (the padding columns come out as (code - z) * s = 0)
+// dequantize rows [n0, n0+T) into out [T, Kp] (the padding columns come out as code * s + min = 0)
 void int4_dequant_rows(const Int4& q, int64_t n0, int64_t T, float* out) {
   const int64_t ldw = q.Kp / 2, G = q.G, gs = q.gs;
   const __m128i m4 = _mm_set1_epi8(0x0F);
@@ -417,10 +448,10 @@ void int4_dequant_rows(const Int4& q, int64_t n0, int64_t T, float* out) {
     const uint8_t* wr = q.w + n * ldw;
     float* o = out + t * q.Kp;
     for (int64_t g = 0; g < G; ++g) {
-      const float s = q.s[n * G + g];
-      const float z = q.z[n * G + g];
+      const float s = _cvtsh_ss(q.s[n * G + g]);
+      const float mn = _cvtsh_ss(q.mn[n * G + g]);
       const __m256 sv = _mm256_set1_ps(s);
-      const __m256 zv = _mm256_set1_ps(z);
+      const __m256 mv = _mm256_set1_ps(mn);
       const int64_t k0 = g * gs;
       int64_t k = k0;
       for (; k + 16 <= k0 + gs; k += 16) {
@@ -428,14 +459,14 @@ void int4_dequant_rows(const Int4& q, int64_t n0, int64_t T, float* out) {
         const __m128i lo = _mm_and_si128(p, m4);
         const __m128i hi = _mm_and_si128(_mm_srli_epi16(p, 4), m4);
         const __m128i il = _mm_unpacklo_epi8(lo, hi);  // 16 codes in column order
-        const __m256 c0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(il)), zv);
-        const __m256 c1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(il, 8))), zv);
-        _mm256_storeu_ps(o + k, _mm256_mul_ps(c0, sv));
-        _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(c1, sv));
+        const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(il));
+        const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(il, 8)));
+        _mm256_storeu_ps(o + k, _mm256_fmadd_ps(c0, sv, mv));
+        _mm256_storeu_ps(o + k + 8, _mm256_fmadd_ps(c1, sv, mv));
       }
       for (; k < k0 + gs; ++k) {
         const int32_t c = (wr[k / 2] >> ((k & 1) * 4)) & 15;
-        o[k] = (static_cast<float>(c) - z) * s;
+        o[k] = std::fma(static_cast<float>(c), s, mn);
       }
     }
   }
@@ -462,15 +493,15 @@ at::Tensor as_float_rows(const at::Tensor& x) {
 }
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& zeros, int64_t group_size, int64_t in_features, int64_t path) {
+                       const at::Tensor& mins, int64_t group_size, int64_t in_features, int64_t path) {
   TORCH_CHECK(x_in.dim() == 2, "int4_linear: x must be 2-D [M, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int4_linear: x must be float32");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
               "int4_linear: packed must be a contiguous uint8 [N, Kp/2]");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.is_contiguous(),
-              "int4_linear: scales must be a contiguous float32 [N, G]");
-  TORCH_CHECK(zeros.scalar_type() == at::kFloat && zeros.sizes() == scales.sizes() && zeros.is_contiguous(),
-              "int4_linear: zeros must be a contiguous float32 [N, G]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous(),
+              "int4_linear: scales must be a contiguous float16 [N, G]");
+  TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.sizes() == scales.sizes() && mins.is_contiguous(),
+              "int4_linear: mins must be a contiguous float16 [N, G]");
   TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu(), "int4_linear: CPU tensors only");
   const int64_t N = packed.size(0), Kp = packed.size(1) * 2, G = scales.size(1);
   TORCH_CHECK(scales.size(0) == N, "int4_linear: scales rows != packed rows");
@@ -484,8 +515,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   const int64_t M = x.size(0);
   at::Tensor y = x.new_empty({M, N});
   if (M == 0 || N == 0) return y;
-  Int4 q{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), N, in_features, Kp, G,
-         group_size};
+  Int4 q{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+         reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()), N, in_features, Kp, G, group_size};
   // the float GEMV reads 16 codes at a time, the int16 one 32: other group sizes take the tiled path
   const bool small = M <= kMaxGemvM, small_i16 = M <= kMaxGemvI16M;
   const bool f_ok = group_size % 16 == 0, i_ok = group_size % 32 == 0;
@@ -638,7 +669,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
 
 // shape functions for tracing (torch.compile / meta tensors)
 at::Tensor int4_linear_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                            const at::Tensor& zeros, int64_t group_size, int64_t in_features, int64_t path) {
+                            const at::Tensor& mins, int64_t group_size, int64_t in_features, int64_t path) {
   return x.new_empty({x.size(0), packed.size(0)});
 }
 
@@ -659,7 +690,7 @@ int64_t has_blas() { return sgemm_ != nullptr ? 1 : 0; }
 #define QC_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
 QC_LIBRARY(QC_NS, m) {
-  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, int in_features, "
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int group_size, int in_features, "
         "int path=0) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, int path=0) -> Tensor");
   m.def("kernels_info() -> int");

@@ -5,11 +5,18 @@ A folder holds:
 * ``quantchat_quant.json``: method, bits, group size, symmetry, packing layout, format version, and
   for each quantized module its shape and format;
 * ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``: for each quantized module
-  ``NAME.qweight`` / ``NAME.scales`` / ``NAME.zeros`` (int4) and float tensors (norms, biases);
+  ``NAME.qweight`` and ``NAME.scales`` (int8: float32 [out]), int4 also ``NAME.mins``, and float
+  tensors (norms, biases);
 * ``manifest.json``: sha256 and size of every other file, checked at load.
 
-Loading reads one tensor at a time from memory-mapped shards into modules built on the meta
-device, so the peak stays near the final resident size.
+Format versions: 2 (written now) stores int4 ``scales`` and ``mins`` in float16 (``w = code * scale +
+min``), exactly what the kernels keep resident (``rtn.int4_resident``); version 1 stored float32
+``scales`` and ``zeros`` (``w = (code - zero) * scale``) and still loads (converted to float16 per module).
+Version 2 files are ~4 % smaller and lose nothing: the quantizers pick float16 scales and mins.
+
+Loading builds the model on the meta device and reads each tensor with plain reads
+(``hf_loader.SafetensorsFile``, no mmap) straight into the buffer the module keeps, shard by shard;
+nothing is dequantized and no float copy is made, so the peak RSS is the final size plus a few MiB.
 """
 
 from __future__ import annotations
@@ -23,19 +30,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from quantchat.errors import ModelLoadError
+from quantchat.loading.hf_loader import SafetensorsFile, meta_model
 from quantchat.model.config import ModelConfig
 from quantchat.model.llama import Transformer
+from quantchat.quant import rtn
 from quantchat.quant.embedding import QuantizedEmbedding
 from quantchat.quant.linear import QuantizedLinear
 from quantchat.quant.quantize import METHODS, QuantSpec, set_module
 
 FORMAT = "quantchat-quant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 QUANT_FILE = "quantchat_quant.json"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,9 +51,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "tokenizer.model")
 PACKING = {
     "int4": "uint8 [out, in_padded/2]: byte j = column 2j (low nibble) | column 2j+1 (high nibble); "
-            "w = (code - zero) * scale per group; in_padded = in rounded up to the group size (zero padding)",
-    "int8": "int8 [out, in], w = code * scale[out]",
+            "w = code * scale + min per group, scales and mins float16 [out, in_padded/group_size]; "
+            "in_padded = in rounded up to the group size (zero padding)",
+    "int8": "int8 [out, in], w = code * scale[out] (scales float32)",
 }
+INT4_KEYS = {1: ("qweight", "scales", "zeros"), 2: ("qweight", "scales", "mins")}
+
+
+def stored_codes(codes: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A module's codes as format 2 stores them: int4 scales / mins float16 (from zero points if need be)."""
+    if "zeros" in codes:
+        scales, mins = rtn.int4_resident(codes["scales"], codes["zeros"])
+        return {"qweight": codes["qweight"], "scales": scales, "mins": mins}
+    return codes
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -73,7 +91,7 @@ def save_quantized(
         tensors: dict[str, Tensor] = {}
         modules: dict[str, dict] = {}
         for name, c in codes.items():
-            for k, v in c.items():
+            for k, v in stored_codes(c).items():
                 tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
             mod = model.get_submodule(name)
             if isinstance(mod, QuantizedLinear):
@@ -182,56 +200,67 @@ def load_quantized(
         weight_map = json.loads((model_dir / INDEX_FILE).read_text())["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{model_dir / INDEX_FILE}: cannot read the shard index ({e})") from None
-    with torch.device("meta"):
-        model = Transformer(config)
-    handles: dict[str, object] = {}
+    version = int(q.get("version", 1))
+    model = meta_model(config)
+    files: dict[str, SafetensorsFile] = {}
 
-    def tensor(name: str) -> Tensor:
+    def tensor(name: str, dtype: torch.dtype | None = None, dev: torch.device | str = "cpu") -> Tensor:
+        """``name`` read from its shard into a new tensor (plain reads: no mapping stays behind)."""
         fname = weight_map.get(name)
         if fname is None:
             raise ModelLoadError(f"{model_dir}: tensor {name} missing from {INDEX_FILE} (config/weights mismatch)")
-        try:
-            if fname not in handles:
-                handles[fname] = safe_open(model_dir / fname, framework="pt", device="cpu")
-            return handles[fname].get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"{model_dir / fname}: cannot read {name} ({e})") from None
+        if fname not in files:
+            files[fname] = SafetensorsFile(model_dir / fname)
+        sf = files[fname]
+        if name not in sf:
+            raise ModelLoadError(f"{model_dir / fname}: cannot read {name} (not in the file)")
+        return sf.read(name, dtype=dtype, device=dev)
+
+    def codes_of(name: str, m: dict) -> dict[str, Tensor]:
+        if m["bits"] == 8:
+            return {"qweight": tensor(f"{name}.qweight"), "scales": tensor(f"{name}.scales")}
+        c = {k: tensor(f"{name}.{k}") for k in INT4_KEYS[min(version, 2)]}
+        return stored_codes(c)  # format 1: float32 scales / zeros -> float16 scales / mins
 
     tied = bool(q.get("tied_embedding"))
-    for name, m in q["modules"].items():
-        if m.get("embedding"):
-            continue
-        try:
-            target = model.get_submodule(name)
-            want = (target.out_features, target.in_features)
-        except AttributeError:
-            want = None
-        if want is None or want != (m["out_features"], m["in_features"]):
-            raise ModelLoadError(f"{model_dir / QUANT_FILE}: module {name} {m['out_features']}x{m['in_features']} "
-                                 f"does not match config.json ({want}): config/weights mismatch")
-        keys = ("qweight", "scales") if m["bits"] == 8 else ("qweight", "scales", "zeros")
-        codes = {k: tensor(f"{name}.{k}") for k in keys}
-        bias = tensor(f"{name}.bias") if m.get("bias") else None
-        try:
-            ql = QuantizedLinear.from_codes(codes, m["in_features"], m["out_features"], m["bits"], m["group_size"],
-                                            m["symmetric"], bias, device, dtype, keep_codes)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"{model_dir}: module {name} has malformed codes ({e})") from None
-        set_module(model, name, ql)
-    if not isinstance(model.output, QuantizedLinear):
-        raise ModelLoadError(f"{model_dir / QUANT_FILE}: no quantized LM head ('output')")
-    if tied:
-        model.tok_embeddings = QuantizedEmbedding(model.output.weight_int8, model.output.scales, dtype)
-    elif "tok_embeddings" in q["modules"]:
-        model.tok_embeddings = QuantizedEmbedding(tensor("tok_embeddings.qweight").to(device),
-                                                  tensor("tok_embeddings.scales").to(device), dtype)
-    state = {}
-    for name, p in model.named_parameters():
-        if p.device.type == "meta":
-            state[name] = tensor(name).to(device=device, dtype=dtype)
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise ModelLoadError(f"{model_dir}: {name} has shape {tuple(state[name].shape)}, config.json "
-                                     f"implies {tuple(p.shape)}: config/weights mismatch")
+    try:
+        for name, m in q["modules"].items():
+            if m.get("embedding"):
+                continue
+            try:
+                target = model.get_submodule(name)
+                want = (target.out_features, target.in_features)
+            except AttributeError:
+                want = None
+            if want is None or want != (m["out_features"], m["in_features"]):
+                raise ModelLoadError(f"{model_dir / QUANT_FILE}: module {name} {m['out_features']}x{m['in_features']} "
+                                     f"does not match config.json ({want}): config/weights mismatch")
+            codes = codes_of(name, m)
+            bias = tensor(f"{name}.bias") if m.get("bias") else None
+            try:
+                ql = QuantizedLinear.from_codes(codes, m["in_features"], m["out_features"], m["bits"],
+                                                m["group_size"], m["symmetric"], bias, device, dtype, keep_codes)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ModelLoadError(f"{model_dir}: module {name} has malformed codes ({e})") from None
+            del codes, bias
+            set_module(model, name, ql)
+        if not isinstance(model.output, QuantizedLinear):
+            raise ModelLoadError(f"{model_dir / QUANT_FILE}: no quantized LM head ('output')")
+        if tied:
+            model.tok_embeddings = QuantizedEmbedding(model.output.weight_int8, model.output.scales, dtype)
+        elif "tok_embeddings" in q["modules"]:
+            model.tok_embeddings = QuantizedEmbedding(tensor("tok_embeddings.qweight", dev=device),
+                                                      tensor("tok_embeddings.scales", dev=device), dtype)
+        state = {}
+        for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                state[name] = tensor(name, dtype=dtype, dev=device)
+                if tuple(state[name].shape) != tuple(p.shape):
+                    raise ModelLoadError(f"{model_dir}: {name} has shape {tuple(state[name].shape)}, config.json "
+                                         f"implies {tuple(p.shape)}: config/weights mismatch")
+    finally:
+        for sf in files.values():
+            sf.close()
     model.load_state_dict(state, strict=False, assign=True)
     model.rope_cos = torch.empty(0, device=device)
     model.rope_sin = torch.empty(0, device=device)

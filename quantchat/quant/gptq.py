@@ -136,9 +136,41 @@ def _round_column(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) 
     return (c - zero) * scale, c
 
 
+CLIP_GRID = torch.linspace(1.0, 0.7, 16).tolist()  # shrink factors tried by the group clipping search
+
+
+def group_params(wg: Tensor, symmetric: bool, hdiag: Tensor | None, clip_search: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero point [N] for one group of weights wg [N, gs] (integer zero points).
+
+    With ``clip_search`` the group's range is shrunk by each factor of ``CLIP_GRID`` and, per row, the one
+    with the least rounding error weighted by the Hessian diagonal ``hdiag`` [gs] (the inputs' mean
+    square: errors on busy inputs cost more) is kept — the "mse" option of the GPTQ reference quantizer,
+    made activation-aware as llama.cpp's importance-matrix quantization."""
+    gs = wg.shape[1]
+    if not clip_search:
+        _, s, z = rtn.quantize_int4(wg, gs, symmetric, integer_zero=True)
+        return s[:, 0], z[:, 0].float()
+    weight = hdiag if hdiag is not None else torch.ones(gs, device=wg.device)
+    amax = wg.abs().amax(dim=1, keepdim=True)
+    best_err = best_s = best_z = None
+    for p in CLIP_GRID:
+        clip = amax * p if symmetric else torch.full_like(amax, p)
+        q, s, z = rtn.quantize_int4(wg, gs, symmetric, clip=clip, integer_zero=True)
+        deq = (q.float() - z) * s
+        err = ((deq - wg) ** 2 * weight).sum(dim=1)
+        if best_err is None:
+            best_err, best_s, best_z = err, s[:, 0].clone(), z[:, 0].float().clone()
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s[:, 0], best_s)
+            best_z = torch.where(better, z[:, 0].float(), best_z)
+    return best_s, best_z
+
+
 def gptq_quantize(
     w: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True, damp: float = 0.01,
-    block_size: int = 128, act_order: bool = False,
+    block_size: int = 128, act_order: bool = False, clip_search: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ int4 of w [N, K] with Hessian H [K, K]: (codes uint8 [N, Kp], scales f32 [N, G], zeros f32 [N, G]),
     exactly ``rtn.quantize_int4``'s format (for int8 see ``gptq_quantize_int8``)."""
@@ -150,14 +182,19 @@ def gptq_quantize(
     W, Hp, perm = _prepare(w, H, Kp, act_order)
     Hinv = _inverse_cholesky(Hp, damp)
     qmin = 1 if symmetric else 0  # symmetric: code - 8 in [-7, 7]
+    hdiag = Hp.diagonal().float()
     scales = torch.zeros(N, Kp // gs, device=W.device)
     zeros = torch.zeros(N, Kp // gs, device=W.device)
 
     if act_order:  # static groups from the original (dead-zeroed) weights, looked up per permuted column
         Worig = torch.empty_like(W)
         Worig[:, perm] = W
-        _, s, z = rtn.quantize_int4(Worig, gs, symmetric, integer_zero=True)
-        scales, zeros = s, z.float()
+        hd_orig = torch.empty_like(hdiag)
+        hd_orig[perm] = hdiag
+        for g in range(Kp // gs):
+            cols = slice(g * gs, (g + 1) * gs)
+            scales[:, g], zeros[:, g] = group_params(Worig[:, cols], symmetric, hd_orig[cols], clip_search)
+        s = scales
         col_s = s.repeat_interleave(gs, dim=1)[:, perm]
         col_z = zeros.repeat_interleave(gs, dim=1)[:, perm]
 
@@ -169,9 +206,9 @@ def gptq_quantize(
 
         def quant(j: int, W1: Tensor, i: int) -> tuple[Tensor, Tensor]:
             if j % gs == 0:  # group params from the current (error-updated) weights of the group
-                _, s, z = rtn.quantize_int4(W1[:, i:i + gs], gs, symmetric, integer_zero=True)
-                scales[:, j // gs], zeros[:, j // gs] = s[:, 0], z[:, 0].float()
-                cur[:] = [s[:, 0], z[:, 0].float()]
+                s, z = group_params(W1[:, i:i + gs], symmetric, hdiag[j:j + gs], clip_search)
+                scales[:, j // gs], zeros[:, j // gs] = s, z
+                cur[:] = [s, z]
             return _round_column(W1[:, i], cur[0], cur[1], qmin, 15)
 
     codes = _gptq_columns(W, Hinv, block_size, quant)
@@ -213,8 +250,8 @@ def _quantize_linear(
         codes = {"qweight": q.cpu(), "scales": s.cpu()}
     else:
         q, s, z = gptq_quantize(lin.weight, H, 4, group_size, symmetric, damp, block_size, act_order)
-        deq = rtn.dequantize_int4(q, s, z, K)
         codes = {"qweight": rtn.pack_int4(q).cpu(), "scales": s.cpu(), "zeros": z.cpu()}
+        deq = rtn.dequantize_codes(codes, K)  # exactly what the kernels use (float16 scales and mins)
     lin.weight.data.copy_(deq.to(lin.weight.dtype))
     return codes
 

@@ -3,17 +3,23 @@
 The weights stay packed in memory and run through torch's low-bit kernels:
 
 * CPU with AVX2 (the usual case): quantchat's own C++ kernels (``quantchat.kernels.cpu``), which read
-  the portable codes as stored (no repacking) and beat float32; torch's weight-only CPU kernels
+  the packed codes as stored (no repacking) and beat float32; torch's weight-only CPU kernels
   are slower than float32 on AVX2-only CPUs and serve as the fallback when ours cannot be built.
+  Buffers: int4 ``qweight`` uint8 [N, Kp/2], ``scales`` and ``mins`` float16 [N, G]
+  (``w = code * scale + min``, see ``rtn.int4_resident``): 0.5 + 4 / group_size bytes per weight
+  (plus the zero padding of K to a multiple of the group); int8 ``qweight`` int8 [N, K] and
+  ``scales`` float32 [N] (``weight_int8`` is the same tensor, for the tied embedding).
 * int8 (per-channel): ``torch._weight_int8pack_mm`` (CPU fallback and CUDA), codes int8 [N, K] as stored.
 * int4 (group-wise, symmetric or asymmetric): on CPU ``torch._weight_int4pack_mm_for_cpu`` over the
   layout made by ``_convert_weight_to_int4pack_for_cpu``; on CUDA the tinygemm kernel
   ``torch._weight_int4pack_mm`` (bfloat16 activations). Both compute ``(code - 8) * scale + bias``
-  per group, so a zero point z (fractional for asymmetric RTN) becomes the bias ``(8 - z) * scale``.
+  per group, so the bias is ``8 * scale + min``. On CPU the float16 scales and mins are what stays
+  resident and the op's [G, N, 2] table (in x's dtype) is made per call; CUDA keeps it in bfloat16.
 
-``reference_forward`` is the plain dequantize-then-matmul path the kernels are tested against.
-The portable codes (``quant.rtn`` formats) are what checkpoints store; the kernel layout is made
-at load, and the portable codes are dropped unless ``keep_codes`` (needed only to save again).
+``reference_forward`` is the plain dequantize-then-matmul path the kernels are tested against (from
+the resident float16 scales: the same weights the kernels use). ``from_codes`` takes the quantizers'
+codes dicts (``{qweight, scales, zeros}``, float32) or the resident form (``{qweight, scales, mins}``,
+float16, as checkpoint format 2 stores it); the caller's dict is kept only with ``keep_codes``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,32 @@ def use_own_cpu_kernels() -> bool:
     return cpu.available()
 
 METHODS_BITS = {"int8": 8, "int4": 4}
+
+
+def resident_int4(codes: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(scales, mins) float16 from an int4 codes dict, either form (no copy when already float16)."""
+    if "mins" in codes:
+        return codes["scales"].to(torch.float16), codes["mins"].to(torch.float16)
+    return rtn.int4_resident(codes["scales"], codes["zeros"])
+
+
+def module_tensor_bytes(module: nn.Module) -> dict[str, int]:
+    """{name: bytes} of every tensor a module holds directly: buffers, parameters, tensor attributes and
+    kept codes, each storage counted once (aliases such as ``weight_int8`` are not counted twice)."""
+    seen: dict[tuple[int, int], str] = {}
+    out: dict[str, int] = {}
+    items = [*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)]
+    items += [(k, v) for k, v in vars(module).items() if isinstance(v, Tensor)]
+    items += [(f"codes.{k}", v) for k, v in (getattr(module, "codes", None) or {}).items()]
+    for name, t in items:
+        if t is None or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = t.untyped_storage().nbytes()
+    return out
 
 
 class QuantizedLinear(nn.Module):
@@ -79,13 +111,15 @@ class QuantizedLinear(nn.Module):
         m.act_dtype = act_dtype
         m.device_type = torch.device(device).type
         m.own_kernel = m.device_type == "cpu" and use_own_cpu_kernels()
-        if m.own_kernel:  # portable codes are the kernel's layout
+        if m.own_kernel:  # the packed codes are the kernel's layout
             m.register_buffer("qweight", codes["qweight"].contiguous())
-            m.register_buffer("scales", codes["scales"].float().contiguous())
             if bits == 4:
-                m.register_buffer("zeros", codes["zeros"].float().contiguous())
+                scales, mins = resident_int4(codes)
+                m.register_buffer("scales", scales.contiguous())
+                m.register_buffer("mins", mins.contiguous())
                 m.k_padded = codes["qweight"].shape[1] * 2
             else:  # the names the tied embedding and checkpoints use
+                m.register_buffer("scales", codes["scales"].float().contiguous())
                 m.weight_int8 = m.qweight
         elif bits == 8:
             m.register_buffer("weight_int8", codes["qweight"].to(device=device, dtype=torch.int8))
@@ -100,19 +134,20 @@ class QuantizedLinear(nn.Module):
 
     def _pack_int4(self, codes: dict[str, Tensor], device, act_dtype: torch.dtype) -> None:
         q = rtn.unpack_int4(codes["qweight"])  # [N, Kp] uint8
-        scales = codes["scales"].float()
-        zeros = codes["zeros"].float()
+        s16, m16 = resident_int4(codes)
         self.k_padded = q.shape[1]
-        bias = (8 - zeros) * scales  # (code - z) * s == (code - 8) * s + (8 - z) * s
-        sz = torch.stack([scales.t(), bias.t()], dim=-1).contiguous()  # [G, N, 2]
         if torch.device(device).type == "cuda":
+            scales, mins = s16.float(), m16.float()
+            bias = 8 * scales + mins  # code * s + m == (code - 8) * s + (8 * s + m)
+            sz = torch.stack([scales.t(), bias.t()], dim=-1).contiguous()  # [G, N, 2]
             packed = torch.ops.aten._convert_weight_to_int4pack(self._cuda_pack(q, device), 8)
             self.register_buffer("weight_int4", packed)
             self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=torch.bfloat16))
-        else:
+        else:  # float16 scales / mins kept; torch's op wants [G, N, 2] in x's dtype: made per call (small)
             self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 q.to(torch.int32), 1))
-            self.register_buffer("scales_and_zeros", sz.to(dtype=act_dtype))
+            self.register_buffer("scales", s16.contiguous())
+            self.register_buffer("mins", m16.contiguous())
 
     @staticmethod
     def _cuda_pack(q: Tensor, device) -> Tensor:
@@ -128,7 +163,7 @@ class QuantizedLinear(nn.Module):
             if self.bits == 8:
                 y = cpu.int8_linear(x, self.qweight, self.scales)
             else:
-                y = cpu.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+                y = cpu.int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, self.in_features)
             return y if self.bias is None else y + self.bias
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -141,24 +176,29 @@ class QuantizedLinear(nn.Module):
                 y = torch.ops.aten._weight_int4pack_mm(
                     x2.to(torch.bfloat16), self.weight_int4, self.group_size, self.scales_and_zeros).to(x.dtype)
             else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    x2, self.weight_int4, self.group_size, self.scales_and_zeros)
+                s, m = self.scales.float(), self.mins.float()
+                sz = torch.stack([s.t(), (8 * s + m).t()], dim=-1).to(x2.dtype)  # [G, N, 2]
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, sz)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
-    def dequantized_weight(self) -> Tensor:
-        """Float32 [out, in] weight from the kept portable codes (reference path; needs keep_codes)."""
-        if self.codes is None and self.own_kernel:
-            self.codes = {"qweight": self.qweight, "scales": self.scales}
-            if self.bits == 4:
-                self.codes["zeros"] = self.zeros
-        if self.codes is None:
-            raise RuntimeError("portable codes were not kept (build with keep_codes=True)")
+    def resident_codes(self) -> dict[str, Tensor] | None:
+        """The codes as held for quantchat's kernels (no copy): int4 ``{qweight, scales, mins}`` (float16),
+        int8 ``{qweight, scales}``; None on the torch-kernel layouts (see ``keep_codes``)."""
+        if not getattr(self, "own_kernel", False):
+            return None
         if self.bits == 8:
-            return rtn.dequantize_int8(self.codes["qweight"], self.codes["scales"])
-        q = rtn.unpack_int4(self.codes["qweight"])
-        return rtn.dequantize_int4(q, self.codes["scales"], self.codes["zeros"], self.in_features)
+            return {"qweight": self.qweight, "scales": self.scales}
+        return {"qweight": self.qweight, "scales": self.scales, "mins": self.mins}
+
+    def dequantized_weight(self) -> Tensor:
+        """Float32 [out, in] weight, as the kernels see it (reference path). From the resident codes with
+        quantchat's kernels; otherwise from the codes kept with ``keep_codes``."""
+        codes = self.resident_codes() or self.codes
+        if codes is None:
+            raise RuntimeError("codes were not kept for torch's kernel layout (build with keep_codes=True)")
+        return rtn.dequantize_codes(codes, self.in_features)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """Dequantize-then-matmul in float32 (what the fast kernels must match)."""
@@ -170,7 +210,8 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of every tensor the module holds (buffers, the bias, kept codes; shared storage once)."""
+        return sum(module_tensor_bytes(self).values())
 
     def extra_repr(self) -> str:
         fmt = "int8 per-channel" if self.bits == 8 else \

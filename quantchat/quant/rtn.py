@@ -9,10 +9,21 @@ Formats (device-independent; what checkpoints store):
   using the 16th level at the cost of an asymmetric grid. We keep absmax/7 (the AWQ/GPTQ
   symmetric convention) because AWQ's clip search then shrinks the range where it pays.
 * int4 asymmetric, per group: ``scale = (max - min) / 15`` and a fractional zero point
-  ``z = -min / scale`` (float32), codes ``round(w / scale + z)`` in [0, 15]; ``w ≈ (code - z) * scale``,
+  ``z = -min / scale``, codes ``round(w / scale + z)`` in [0, 15]; ``w ≈ (code - z) * scale``,
   i.e. ``code * scale + min``: the group's range is used exactly (no rounding of the zero point,
   no widening to include 0), the form of llama.cpp's Q4_1. GPTQ keeps integer zero points; they are
   stored the same way.
+
+int4 scales and mins are float16 where they are kept (resident memory, checkpoints), as llama.cpp's
+Q4_0/Q4_1 keep their d and m: the quantizers here round ``scale`` (and, asymmetric, ``min``) to
+float16 first and pick the codes on that grid, so the float16 form loses nothing. What the kernels
+read (``int4_resident``) is ``scales`` float16 [N, G] and ``mins`` float16 [N, G] with
+``w = code * scale + min`` (``min = -zero * scale``: the value of code 0; for symmetric it is
+exactly ``-8 * scale``). ``quantize_int4`` still returns float32 tensors (float16 values) with zero
+points, which ``int4_resident`` turns into that form without loss (integer GPTQ zero points: ``min =
+-z * scale`` rounds to float16, at most 15 * 2^-11 = 0.7 % of a step). Dequantize any codes dict with
+``dequantize_codes``. Float16 rather than bfloat16: 11 significant bits against 8 (scale errors 8x
+smaller) and Q4_1's d/m are float16 already; the range (6e-8 .. 65504) covers weights.
 
 When in_features is not a multiple of the group size the weight is zero-padded on the right to
 the next multiple (the padding quantizes to exact zeros and meets zero-padded activations).
@@ -47,10 +58,25 @@ def pad_columns(w: Tensor, k_padded: int) -> Tensor:
     return w if w.shape[1] == k_padded else torch.nn.functional.pad(w, (0, k_padded - w.shape[1]))
 
 
+FP16_TINY = 2.0**-24  # the smallest positive float16 (subnormal): the floor of a scale
+
+
+def to_fp16_values(t: Tensor, what: str = "int4 scale") -> Tensor:
+    """``t`` rounded to float16 values, returned as float32; ValueError when out of float16's range."""
+    h = t.float().half()
+    if not torch.isfinite(h).all():
+        big = float(t.float().abs().max())
+        raise ValueError(f"{what} {big:.4g} is out of float16 range (max 65504): weights this large cannot "
+                         "be int4-quantized with float16 scales")
+    return h.float()
+
+
 def quantize_int4(
     w: Tensor, group_size: int, symmetric: bool, clip: Tensor | None = None, integer_zero: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Group-wise int4. Returns (codes uint8 [N, Kp] in 0..15, scales float32 [N, G], zeros float32 [N, G]).
+
+    The scales (and asymmetric, the mins ``-zero * scale``) are float16 values: see ``int4_resident``.
 
     ``clip`` (optional, [N, G]) is a per-group max magnitude (symmetric) or a shrink factor applied
     to min/max (asymmetric) found by a clipping search; values outside are clamped.
@@ -64,7 +90,7 @@ def quantize_int4(
         amax = wg.abs().amax(dim=-1)
         if clip is not None:
             amax = torch.minimum(amax, clip)
-        scale = (amax / 7).clamp(min=1e-10)
+        scale = to_fp16_values((amax / 7).clamp(min=FP16_TINY))
         q = torch.round(wg / scale[..., None]).clamp(-7, 7) + 8
         zeros = torch.full_like(scale, 8.0)
     else:
@@ -73,22 +99,56 @@ def quantize_int4(
             mn, mx = mn.clamp(max=0), mx.clamp(min=0)
         if clip is not None:
             mn, mx = mn * clip, mx * clip
-        scale = ((mx - mn) / 15).clamp(min=1e-10)
-        zeros = -mn / scale
+        scale = to_fp16_values(((mx - mn) / 15).clamp(min=FP16_TINY))
         if integer_zero:
-            zeros = torch.round(zeros).clamp(0, 15)
+            zeros = torch.round(-mn / scale).clamp(0, 15)
+        else:  # -zeros * scale == min (a float16 value) to float32 rounding: int4_resident gets it back
+            zeros = -to_fp16_values(mn, "int4 group minimum") / scale
         q = torch.round(wg / scale[..., None] + zeros[..., None]).clamp(0, 15)
     return q.to(torch.uint8).view(N, Kp), scale, zeros.float()
 
 
 def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor, in_features: int | None = None) -> Tensor:
-    """Float32 weight [N, K] from unpacked codes [N, Kp] (reference path)."""
+    """Float32 weight [N, K] from unpacked codes [N, Kp], scales and zero points (any float dtype)."""
     N, Kp = codes.shape
     G = scales.shape[1]
     gs = Kp // G
-    w = (codes.float().view(N, G, gs) - zeros.float()[..., None]) * scales[..., None]
+    w = (codes.float().view(N, G, gs) - zeros.float()[..., None]) * scales.float()[..., None]
     w = w.view(N, Kp)
     return w if in_features is None else w[:, :in_features]
+
+
+def int4_resident(scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """(scales, zero points) -> (scales float16 [N, G], mins float16 [N, G]): what the kernels read and
+    checkpoints store, ``w = code * scale + min``. Lossless for ``quantize_int4``'s output."""
+    s = scales.float()
+    return to_fp16_values(s).half(), to_fp16_values(-zeros.float() * s, "int4 group minimum").half()
+
+
+def dequantize_int4_resident(codes: Tensor, scales: Tensor, mins: Tensor, in_features: int | None = None) -> Tensor:
+    """Float32 weight [N, K] from unpacked codes [N, Kp] and float16 scales / mins: ``code * scale + min``
+    (the reference the kernels are tested against)."""
+    N, Kp = codes.shape
+    G = scales.shape[1]
+    gs = Kp // G
+    w = codes.float().view(N, G, gs) * scales.float()[..., None] + mins.float()[..., None]
+    w = w.view(N, Kp)
+    return w if in_features is None else w[:, :in_features]
+
+
+def dequantize_codes(codes: dict[str, Tensor], in_features: int | None = None) -> Tensor:
+    """Float32 weight [N, K] from any codes dict: int8 ``{qweight int8, scales}``, int4 ``{qweight packed uint8,
+    scales, zeros}`` (the quantizers' output, checkpoint format 1) or ``{qweight, scales, mins}`` (resident
+    form, checkpoint format 2). int4 goes through the float16 resident form: the weights the kernels use."""
+    q = codes["qweight"]
+    if q.dtype == torch.int8:
+        w = dequantize_int8(q, codes["scales"].float())
+        return w if in_features is None else w[:, :in_features]
+    if "mins" in codes:
+        s, m = codes["scales"], codes["mins"]
+    else:
+        s, m = int4_resident(codes["scales"], codes["zeros"])
+    return dequantize_int4_resident(unpack_int4(q), s, m, in_features)
 
 
 def pack_int4(codes: Tensor) -> Tensor:

@@ -1,0 +1,1 @@
+"""Other inference engines run side by side with quantchat on the same model (optional dependencies)."""

@@ -1,0 +1,147 @@
+"""llama.cpp (through llama-cpp-python) measured the way ``quantchat bench`` measures quantchat.
+
+Decode: a short fixed prompt, then ``warmup`` + ``steps`` greedy steps of one token each
+(``Llama.eval([token])`` + argmax over the returned logits), each timed step on its own; median
+latency. Time to first token: the prompt into an emptied KV cache (``Llama.eval(prompt)``, batches of
+512 as quantchat's prefill chunks) + argmax. Same token ids (``measure.prompt_ids``), same threads.
+
+llama-cpp-python is an optional dependency (``pip install 'quantchat[peer]'``); it builds llama.cpp
+from source on install. ``require_llama_cpp`` turns its absence into one clear error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+from quantchat.errors import QuantchatError
+
+INSTALL_HINT = ("pip install 'quantchat[peer]' (or: pip install llama-cpp-python; it compiles llama.cpp, "
+                "a few minutes)")
+PREFILL_BATCH = 512  # quantchat's prefill chunk (engine.generate.PREFILL_CHUNK)
+
+
+def require_llama_cpp() -> str:
+    """The llama-cpp-python version, or a QuantchatError with the install hint."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise QuantchatError(f"--peer llama.cpp needs llama-cpp-python, which is not installed ({e}); "
+                             f"install it with: {INSTALL_HINT}") from None
+    return getattr(llama_cpp, "__version__", "?")
+
+
+def gguf_types(path: Path) -> dict[str, int]:
+    """Tensor type -> number of tensors in a GGUF file."""
+    from quantchat.loading.gguf_io import read_gguf
+
+    g = read_gguf(path)
+    return dict(Counter(g.tensor_info(n)[0] for n in g.tensor_names))
+
+
+def gguf_main_type(types: dict[str, int]) -> str:
+    """The weights' type: the most common non-float type (F32/F16/BF16 when the file is all float)."""
+    floats = {"F32", "F16", "BF16"}
+    quant = {t: n for t, n in types.items() if t not in floats}
+    pool = quant or types
+    return max(pool, key=lambda t: pool[t]) if pool else "?"
+
+
+def gguf_bits_family(main_type: str) -> str:
+    """'4bit', '8bit' or 'float' for a GGUF type name (Q4_0, Q4_1, Q4_K, Q8_0, F16...)."""
+    t = main_type.upper()
+    if t.startswith("Q8"):
+        return "8bit"
+    if t.startswith(("Q4", "IQ4")):
+        return "4bit"
+    if t in ("F32", "F16", "BF16"):
+        return "float"
+    return t.lower()
+
+
+def _logits_argmax(llm, np) -> int:
+    """Greedy token from the last evaluated position's logits."""
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    return int(logits.argmax())
+
+
+def measure_llamacpp(job: dict) -> dict:
+    """Run the benchmark job (see quantchat.benchmark.worker) on llama.cpp; the worker's result format."""
+    from quantchat.benchmark.measure import (ForeignLoad, latency_summary, proc_status_mb, prompt_ids,
+                                             time_decode_steps, time_first_token, ttft_entry)
+
+    t0 = time.perf_counter()
+    version = require_llama_cpp()
+    import llama_cpp
+    import numpy as np
+
+    import_s = time.perf_counter() - t0
+    gguf = Path(job["model"])
+    threads = int(job["threads"])
+    mem0 = proc_status_mb()
+    t0 = time.perf_counter()
+    probe_ctx = int(job.get("max_seq_len") or 2048)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=probe_ctx, n_batch=PREFILL_BATCH, n_ubatch=PREFILL_BATCH,
+                          n_threads=threads, n_threads_batch=threads, n_gpu_layers=job.get("n_gpu_layers", 0),
+                          logits_all=False, verbose=False, seed=0)
+    load_s = time.perf_counter() - t0
+    mem1 = proc_status_mb()
+    vocab = llm.n_vocab()
+    try:
+        context = int(llm._model.n_ctx_train())
+    except AttributeError:  # private API moved: the context we asked for is what we can use anyway
+        context = int(llm.n_ctx())
+    res: dict = {"engine": "llama.cpp", "llama_cpp_python": version, "threads": threads, "import_s": import_s,
+                 "load_s": load_s, "gguf": str(gguf), "context": context, "max_seq_len": llm.n_ctx(),
+                 "vocab_size": vocab, "device": "cpu" if not job.get("n_gpu_layers") else "gpu offload",
+                 "rss_before_load_mb": mem0.get("VmRSS"), "rss_after_load_mb": mem1.get("VmRSS"),
+                 "rss_anon_after_load_mb": mem1.get("RssAnon"), "rss_file_after_load_mb": mem1.get("RssFile")}
+    try:
+        types = gguf_types(gguf)
+        res["gguf_types"] = types
+        res["gguf_main_type"] = gguf_main_type(types)
+    except QuantchatError as e:
+        res["gguf_types_error"] = str(e)
+
+    def prefill(tokens: list[int]) -> int:
+        llm.reset()  # n_tokens = 0: eval() then drops the old cache entries from position 0
+        llm.eval(tokens)
+        return _logits_argmax(llm, np)
+
+    def step(tok: int, pos: int) -> int:
+        if llm.n_tokens != pos:
+            raise RuntimeError(f"llama.cpp at position {llm.n_tokens}, expected {pos}")
+        llm.eval([tok])
+        return _logits_argmax(llm, np)
+
+    seed = int(job.get("seed", 1234))
+    ctx_prompt = prompt_ids(vocab, int(job["decode_context"]), seed)
+    with ForeignLoad() as fl:
+        first = prefill(ctx_prompt)
+        lat, toks = time_decode_steps(step, first, len(ctx_prompt), int(job["warmup_steps"]), int(job["steps"]))
+    s = latency_summary(lat)
+    res["decode"] = {"latency_ms": s, "tokens_per_s": 1000.0 / s["median"], "steps": len(lat),
+                     "warmup_steps": int(job["warmup_steps"]), "context_tokens": len(ctx_prompt),
+                     "latencies_ms": [x * 1000 for x in lat], "foreign_busy_cores": fl.cores, "tokens": toks}
+    m = proc_status_mb()
+    res["rss_mb"] = m.get("VmRSS")
+    res["rss_anon_mb"] = m.get("RssAnon")
+    res["rss_file_mb"] = m.get("RssFile")
+    res["ttft"] = []
+    lengths = list(job["prompt_lengths"])
+    with ForeignLoad() as fl:
+        if lengths:
+            prefill(prompt_ids(vocab, min(lengths), seed + 1))  # warm-up
+        for L in lengths:
+            if L >= min(context, llm.n_ctx()):
+                res["ttft"].append({"prompt_len": L, "skipped": f"prompt length {L} >= context {min(context, llm.n_ctx())}"})
+                continue
+            times = time_first_token(prefill, prompt_ids(vocab, L, seed + L), int(job["ttft_runs"]))
+            res["ttft"].append(ttft_entry(L, times))
+    res["ttft_foreign_busy_cores"] = fl.cores
+    end = proc_status_mb()
+    res["rss_end_mb"] = end.get("VmRSS")
+    res["peak_rss_mb"] = end.get("VmHWM")
+    llm.close()
+    return res
