@@ -82,8 +82,12 @@ def is_quantized_dir(path: Path) -> bool:
 def save_quantized(
     out_dir: Path, model: Transformer, spec: QuantSpec, codes: dict[str, dict[str, Tensor]], source_dir: Path,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Callable[[str], None] | None = None,
+    source: dict[str, str] | None = None,
 ) -> Path:
-    """Write a quantized checkpoint (atomically: a temp folder renamed at the end)."""
+    """Write a quantized checkpoint (atomically: a temp folder renamed at the end).
+
+    ``source`` (optional) records where the float model came from ({"origin": path the user named,
+    "hf_dir": the loaded folder}): ``quantchat inspect`` uses it as the default reference."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -130,6 +134,8 @@ def save_quantized(
                                                  indent=1))
         quant = {"format": FORMAT, "version": FORMAT_VERSION, **spec.to_dict(), "packing": PACKING,
                  "tied_embedding": bool(model.config.tie_word_embeddings), "modules": modules}
+        if source:
+            quant["source"] = source
         (tmp / QUANT_FILE).write_text(json.dumps(quant, indent=1))
         cfg = json.loads((Path(source_dir) / "config.json").read_text())
         cfg["quantization_config"] = {"quant_method": "quantchat", **spec.to_dict(), "version": FORMAT_VERSION}
