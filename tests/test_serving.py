@@ -419,3 +419,22 @@ def test_async_client(server):
 
     texts = asyncio.run(main())
     assert len(set(texts)) == 1 and len(texts[0]) == 4
+
+
+def test_bench_serve_against_running_server(server, tmp_path, capsys):
+    """`quantchat bench serve --url`: runs the client sweep, writes JSON, markdown and the plot."""
+    import matplotlib.image
+
+    from quantchat.cli.main import main
+
+    rc = main(["bench", "serve", "--url", server.url, "--api-key", KEY, "--clients", "1,3", "--requests", "1",
+               "--max-tokens", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "result.json").read_text())
+    rows = data["rows"]
+    assert [r["clients"] for r in rows] == [1, 3] and all(r["errors"] == 0 for r in rows)
+    assert [r["requests"] for r in rows] == [1, 3] and rows[1]["generated_tokens"] == 12
+    assert rows[1]["tokens_per_s"] > 0 and set(rows[1]["ttft_s"]) >= {"p50", "p90", "p99"}
+    assert KEY not in (tmp_path / "result.json").read_text()
+    assert "total tok/s" in (tmp_path / "result.md").read_text()
+    assert matplotlib.image.imread(tmp_path / "throughput.png").shape[0] > 100

@@ -15,7 +15,7 @@ from quantchat.cli.common import status
 from quantchat.errors import QuantchatError
 
 # modules adding subcommands to `quantchat bench` (e.g. a future "quantchat.cli.bench_serve_cmds" for `bench serve`)
-BENCH_SUBCOMMAND_MODULES: list[str] = []
+BENCH_SUBCOMMAND_MODULES: list[str] = ["quantchat.serving.bench_serve"]
 
 
 def int_list(text: str) -> list[int]:

@@ -18,7 +18,7 @@ from quantchat.cli.common import (add_model_args, add_sampling_args, load_from_a
 from quantchat.errors import QuantchatError
 
 # commands defined in their own modules, each with register(subparsers)
-COMMAND_MODULES = ["quantchat.cli.quant_cmds", "quantchat.cli.serve_cmds", "quantchat.cli.cluster_cmds", "quantchat.cli.bench_cmds"]
+COMMAND_MODULES = ["quantchat.cli.quant_cmds", "quantchat.cli.serve_cmds", "quantchat.cli.eval_cmds", "quantchat.cli.bench_cmds", "quantchat.cli.cluster_cmds"]
 
 
 CHAT_HELP = "commands: /reset (forget the conversation), /exit (quit), /help"

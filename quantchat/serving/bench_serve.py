@@ -1,0 +1,189 @@
+"""``quantchat bench serve``: total tokens/s, latency and TTFT percentiles under concurrent clients.
+
+Either drives a running server (``--url``) or starts its own on loopback: ``quantchat serve`` (one worker)
+for the clients sweep, then controller + 1 and + 2 workers + API (the seed's 1-pod vs 2-pod comparison)
+at the largest client count. Writes result.json, result.md and throughput.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from quantchat.errors import QuantchatError
+from quantchat.serving.loadtest import run_load, wait_healthy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "quantchat", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def model_args(a: argparse.Namespace) -> list[str]:
+    out = ["--quant", a.quant, "--max-batch", str(a.max_batch), "--max-seq-len", str(a.max_seq_len)]
+    if a.group_size:
+        out += ["--group-size", str(a.group_size)]
+    return (["--model", a.model] if a.model else []) + out
+
+
+def sweep(url: str, a: argparse.Namespace, setup: str, clients: list[int], progress) -> list[dict[str, Any]]:
+    rows = []
+    run_load(url, 1, 1, 4, api_key=a.api_key)  # warm-up
+    for c in clients:
+        r = run_load(url, c, a.requests, a.max_tokens, api_key=a.api_key)
+        rows.append({"setup": setup, **r.as_dict()})
+        progress(f"{setup}, {c} clients: {r.tokens_per_s:.1f} tok/s total, {r.errors} errors")
+    return rows
+
+
+def cluster_rows(a: argparse.Namespace, n_workers: int, clients: int, progress) -> list[dict[str, Any]]:
+    import httpx
+
+    secret = "bench-" + os.urandom(12).hex()
+    env = {**os.environ, "QUANTCHAT_SECRET": secret}
+    threads = max(1, (a.threads or os.cpu_count() or 1) // n_workers)
+    cport = free_port()
+    procs = [start(["controller", "--port", str(cport)], env)]
+    try:
+        curl = f"http://127.0.0.1:{cport}"
+        wait_healthy(curl, 60, procs[0])
+        for _ in range(n_workers):
+            procs.append(start(["worker", *model_args(a), "--controller", curl, "--port", str(free_port()),
+                                "--threads", str(threads)], env))
+        aport = free_port()
+        procs.append(start(["api", "--controller", curl, "--port", str(aport), "--no-web"], env))
+        url = f"http://127.0.0.1:{aport}"
+        deadline = time.time() + 600
+        while True:  # every worker registered
+            r = httpx.get(curl + "/workers", headers={"Authorization": f"Bearer {secret}"}, timeout=5)
+            body = r.json()
+            if len(body.get("workers", body) if isinstance(body, dict) else body) >= n_workers:
+                break
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                raise QuantchatError(f"the {n_workers} worker(s) did not all register")
+            time.sleep(0.5)
+        wait_healthy(url, 60, procs[-1])
+        saved, a.api_key = a.api_key, None
+        try:
+            return sweep(url, a, f"controller + {n_workers} worker(s) x {threads} thread(s)", [clients], progress)
+        finally:
+            a.api_key = saved
+    finally:
+        stop(procs)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    setups = list(dict.fromkeys(r["setup"] for r in rows))
+    for s in setups:
+        pts = sorted((r["clients"], r["tokens_per_s"]) for r in rows if r["setup"] == s)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("generated tokens/s (all clients)")
+    ax.set_title("serving throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from quantchat.cli.common import status
+    from quantchat.eval.report import markdown_table, prepare_out_dir, write_results
+
+    clients = a.clients
+    if not clients or min(clients) < 1 or a.requests < 1 or a.max_tokens < 1:
+        raise QuantchatError("--clients, --requests and --max-tokens must be positive")
+    out = prepare_out_dir(a.out, "bench-serve")
+    rows: list[dict[str, Any]] = []
+    if a.url:
+        rows += sweep(a.url.rstrip("/"), a, f"server at {a.url}", clients, status)
+    else:
+        env = dict(os.environ)
+        port = free_port()
+        extra = ["--threads", str(a.threads)] if a.threads else []
+        proc = start(["serve", *model_args(a), "--port", str(port), "--no-web", *extra], env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            status("starting quantchat serve...")
+            wait_healthy(url, 600, proc)
+            rows += sweep(url, a, "serve (1 worker)", clients, status)
+        finally:
+            stop([proc])
+        for n in a.workers:
+            rows += cluster_rows(a, n, max(clients), status)
+    table = markdown_table(
+        ["setup", "clients", "requests", "errors", "total tok/s", "per-request tok/s", "latency p50 s",
+         "latency p90 s", "TTFT p50 s", "TTFT p90 s"],
+        [[r["setup"], r["clients"], r["requests"], r["errors"], f"{r['tokens_per_s']:.1f}",
+          f"{r['per_request_tokens_per_s']:.1f}", f"{r['latency_s'].get('p50', 0):.2f}",
+          f"{r['latency_s'].get('p90', 0):.2f}", f"{r['ttft_s'].get('p50', 0):.2f}",
+          f"{r['ttft_s'].get('p90', 0):.2f}"] for r in rows])
+    one = [r for r in rows if r["clients"] == min(clients) and r["setup"] == rows[0]["setup"]]
+    most = [r for r in rows if r["clients"] == max(clients) and r["setup"] == rows[0]["setup"]]
+    summary = ""
+    if one and most and one[0]["tokens_per_s"] > 0 and len(clients) > 1:
+        summary = (f"\n{max(clients)} clients / {min(clients)} client total tokens/s: "
+                   f"{most[0]['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x\n")
+    print(table + summary)
+    write_results(out, "quantchat bench serve", {"options": {k: v for k, v in vars(a).items() if k != "func"
+                                                             and k != "api_key"}, "rows": rows},
+                  table + summary)
+    plot(rows, out / "throughput.png")
+    status(f"results in {out}")
+    return 0 if rows and not any(r["errors"] for r in rows) else 1
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="throughput, latency and TTFT with concurrent clients (1 vs 2 workers)")
+    p.add_argument("--url", default=None, help="drive this running server instead of starting one")
+    p.add_argument("--api-key", default=os.environ.get("QUANTCHAT_API_KEY"), help="API key for --url")
+    p.add_argument("--model", "-m", default=None, help="model for the servers started here (default: embedded)")
+    p.add_argument("--quant", default="int4-asym", help="quantization of the started servers (default int4-asym)")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads in total (split between workers)")
+    p.add_argument("--clients", type=int_list, default=[1, 4, 8], help="concurrent clients (default 1,4,8)")
+    p.add_argument("--workers", type=int_list, default=[1, 2],
+                   help="worker counts behind a controller, at the largest client count (default 1,2; '' = none)")
+    p.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--out", default=None, help="output folder (default ./quantchat-results/bench-serve-<time>/)")
+    p.set_defaults(func=cmd_bench_serve)
