@@ -12,6 +12,14 @@ os.environ.setdefault("QUANTCHAT_KERNELS_DIR", str(Path(tempfile.gettempdir()) /
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_home(tmp_path_factory):
+    """The same QUANTCHAT_HOME already for module-scoped fixtures (models built or converted once per module)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTCHAT_HOME", str(tmp_path_factory.getbasetemp() / "qc_home"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Tests never touch the user's quantchat home, except the shared converted default model."""

@@ -21,14 +21,6 @@ from tiny_models import PRINTABLE, make_tiny_chat_model, make_tiny_llama, write_
 LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 3  # 132 byte tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _module_home(tmp_path_factory):
-    """conftest's QUANTCHAT_HOME, already for the module-scoped fixtures that run the CLI."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTCHAT_HOME", str(tmp_path_factory.getbasetemp() / "qc_home"))
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny_chat")

@@ -26,14 +26,6 @@ LOGITS_TOL = 1e-3  # float32, 30 layers
 CHAT_QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _module_home(tmp_path_factory):
-    """conftest's QUANTCHAT_HOME, already for the module-scoped fixtures (the conversion is shared)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTCHAT_HOME", str(tmp_path_factory.getbasetemp() / "qc_home"))
-        yield
-
-
 @pytest.fixture(scope="module")
 def loaded():
     from quantchat.loading.resolve import load_engine

@@ -47,13 +47,6 @@ def one_error_line(res: subprocess.CompletedProcess, *needles: str) -> str:
     return line
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _module_home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTCHAT_HOME", str(tmp_path_factory.getbasetemp() / "qc_home"))
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny LLaMA with a byte tokenizer (token id == byte value, <s> = 256)."""
