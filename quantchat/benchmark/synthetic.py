@@ -13,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from quantchat.errors import QuantchatError
+from quantchat.paths import build_dir_atomically
 
 # config.json fields as published with the models (TinyLlama/TinyLlama-1.1B-Chat-v1.0, meta-llama/Llama-2-7b-hf)
 SYNTHETIC_CONFIGS: dict[str, dict] = {
@@ -83,19 +82,6 @@ def write_synthetic_tokenizer(out_dir: Path, vocab_size: int, bos_id: int = 1, e
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-def _atomic_build(out_dir: Path, build: Callable[[Path], None]) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        build(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
 
 
 def _write_shards(tmp: Path, tensors: Iterator[tuple[str, object]], metadata: dict,
@@ -193,7 +179,7 @@ def build_float_model(out_dir: Path, cfg: dict, dtype: str = "float32", name: st
         _write_common(tmp, name, {**cfg, "torch_dtype": dtype}, dtype)
         _write_shards(tmp, tensors(), {"format": "pt"}, progress)
 
-    return _atomic_build(out_dir, build)
+    return build_dir_atomically(out_dir, build)
 
 
 def build_quantized_model(out_dir: Path, cfg: dict, method: str, group_size: int | None = None, name: str = "synthetic",
@@ -263,7 +249,7 @@ def build_quantized_model(out_dir: Path, cfg: dict, method: str, group_size: int
                               for f in files}}
         (tmp / ck.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
-    return _atomic_build(out_dir, build)
+    return build_dir_atomically(out_dir, build)
 
 
 def _meta_model(mcfg):

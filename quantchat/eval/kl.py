@@ -106,12 +106,8 @@ def kl_divergence(
         dps.append(dp)
         agree += a
         window_kl.append(float(kl.mean()))
-        for res, nll in ((ref_res, nll_r), (mod_res, nll_m)):
-            res.nll_sum += nll
-            res.tokens_scored += len(targets)
-            res.windows += 1
-            res.window_nll.append(nll)
-            res.window_tokens.append(len(targets))
+        ref_res.add_window(nll_r, len(targets))
+        mod_res.add_window(nll_m, len(targets))
         if progress:
             progress(i + 1, total)
     return KLResult(torch.cat(kls), torch.cat(dps), agree, ref_res, mod_res, window_kl)

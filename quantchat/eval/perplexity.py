@@ -38,6 +38,14 @@ class PerplexityResult:
     def ppl(self) -> float:
         return math.exp(self.nll_sum / self.tokens_scored)
 
+    def add_window(self, nll: float, n_tokens: int) -> None:
+        """Account one scored window: its summed NLL over ``n_tokens`` targets."""
+        self.nll_sum += nll
+        self.tokens_scored += n_tokens
+        self.windows += 1
+        self.window_nll.append(nll)
+        self.window_tokens.append(n_tokens)
+
     @property
     def window_ppl(self) -> list[float]:
         return [math.exp(n / c) for n, c in zip(self.window_nll, self.window_tokens)]
@@ -99,11 +107,7 @@ def score_windows(
     for i, (_, pred, targets) in enumerate(iter_windows(logits_fn, ids, window, stride)):
         logp = F.log_softmax(pred, dim=-1)
         nll = -float(logp.gather(1, targets[:, None]).sum())
-        res.nll_sum += nll
-        res.tokens_scored += len(targets)
-        res.windows += 1
-        res.window_nll.append(nll)
-        res.window_tokens.append(len(targets))
+        res.add_window(nll, len(targets))
         if progress:
             progress(i + 1, total)
     return res

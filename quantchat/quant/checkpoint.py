@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from quantchat.errors import ModelLoadError
 from quantchat.loading.hf_loader import SafetensorsFile, meta_model
 from quantchat.model.config import ModelConfig
 from quantchat.model.llama import Transformer
+from quantchat.paths import build_dir_atomically
 from quantchat.quant import rtn
 from quantchat.quant.embedding import QuantizedEmbedding
 from quantchat.quant.linear import QuantizedLinear
@@ -88,10 +87,7 @@ def save_quantized(
 
     ``source`` (optional) records where the float model came from ({"origin": path the user named,
     "hf_dir": the loaded folder}): ``quantchat inspect`` uses it as the default reference."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         tensors: dict[str, Tensor] = {}
         modules: dict[str, dict] = {}
         for name, c in codes.items():
@@ -146,13 +142,8 @@ def save_quantized(
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         manifest = {"files": {f: {"sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size} for f in files}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return build_dir_atomically(out_dir, write)
 
 
 def verify_manifest(model_dir: Path) -> None:

@@ -52,7 +52,7 @@ from quantchat.errors import (
 )
 from quantchat.serving.api import BodyLimit, error_response
 from quantchat.serving.protocol import GenerateRequest, TokenizeRequest
-from quantchat.serving.worker_server import bearer_ok, error_event
+from quantchat.serving.worker_server import error_event, require_secret
 
 DEFAULT_PORT = 21001
 DEFAULT_EXPIRY = 20.0
@@ -321,11 +321,7 @@ def create_controller_app(controller: Controller, secret: str, max_body_bytes: i
     app = FastAPI(title="quantchat controller", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.controller = controller
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if request.url.path != "/health" and not bearer_ok(request.headers.get("authorization", ""), secret):
-            return error_response(401, "missing or wrong cluster secret", "authentication_error")
-        return await call_next(request)
+    require_secret(app, secret)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):

@@ -49,6 +49,16 @@ def bearer_ok(header: str, secret: str) -> bool:
     return secrets.compare_digest(given, secret.encode("utf-8"))
 
 
+def require_secret(app: FastAPI, secret: str) -> None:
+    """Every route but /health needs ``Authorization: Bearer <secret>`` (controller and worker apps)."""
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if request.url.path != "/health" and not bearer_ok(request.headers.get("authorization", ""), secret):
+            return error_response(401, "missing or wrong cluster secret", "authentication_error")
+        return await call_next(request)
+
+
 def worker_error(e: Exception) -> JSONResponse:
     """The API's error response for ``e``, plus ``kind`` so the API side can raise the same exception."""
     resp = error_for(e)
@@ -136,11 +146,7 @@ def create_worker_app(backend: LocalBackend, secret: str, max_body_bytes: int = 
     app.state.backend = backend
     counters = {"generate_requests": 0, "streams_open": 0}
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if request.url.path != "/health" and not bearer_ok(request.headers.get("authorization", ""), secret):
-            return error_response(401, "missing or wrong cluster secret", "authentication_error")
-        return await call_next(request)
+    require_secret(app, secret)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
