@@ -17,6 +17,7 @@ from torch import Tensor
 
 from quantchat.engine.stopping import StopStringMatcher
 from quantchat.errors import ContextLengthError, QuantchatError
+from quantchat.engine.fused_decode import FusedDecoder
 from quantchat.model.llama import Transformer
 from quantchat.sampling.sampling import SamplingParams, make_generator, sample_token
 
@@ -57,7 +58,7 @@ class GenerationChunk:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, max_seq_len: int | None = None, max_batch: int = 1,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fused: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -71,6 +72,8 @@ class Engine:
         # decode runs through torch.compile when asked (fewer, fused kernels per token); prefill stays eager
         self.compiled = compile
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        # decode runs as one C++ call per step when the model qualifies (engine/fused_decode.py)
+        self.fused = FusedDecoder.build(model) if fused and not compile else None
 
     def warmup(self) -> float:
         """Run a prefill and two decode steps (triggers compilation); returns the seconds it took."""
@@ -109,6 +112,8 @@ class Engine:
         kv_len = int(positions.max()) + 1
         if kv_len > self.max_seq_len:
             raise ContextLengthError(f"context window of {self.max_seq_len} tokens is full")
+        if self.fused is not None and self.fused.matches(self.model):
+            return self.fused.step(tokens, positions, 0 if slot is None else slot)
         return self._decode_forward(tokens[:, None], positions[:, None], kv_len=kv_len, slot=slot)[:, -1]
 
     # -- generation --------------------------------------------------------------------------

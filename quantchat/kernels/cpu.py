@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+# every file of the library (compiled together into one .so; the header is part of the cache key)
+SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"))
+HEADERS = (SOURCE.with_name("cpu_kernels.h"),)
 CXX_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG",
              "-fvisibility=hidden", "-w"]
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -122,7 +125,7 @@ def _build_command(cxx: str, out: Path) -> list[str]:
     inc, lib = _torch_dirs()
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     return [cxx, *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}",
-            str(SOURCE), "-o", str(out),
+            *map(str, SOURCES), "-o", str(out),
             f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
 
 
@@ -132,7 +135,7 @@ def _cache_key(cxx: str) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelsUnavailable(f"C++ compiler {cxx} does not run: {e}") from e
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CXX_FLAGS).encode(), cxx.encode(), version.encode(),
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(CXX_FLAGS).encode(), cxx.encode(), version.encode(),
                  torch.__version__.encode(), str(getattr(torch.version, "git_version", "")).encode(),
                  str(Path(torch.__file__).resolve().parent).encode()):
         h.update(part)

@@ -18,7 +18,9 @@
 // 16 columns: the 8 even columns, then the 8 odd ones; zeros past in_features), so that one
 // vpmovzxbd of 8 packed bytes gives 16 codes: (v & 15) are the even columns, (v >> 4) the odd ones.
 // y[m, n] = sum_g s[n,g] * (sum_{k in g} q[n,k] xp[m,k]) + sum_g min[n,g] Sx[m,g], with the
-// per-group sums Sx computed once per call. Accumulation is float32 (no activation quantization).
+// per-group sums Sx computed once per call (M = 1; M = 2: two weight rows x two x rows). M >= 3 (batched
+// decode): each weight row is dequantized in registers, 16 values at a time (w = code * scale + min),
+// and multiply-added into up to 8 x rows at once. Accumulation is float32 (no activation quantization).
 //
 // Tiles (prefill): each thread dequantizes T rows of the weight into a float32 buffer [T, Kp] (a
 // few hundred KiB, L2-resident) and calls sgemm on it, writing y[:, n0:n0+T] in place.
@@ -31,6 +33,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
+
+#include "cpu_kernels.h"
 
 #include <immintrin.h>
 
@@ -245,6 +249,46 @@ __attribute__((noinline)) void int4_gemv_kernel(const Int4& q, const float* xp, 
       y[(m0 + m) * ldy + n0 + r] = hsum(tot[r][m]) + min_term(mr + r * G, sx + (m0 + m) * G, G);
 }
 
+// Several activation rows (M > 1): the weights of one output row are dequantized 16 at a time in
+// registers (w = code * scale + min: no per-group correction terms) and multiply-added into all MB
+// activation rows, so the unpacking is shared and every FMA is useful work. ACC2 (small MB): even and
+// odd columns accumulate separately, for enough independent FMA chains.
+template <int MB, bool ACC2>
+__attribute__((noinline)) void int4_gemv_dq_kernel(const Int4& q, const float* xp, const float* sr, const float* mr,
+                                                   float* y, int64_t ldy, int64_t n, int64_t m0, bool pf) {
+  const int64_t nb = q.gs / 16, ldw = q.Kp / 2, G = q.G, Kp = q.Kp, gbytes = q.gs / 2;
+  const __m256i mask = _mm256_set1_epi32(15);
+  __m256 acc[MB][ACC2 ? 2 : 1];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    acc[m][0] = _mm256_setzero_ps();
+    if (ACC2) acc[m][ACC2 ? 1 : 0] = _mm256_setzero_ps();
+  }
+  const uint8_t* wr = q.w + n * ldw;
+  if (pf && n + 4 < q.N) {
+    for (int64_t off = 0; off < ldw; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(wr + 4 * ldw + off), _MM_HINT_T0);
+  }
+  const float* xb = xp + m0 * Kp;
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 sv = _mm256_set1_ps(sr[g]), mv = _mm256_set1_ps(mr[g]);
+    const uint8_t* wg = wr + g * gbytes;
+    const float* xg = xb + g * q.gs;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i v = load8_u8_epi32(wg + b * 8);
+      const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), sv, mv);
+      const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), sv, mv);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        acc[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg + m * Kp + b * 16), acc[m][0]);
+        acc[m][ACC2 ? 1 : 0] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + m * Kp + b * 16 + 8), acc[m][ACC2 ? 1 : 0]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    y[(m0 + m) * ldy + n] = hsum(ACC2 ? _mm256_add_ps(acc[m][0], acc[m][ACC2 ? 1 : 0]) : acc[m][0]);
+}
+
 template <int NB>
 void int4_gemv_rows(const Int4& q, const float* xp, const float* sx, int64_t M, float* y, int64_t ldy,
                     int64_t nb, int64_t ne) {
@@ -255,31 +299,36 @@ void int4_gemv_rows(const Int4& q, const float* xp, const float* sx, int64_t M, 
   for (int64_t n = nb; n < ne; n += 4) {
     const int64_t rows = std::min<int64_t>(4, ne - n);
     rows_to_float(q, n, rows, sf, mf);
-    for (int64_t m0 = 0; m0 < M;) {
-      const int64_t mb = std::min<int64_t>(4, M - m0);
-      // prefetch the next rows during the first pass over these (later passes hit the cache)
-      const bool pf = m0 == 0;
-      if (mb == 1) {
-        if (rows == 4) {
-          int4_gemv_kernel<4, 1, NB, true>(q, xp, sx, sf, mf, y, ldy, n, m0, pf);
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            int4_gemv_kernel<1, 1, NB, true>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
-        }
-      } else if (mb == 2) {
-        int64_t r = 0;
-        for (; r + 2 <= rows; r += 2)
-          int4_gemv_kernel<2, 2, NB, false>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
-        for (; r < rows; ++r)
-          int4_gemv_kernel<1, 2, NB, true>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
-      } else if (mb == 3) {
-        for (int64_t r = 0; r < rows; ++r)
-          int4_gemv_kernel<1, 3, NB, true>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
+    if (M == 1) {
+      if (rows == 4) {
+        int4_gemv_kernel<4, 1, NB, true>(q, xp, sx, sf, mf, y, ldy, n, 0, true);
       } else {
         for (int64_t r = 0; r < rows; ++r)
-          int4_gemv_kernel<1, 4, NB, false>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf);
+          int4_gemv_kernel<1, 1, NB, true>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, 0, true);
       }
-      m0 += mb;
+      continue;
+    }
+    if (M == 2 && rows % 2 == 0) {  // two weight rows x two activation rows: as fast as dequantizing here
+      for (int64_t r = 0; r < rows; r += 2)
+        int4_gemv_kernel<2, 2, NB, false>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, 0, true);
+      continue;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s1 = sf + r * G;
+      const float* m1 = mf + r * G;
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const bool pf = m0 == 0;  // prefetch during the first pass over the row
+        switch (std::min<int64_t>(8, M - m0)) {
+          case 1: int4_gemv_dq_kernel<1, true>(q, xp, s1, m1, y, ldy, n + r, m0, pf); break;
+          case 2: int4_gemv_dq_kernel<2, true>(q, xp, s1, m1, y, ldy, n + r, m0, pf); break;
+          case 3: int4_gemv_dq_kernel<3, true>(q, xp, s1, m1, y, ldy, n + r, m0, pf); break;
+          case 4: int4_gemv_dq_kernel<4, true>(q, xp, s1, m1, y, ldy, n + r, m0, pf); break;
+          case 5: int4_gemv_dq_kernel<5, false>(q, xp, s1, m1, y, ldy, n + r, m0, pf); break;
+          case 6: int4_gemv_dq_kernel<6, false>(q, xp, s1, m1, y, ldy, n + r, m0, pf); break;
+          case 7: int4_gemv_dq_kernel<7, false>(q, xp, s1, m1, y, ldy, n + r, m0, pf); break;
+          default: int4_gemv_dq_kernel<8, false>(q, xp, s1, m1, y, ldy, n + r, m0, pf); break;
+        }
+      }
     }
   }
 }
@@ -681,6 +730,16 @@ at::Tensor int8_linear_meta(const at::Tensor& x, const at::Tensor& qweight, cons
 int64_t has_blas() { return sgemm_ != nullptr ? 1 : 0; }
 
 }  // namespace
+
+namespace quantchat_kernels {
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& mins, int64_t group_size, int64_t in_features, int64_t path) {
+  return ::int4_linear(x, packed, scales, mins, group_size, in_features, path);
+}
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t path) {
+  return ::int8_linear(x, qweight, scales, path);
+}
+}  // namespace quantchat_kernels
 
 // the op namespace is a macro only so that benchmark variants can be loaded side by side
 #ifndef QC_NS

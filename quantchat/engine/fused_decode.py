@@ -1,0 +1,128 @@
+"""The fused decode step: all layers of a one-token-per-sequence step in one C++ call.
+
+``Transformer.forward`` (quantchat/model/llama.py) is the reference; at decode its ~15 torch ops per
+layer cost more in dispatch than in arithmetic on a small model. ``FusedDecoder`` hands the same
+weights and KV cache to ``torch.classes.quantchat.DecodePlan`` (quantchat/kernels/decode_step.cpp),
+which runs rmsnorm, the packed linears, rope, the cache write, grouped-query attention, SwiGLU and the
+LM head as plain loops between quantchat's linear kernels. Same results as the model's forward to
+float32 rounding (tests/test_fused_decode.py).
+
+Used by ``Engine.decode`` when the model qualifies (``FusedDecoder.build`` returns None otherwise, with
+the reason in ``unsupported_reason``): CPU, float32 activations and cache, quantchat's kernels built,
+every linear float (``nn.Linear`` / ``TransposedLinear``) or quantchat-kernel int4 / int8, no
+embedding scale or other model-specific extras. ``QUANTCHAT_NO_FUSED=1`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from quantchat.model.linear import TransposedLinear
+from quantchat.model.llama import Transformer
+from quantchat.quant.linear import QuantizedLinear
+
+KIND_FLOAT, KIND_INT4, KIND_INT8, KIND_FLOAT_T = 0, 1, 2, 3
+_EMPTY = torch.empty(0)
+
+
+def _linear_entry(m: nn.Module) -> tuple[list[int], list[Tensor]]:
+    """(kind, group_size, in_features) and the four tensors of one linear, as DecodePlan takes them."""
+    bias = getattr(m, "bias", None)
+    bias = _EMPTY if bias is None else bias.detach().float().contiguous()
+    if isinstance(m, QuantizedLinear):
+        codes = m.resident_codes()
+        if codes is None:
+            raise ValueError("a quantized linear is not in quantchat's kernel layout")
+        if m.bits == 4:
+            return [KIND_INT4, m.group_size, m.in_features], [codes["qweight"], codes["scales"], codes["mins"], bias]
+        return [KIND_INT8, 0, m.in_features], [codes["qweight"], codes["scales"], _EMPTY, bias]
+    if isinstance(m, TransposedLinear):
+        w = m.weight_t.detach()
+        kind = KIND_FLOAT_T
+    elif type(m) is nn.Linear:
+        w = m.weight.detach()
+        kind = KIND_FLOAT
+    else:
+        raise ValueError(f"{type(m).__name__} layers are not supported")
+    if w.dtype != torch.float32 or not w.is_contiguous():
+        raise ValueError("float linears must be contiguous float32")
+    return [kind, 0, m.in_features], [w, _EMPTY, _EMPTY, bias]
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the fused step cannot run this model (None: it can)."""
+    if os.environ.get("QUANTCHAT_NO_FUSED", "").strip() not in ("", "0"):
+        return "disabled by QUANTCHAT_NO_FUSED"
+    if type(model) is not Transformer:
+        return f"{type(model).__name__} is not quantchat's LLaMA-family Transformer"
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return "needs a float32 model on CPU"
+    if not model.layers or model.layers[0].attention.kv_cache is None:
+        return "KV cache not set up"
+    if model.layers[0].attention.kv_cache.k_cache.dtype != torch.float32:
+        return "needs a float32 KV cache"
+    from quantchat.kernels import cpu
+
+    if not cpu.available():
+        return f"quantchat's CPU kernels are unavailable ({cpu.unavailable_reason()})"
+    try:
+        _plan_inputs(model)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _plan_inputs(model: Transformer) -> tuple[list[int], list[Tensor]]:
+    cfg = model.config
+    meta = [cfg.n_layer, cfg.dim, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.sliding_window or 0,
+            cfg.intermediate_size]
+    tensors: list[Tensor] = []
+
+    def add_linear(m: nn.Module) -> None:
+        lm, lt = _linear_entry(m)
+        meta.extend(lm)
+        tensors.extend(lt)
+
+    for layer in model.layers:
+        att, ff = layer.attention, layer.feed_forward
+        tensors.append(layer.attention_norm.weight.detach())
+        add_linear(att.wqkv)
+        add_linear(att.wo)
+        tensors.append(layer.ffn_norm.weight.detach())
+        add_linear(ff.w13)
+        add_linear(ff.w2)
+        tensors += [att.kv_cache.k_cache, att.kv_cache.v_cache]
+    tensors.append(model.norm.weight.detach())
+    add_linear(model.output)
+    tensors += [model.rope_cos, model.rope_sin]
+    return meta, tensors
+
+
+class FusedDecoder:
+    """One decode step for rows in consecutive KV slots: ``step(tokens [B], positions [B], first_slot)``
+    returns logits [B, V]. Holds references to the model's weights and KV cache (no copies)."""
+
+    def __init__(self, model: Transformer) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"fused decode unavailable: {reason}")
+        meta, tensors = _plan_inputs(model)
+        self.model = model
+        self.cache = model.layers[0].attention.kv_cache.k_cache
+        self.plan = torch.classes.quantchat.DecodePlan(meta, float(model.config.norm_eps), tensors)
+
+    @classmethod
+    def build(cls, model: nn.Module) -> "FusedDecoder | None":
+        """A decoder for ``model``, or None when it does not qualify (see ``unsupported_reason``)."""
+        return cls(model) if unsupported_reason(model) is None else None  # type: ignore[arg-type]
+
+    def matches(self, model: nn.Module) -> bool:
+        """Still built on this model's current KV cache (``setup_caches`` reallocates it)."""
+        return model is self.model and model.layers[0].attention.kv_cache.k_cache is self.cache
+
+    def step(self, tokens: Tensor, positions: Tensor, first_slot: int = 0) -> Tensor:
+        x = self.model.tok_embeddings(tokens)
+        return self.plan.run(x, positions, first_slot)

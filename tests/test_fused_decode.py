@@ -1,0 +1,199 @@
+"""The fused C++ decode step (engine/fused_decode.py) against the Python model and transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantchat.engine import fused_decode
+from quantchat.engine.fused_decode import FusedDecoder
+from quantchat.engine.generate import Engine
+from quantchat.kernels import cpu
+from quantchat.loading.hf_loader import load_model
+from quantchat.model.config import ModelConfig
+from quantchat.model.llama import Transformer
+from quantchat.quant.quantize import QuantSpec, quantize_model
+from quantchat.sampling.sampling import SamplingParams
+from tiny_models import make_tiny_llama
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="quantchat's CPU kernels unavailable")
+TOL = 1e-4
+
+
+def random_model(seed: int = 0, **kw) -> Transformer:
+    """A quantchat Transformer with random weights (no transformers needed; any shapes)."""
+    cfg = dict(vocab_size=300, dim=72, n_layer=2, n_head=4, n_kv_head=2, head_dim=18, intermediate_size=100,
+               max_position_embeddings=512)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            else:
+                p.uniform_(0.8, 1.2)
+    return model.eval()
+
+
+def fill_slots(model: Transformer, lengths: list[int], seed: int = 0) -> None:
+    """Prefill slot i with ``lengths[i]`` random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    for slot, n in enumerate(lengths):
+        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
+        model(ids, torch.arange(n)[None], kv_len=n, slot=slot)
+
+
+def python_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, slot: int | None = None) -> torch.Tensor:
+    return model(tokens[:, None], pos[:, None], kv_len=int(pos.max()) + 1, slot=slot)[:, -1]
+
+
+def check_steps(model: Transformer, lengths: list[int], steps: int = 3) -> None:
+    """Batched fused steps == the model's own batched forward; the caches stay equal too."""
+    B = len(lengths)
+    model.setup_caches(B, 256)
+    fused = FusedDecoder(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        fill_slots(model, lengths)
+        caches = [(lay.attention.kv_cache.k_cache.clone(), lay.attention.kv_cache.v_cache.clone())
+                  for lay in model.layers]
+        pos = torch.tensor(lengths)
+        for _ in range(steps):
+            tok = torch.randint(0, model.config.vocab_size, (B,), generator=g)
+            got = fused.step(tok, pos)
+            fused_caches = [(lay.attention.kv_cache.k_cache.clone(), lay.attention.kv_cache.v_cache.clone())
+                            for lay in model.layers]
+            for lay, (k, v) in zip(model.layers, caches):  # rerun the step on the Python path from the old cache
+                lay.attention.kv_cache.k_cache.copy_(k)
+                lay.attention.kv_cache.v_cache.copy_(v)
+            want = python_step(model, tok, pos)
+            assert got.shape == want.shape
+            assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item())
+            for lay, (k, v) in zip(model.layers, fused_caches):
+                assert torch.allclose(lay.attention.kv_cache.k_cache, k, atol=1e-5)
+                assert torch.allclose(lay.attention.kv_cache.v_cache, v, atol=1e-5)
+            caches = fused_caches
+            pos = pos + 1
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"n_kv_head": 4}, {"n_kv_head": 1}, {"tie_word_embeddings": True},
+    {"attention_bias": True, "mlp_bias": True}, {"sliding_window": 6, "model_type": "mistral"},
+    {"dim": 64, "head_dim": 16, "intermediate_size": 128},
+], ids=["gqa", "mha", "mqa", "tied", "bias", "window", "aligned"])
+def test_float_fused_matches_python_path(kw):
+    check_steps(random_model(**kw), [5, 17, 9, 30])
+
+
+@pytest.mark.parametrize("method,group", [("int4-asym", 32), ("int4-sym", 64), ("int8", None)])
+def test_quantized_fused_matches_python_path(method, group):
+    model = random_model(dim=128, head_dim=32, intermediate_size=192)
+    quantize_model(model, QuantSpec.for_method(method, group))
+    check_steps(model, [3, 40, 11], steps=2)
+
+
+def test_one_slot_and_long_context():
+    model = random_model()
+    model.setup_caches(3, 256)
+    fused = FusedDecoder(model)
+    with torch.inference_mode():
+        fill_slots(model, [4, 200, 7])
+        tok, pos = torch.tensor([11]), torch.tensor([200])
+        saved = [lay.attention.kv_cache.k_cache.clone() for lay in model.layers]
+        got = fused.step(tok, pos, first_slot=1)
+        for lay, k in zip(model.layers, saved):
+            lay.attention.kv_cache.k_cache.copy_(k)
+        want = python_step(model, tok, pos, slot=1)
+    assert (got - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kw", [{"n_kv_head": 2}, {"n_kv_head": 4, "tie": True},
+                                {"model_type": "mistral", "sliding_window": 8},
+                                {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                  "original_max_position_embeddings": 64}}],
+                         ids=["gqa", "mha-tied", "mistral-window", "yarn"])
+def test_fused_matches_transformers(tmp_path, kw):
+    ref = make_tiny_llama(tmp_path, **kw)
+    model = load_model(tmp_path)  # float32 on CPU: wide layers transposed (TransposedLinear)
+    model.setup_caches(1, 64)
+    fused = FusedDecoder(model)
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(3, model.config.vocab_size, (1, 12), generator=g)
+    with torch.inference_mode():
+        model(seq, torch.arange(12)[None], kv_len=12)
+        for _ in range(10):
+            nxt = torch.randint(3, model.config.vocab_size, (1,), generator=g)
+            got = fused.step(nxt, torch.tensor([seq.shape[1]]))
+            seq = torch.cat([seq, nxt[None]], dim=1)
+            want = ref(seq).logits[:, -1]
+            assert (want - got).abs().max().item() <= TOL
+
+
+class IdsOnlyTokenizer:
+    eos_ids: set[int] = set()
+
+    def stream_decoder(self, skip_special_tokens: bool = True):
+        class D:
+            def push(self, t):
+                return ""
+
+            def flush(self):
+                return ""
+        return D()
+
+
+def test_engine_uses_fused_and_generates_the_same(monkeypatch):
+    model = random_model(dim=128, head_dim=32, intermediate_size=192)
+    quantize_model(model, QuantSpec.for_method("int4-asym", 32))
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+    prompt = [5, 9, 200, 17, 3]
+    fast = Engine(model, IdsOnlyTokenizer(), max_seq_len=128)
+    assert fast.fused is not None
+    calls = []
+    real = fast.fused.step
+    monkeypatch.setattr(fast.fused, "step", lambda *a: calls.append(1) or real(*a))
+    got = [c.token for c in fast.generate(prompt, params) if c.token is not None]
+    assert len(calls) == 23
+    slow = Engine(model, IdsOnlyTokenizer(), max_seq_len=128, fused=False)
+    assert slow.fused is None
+    want = [c.token for c in slow.generate(prompt, params) if c.token is not None]
+    assert got == want
+
+
+def test_batched_engine_generation_is_unchanged():
+    model = random_model(dim=128, head_dim=32, intermediate_size=192, n_kv_head=1)
+    quantize_model(model, QuantSpec.for_method("int8"))
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [250]]
+    fast = Engine(model, IdsOnlyTokenizer(), max_seq_len=64, max_batch=3).generate_batch(prompts, params)
+    slow = Engine(model, IdsOnlyTokenizer(), max_seq_len=64, max_batch=3, fused=False).generate_batch(prompts, params)
+    assert fast == slow
+
+
+def test_unsupported_models_fall_back_with_a_reason(monkeypatch):
+    model = random_model().to(torch.bfloat16)
+    model.setup_caches(1, 32)
+    assert "float32" in fused_decode.unsupported_reason(model)
+    assert FusedDecoder.build(model) is None
+    with pytest.raises(ValueError, match="float32"):
+        FusedDecoder(model)
+    model = random_model()
+    assert "KV cache" in fused_decode.unsupported_reason(model)
+    model.setup_caches(1, 32)
+    assert fused_decode.unsupported_reason(model) is None
+    monkeypatch.setenv("QUANTCHAT_NO_FUSED", "1")
+    assert "QUANTCHAT_NO_FUSED" in fused_decode.unsupported_reason(model)
+    assert Engine(model, IdsOnlyTokenizer(), max_seq_len=32).fused is None
+
+
+def test_rebuilt_cache_is_noticed_and_bad_positions_refused():
+    model = random_model()
+    eng = Engine(model, IdsOnlyTokenizer(), max_seq_len=32, max_batch=2)
+    assert eng.fused.matches(model)
+    with pytest.raises(RuntimeError, match="position"):
+        eng.fused.step(torch.tensor([1]), torch.tensor([32]))
+    with pytest.raises(RuntimeError, match="slots"):
+        eng.fused.step(torch.tensor([1, 2]), torch.tensor([3, 4]), 1)
+    model.setup_caches(2, 16)  # a new cache: the plan no longer matches, decode falls back
+    assert not eng.fused.matches(model)
