@@ -364,6 +364,50 @@ def test_scheduler_kv_compaction_mixed_lengths(worker):
     assert [results[i] for i in range(6)] == solo
 
 
+def test_grouped_prefill_of_waiting_prompts(tiny_dir, monkeypatch):
+    """Prompts waiting together are prefilled in one padded forward (short ones), long or logprob prompts
+    on their own; every answer equals its solo run, token limits 0 and 1 included."""
+    from quantchat.engine import scheduler as sched_mod
+    from quantchat.engine.scheduler import Scheduler, Sequence
+    from quantchat.sampling.sampling import SamplingParams
+
+    monkeypatch.setattr(sched_mod, "PREFILL_STEP", 16)  # prompts over 16 tokens take the chunked path
+    eng = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=4).engine
+    prompts = [list(b"ab" * (i + 1)) for i in range(7)] + [list(b"long prompt " * 3), list(b"lp")]
+    lims = [4, 0, 9, 1, 6, 12, 3, 7, 5]
+    solo = [eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))[0]
+            for p, n in zip(prompts, lims)]
+    sch = Scheduler(eng)
+    groups: list[int] = []
+    real = sch._prefill_group
+    monkeypatch.setattr(sch, "_prefill_group", lambda g: groups.append(len(g)) or real(g))
+    results: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    reasons: dict[int, str] = {}
+    done = threading.Event()
+
+    def sink_for(i):
+        def sink(ev):
+            results[i] += ev.token_ids
+            if ev.finish_reason:
+                reasons[i] = ev.finish_reason
+                if len(reasons) == len(prompts):
+                    done.set()
+        return sink
+
+    for i, (p, n) in enumerate(zip(prompts, lims)):  # all waiting before the loop starts
+        sch.submit(Sequence(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True), sink_for(i),
+                            prompt_logprobs=i == 8, logprobs=0 if i == 8 else None))
+    sch.start()
+    try:
+        assert done.wait(60)
+    finally:
+        sch.stop()
+    assert [results[i] for i in range(len(prompts))] == solo
+    assert all(reasons[i] == "length" for i in range(len(prompts)))
+    assert groups and groups[0] == 4 and max(groups) <= 4  # the first four short prompts in one forward
+    assert sum(groups) == 7  # every short prompt went through a group; the long and the logprob one did not
+
+
 def test_metrics(server, client):
     client.completions.create(model="tiny", prompt="abc", max_tokens=2)
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text

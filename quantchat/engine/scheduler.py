@@ -3,7 +3,9 @@
 One background thread owns the model. Decoding sequences sit in KV slots ``0..d-1`` (so a
 decode step is one batched forward over a contiguous block of the cache, no gather); the one
 sequence being prefilled sits in slot ``d`` and is prefilled a chunk at a time between decode
-steps, so a long prompt never stalls the others for long. When a sequence finishes (or its
+steps, so a long prompt never stalls the others for long. Short prompts (one chunk, no prompt
+logprobs) that wait together are prefilled together: one right-padded forward into slots
+``d, d+1, ...`` (on CPU the weights are unpacked once for all of them instead of once each). When a sequence finishes (or its
 client goes away) the last decoding slot's KV is copied into its hole. KV slots are allocated
 once (``Engine(max_batch=...)``), never per request.
 
@@ -35,6 +37,7 @@ from quantchat.sampling.sampling import (
 )
 
 PREFILL_STEP = 256  # prompt tokens prefilled between two decode steps
+GROUP_PREFILL_TOKENS = 2048  # rows x padded length of one grouped prefill of short prompts
 
 
 @dataclass
@@ -183,7 +186,9 @@ class Scheduler:
                     if not self.running:
                         break
                 self._drop_cancelled()
-                self._admit()
+                group = self._admit()
+                if group:
+                    self._prefill_group(group)
                 if self.prefilling is not None:
                     self._prefill_step()
                 if self.decoding:
@@ -197,15 +202,60 @@ class Scheduler:
             self.running = False
             raise
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Sequence]:
+        """Start the next waiting sequence (its prefill runs chunk by chunk), or return a group of
+        waiting short prompts to prefill together now."""
+        group: list[Sequence] = []
         with self.cond:
-            if self.prefilling is None and len(self.decoding) < self.max_batch and self.waiting:
-                seq = self.waiting.popleft()
-                seq._gen = make_generator(seq.params.seed, self.engine.device)
-                seq._stopper = StopStringMatcher(seq.params.stop)
-                seq.prefilled = 0
-                self.prefilling = seq
-                self.prompt_tokens_total += len(seq.prompt)
+            if self.prefilling is not None:
+                return group
+            free = self.max_batch - len(self.decoding)
+            longest = 0
+            while self.waiting and len(group) < free:
+                seq = self.waiting[0]
+                short = len(seq.prompt) <= PREFILL_STEP and not seq.prompt_logprobs
+                if not short and not group:  # a long prompt: chunked prefill in slot d
+                    self._start(self.waiting.popleft())
+                    self.prefilling = seq
+                    return group
+                if not short or max(longest, len(seq.prompt)) * (len(group) + 1) > GROUP_PREFILL_TOKENS:
+                    break
+                self._start(self.waiting.popleft())
+                group.append(seq)
+                longest = max(longest, len(seq.prompt))
+        return group
+
+    def _start(self, seq: Sequence) -> None:
+        seq._gen = make_generator(seq.params.seed, self.engine.device)
+        seq._stopper = StopStringMatcher(seq.params.stop)
+        seq.prefilled = 0
+        self.prompt_tokens_total += len(seq.prompt)
+
+    @torch.inference_mode()
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        """Prefill short prompts in one forward (right-padded; the padding's KV lands past each prompt's
+        end, where the sequence's own tokens overwrite it before anything reads it), into slots d.."""
+        d, dev = len(self.decoding), self.engine.device
+        T = max(len(s.prompt) for s in group)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        for i, s in enumerate(group):
+            ids[i, :len(s.prompt)] = torch.tensor(s.prompt)
+        pos = torch.arange(T).expand(len(group), T)
+        keep = torch.tensor([len(s.prompt) - 1 for s in group])
+        logits = self.engine.model(ids.to(dev), pos.to(dev), kv_len=T, slot=d, keep=keep.to(dev))[:, 0]
+        done = []
+        for i, seq in enumerate(group):
+            seq.prefilled = len(seq.prompt)
+            self.engine.slot_tokens[d + i] = list(seq.prompt)
+            self.decoding.append(seq)
+            first = SeqEvent(prompt_tokens=len(seq.prompt))
+            if seq.params.max_new_tokens == 0:
+                first.finish_reason = "length"
+                self._emit_final(seq, first)
+                done.append(d + i)
+            elif self._sample(seq, logits[i:i + 1], first):
+                done.append(d + i)
+        self._remove(done)
 
     def _drop_cancelled(self) -> None:
         with self.cond:

@@ -10,7 +10,7 @@ slower than a float32 matmul on AVX2-only CPUs. These kernels read the portable 
   points; read with F16C). x has ``in_features`` columns (no padding needed).
 * ``int8_linear(x, qweight, scales)``: qweight int8 [N, K], scales float32 [N]; w = q * scale.
 
-Small M (decode, M <= 8; int8: 12) runs a float32 GEMV straight from the packed codes (AVX2 unpack + FMA,
+Small M (decode, M <= 12) runs a float32 GEMV straight from the packed codes (AVX2 unpack + FMA,
 threads split the output rows); larger M (prefill) dequantizes tiles of rows into an L2-sized
 float32 buffer per thread and runs sgemm on them. Results match dequantize-then-matmul to float32
 rounding (the activations are not quantized). Threads: torch's pool (``torch.get_num_threads()``).
@@ -55,7 +55,7 @@ REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 BUILD_TIMEOUT_S = 600
 KEEP_BUILDS = 4  # cached builds kept in kernels_dir() (one per source version / torch / compiler)
 
-# kernel choice (the ``path`` argument): AUTO = float GEMV for M <= 8 (int8: 12), tiles + sgemm above; GEMV / TILED
+# kernel choice (the ``path`` argument): AUTO = float GEMV for M <= 12, tiles + sgemm above; GEMV / TILED
 # force one (tests, benchmarks). int4 only, opt-in: GEMV_I16 = GEMV with the activations rounded to
 # int16 per weight group (exact integer products; ~1.2-1.7x faster than the float GEMV, output error
 # ~2e-5 of its magnitude: far below bfloat16 rounding, but not float32-exact); AUTO_I16 = that GEMV

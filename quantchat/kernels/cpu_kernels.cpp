@@ -4,7 +4,7 @@
 // registered as torch ops:
 //   torch.ops.quantchat.int4_linear(x, packed, scales, mins, group_size, in_features, path=0)
 //   torch.ops.quantchat.int8_linear(x, qweight, scales, path=0)
-// path: 0 = auto (float GEMV for M <= 8 (int8: 12), dequantized tiles + sgemm above), 1 = float GEMV,
+// path: 0 = auto (float GEMV for M <= 12 (int8: 12), dequantized tiles + sgemm above), 1 = float GEMV,
 // 2 = tiles, int4 only: 3 = GEMV with int16 activations, 4 = auto with the int16 GEMV for M <= 12.
 //
 // int4 format (quantchat.quant.rtn, stored as is): packed uint8 [N, Kp/2], byte j of a row holds
@@ -53,7 +53,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace {
 
 // auto path: GEMV for M <= these, dequantized tiles + sgemm above (measured crossovers, 1 thread)
-constexpr int64_t kMaxGemvM = 8;      // int4, float GEMV
+constexpr int64_t kMaxGemvM = 12;     // int4, float GEMV
 constexpr int64_t kMaxGemvI16M = 12;  // int4, int16-activation GEMV (path 4)
 constexpr int64_t kMaxGemvM8 = 12;    // int8
 #ifndef QC_TILE_KIB

@@ -27,8 +27,8 @@ class KVCache(nn.Module):
         """Write k/v [B, H, T, D] at ``input_pos`` [B, T]; return the cached k/v of positions [0, kv_len)."""
         B, _, T, _ = k.shape
         kc, vc = self.k_cache, self.v_cache
-        if slot is not None:
-            kc, vc = kc[slot:slot + 1], vc[slot:slot + 1]
+        if slot is not None:  # rows slot .. slot + B - 1
+            kc, vc = kc[slot:slot + B], vc[slot:slot + B]
         else:
             kc, vc = kc[:B], vc[:B]
         if B == 1:

@@ -209,13 +209,16 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         slot: int | None = None,
         last_only: bool = False,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """Logits for ``idx`` [B, T].
 
         Without ``input_pos`` this is a plain causal forward (no cache; perplexity, scoring).
         With ``input_pos`` [B, T] the new keys/values are written into the cache at those
-        positions and attention reads cache positions ``[0, kv_len)``; ``slot`` picks one cache
-        row for a B=1 call (prefill of one sequence), otherwise rows ``0..B-1`` are used.
+        positions and attention reads cache positions ``[0, kv_len)``; the B rows use cache rows
+        ``slot .. slot + B - 1`` (``slot`` None: ``0 .. B-1``). ``last_only`` returns the last
+        position's logits only; ``keep`` [B] those of position ``keep[b]`` of each row (a right-padded
+        batch of prompts).
         """
         B, T = idx.shape
         window = self.config.sliding_window
@@ -243,6 +246,8 @@ class Transformer(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask, kv_len, slot, fresh)
-        if last_only:
+        if keep is not None:
+            x = x[torch.arange(B, device=x.device), keep][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))

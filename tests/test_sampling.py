@@ -1,0 +1,47 @@
+"""Sampling: the draw is exact and seeded; temperature, top-k and top-p restrict it as documented."""
+
+from __future__ import annotations
+
+import torch
+
+from quantchat.sampling.sampling import SamplingParams, draw, make_generator, sample_token, sampling_probs
+
+
+def test_draw_follows_the_distribution():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    g = make_generator(1)
+    n = 20000
+    counts = torch.bincount(torch.tensor([draw(probs, g) for _ in range(n)]), minlength=6).double()
+    assert counts[0] == counts[2] == counts[5] == 0  # zero weight: never drawn
+    expected = probs.double() * n
+    sd = (expected * (1 - probs.double())).sqrt()
+    assert ((counts - expected).abs() <= 5 * sd + 1e-9).all(), counts
+
+
+def test_draw_takes_unnormalized_weights_and_edge_rows():
+    g = make_generator(0)
+    assert draw(torch.tensor([0.0, 0.0, 7.0]), g) == 2
+    assert draw(torch.tensor([3.0]), g) == 0
+    assert {draw(torch.tensor([2.0, 0.0, 2.0, 0.0]), g) for _ in range(200)} == {0, 2}
+
+
+def test_seeded_sampling_repeats_and_seeds_differ():
+    logits = torch.randn(50000, generator=torch.Generator().manual_seed(3)) * 2
+    p = SamplingParams(temperature=1.0)
+    a = [sample_token(logits, p, None, make_generator(7)) for _ in range(3)]
+    assert len(set(a)) == 1
+    g1, g2 = make_generator(7), make_generator(8)
+    s1 = [sample_token(logits, p, None, g1) for _ in range(20)]
+    s2 = [sample_token(logits, p, None, g2) for _ in range(20)]
+    assert s1 != s2
+
+
+def test_top_k_top_p_and_greedy_restrict_the_support():
+    logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0, -2.0])
+    g = make_generator(0)
+    assert {sample_token(logits, SamplingParams(temperature=1.0, top_k=2), None, g) for _ in range(300)} == {0, 1}
+    probs = torch.softmax(logits, -1)  # 0.66, 0.24, 0.09, ...: top_p 0.8 keeps the first two
+    kept = sampling_probs(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    assert (kept[2:] == 0).all() and torch.allclose(kept[:2], probs[:2] / probs[:2].sum())
+    assert {sample_token(logits, SamplingParams(temperature=1.0, top_p=0.8), None, g) for _ in range(300)} == {0, 1}
+    assert sample_token(logits, SamplingParams(temperature=0.0), None, g) == 0
