@@ -45,3 +45,16 @@ def test_top_k_top_p_and_greedy_restrict_the_support():
     assert (kept[2:] == 0).all() and torch.allclose(kept[:2], probs[:2] / probs[:2].sum())
     assert {sample_token(logits, SamplingParams(temperature=1.0, top_p=0.8), None, g) for _ in range(300)} == {0, 1}
     assert sample_token(logits, SamplingParams(temperature=0.0), None, g) == 0
+
+
+def test_sample_rows_equals_one_by_one():
+    from quantchat.sampling.sampling import sample_rows
+
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(2)) * 3
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8),
+              SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=0.5, repetition_penalty=1.2),
+              SamplingParams(temperature=1.3)]
+    got = sample_rows(logits, params, [make_generator(i) for i in range(5)])
+    assert got[2] is None and got[3] is None  # top-k and penalties: row by row
+    want = [sample_token(logits[i], params[i], None, make_generator(i)) for i in range(5)]
+    assert [got[i] for i in (0, 1, 4)] == [want[i] for i in (0, 1, 4)]

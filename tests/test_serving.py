@@ -408,12 +408,71 @@ def test_grouped_prefill_of_waiting_prompts(tiny_dir, monkeypatch):
     assert sum(groups) == 7  # every short prompt went through a group; the long and the logprob one did not
 
 
+def run_scheduled(sch, prompts, lims) -> list[list[int]]:
+    """Submit greedy sequences together and wait for all of them; their token ids."""
+    from quantchat.engine.scheduler import Sequence
+    from quantchat.sampling.sampling import SamplingParams
+
+    results: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    done, finished = threading.Event(), []
+
+    def sink_for(i):
+        def sink(ev):
+            results[i] += ev.token_ids
+            if ev.finish_reason:
+                finished.append(i)
+                if len(finished) == len(prompts):
+                    done.set()
+        return sink
+
+    for i, (p, n) in enumerate(zip(prompts, lims)):
+        sch.submit(Sequence(list(p), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True), sink_for(i)))
+    assert done.wait(60)
+    return [results[i] for i in range(len(prompts))]
+
+
+def test_prefix_reuse_shared_prompt_and_next_turn(tiny_dir, monkeypatch):
+    """A prompt sharing a prefix with a slot's KV (another request's, or a finished answer's) computes only
+    the rest, and answers exactly as when computed from scratch."""
+    from quantchat.engine.scheduler import Scheduler
+    from quantchat.sampling.sampling import SamplingParams
+
+    eng = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=3).engine
+    greedy = lambda p, n: eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n,  # noqa: E731
+                                                                 ignore_eos=True))[0]
+    system = list(b"<s>system: be brief</s>")
+    first = system + list(b"<s>user: hi</s>")
+    others = [system + list(b"<s>user: what is up</s>"), system + list(b"<s>user: bye</s>")]
+    want_first = greedy(first, 6)
+    sch = Scheduler(eng).start()
+    try:
+        eng.slot_tokens = [[] for _ in eng.slot_tokens]  # nothing cached yet
+        assert run_scheduled(sch, [first], [6]) == [want_first]
+        assert sch.prompt_tokens_cached_total == 0
+        # the finished answer stays in its slot: the next turn reuses prompt + answer (all but the newest token)
+        turn2 = first + want_first + list(b"<s>user: more</s>")
+        cached0 = sch.prompt_tokens_cached_total
+        got_turn2 = run_scheduled(sch, [turn2], [5])[0]
+        assert sch.prompt_tokens_cached_total - cached0 == len(first) + len(want_first) - 1
+        # two new prompts with the shared system prompt, prefilled together, each from the cached prefix
+        cached0 = sch.prompt_tokens_cached_total
+        got_others = run_scheduled(sch, others, [4, 7])
+        assert sch.prompt_tokens_cached_total - cached0 >= 2 * len(system)
+    finally:
+        sch.stop()
+    fresh = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=1).engine
+    solo = lambda p, n: fresh.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n,  # noqa: E731
+                                                                 ignore_eos=True))[0]
+    assert got_turn2 == solo(turn2, 5)
+    assert got_others == [solo(others[0], 4), solo(others[1], 7)]
+
+
 def test_metrics(server, client):
     client.completions.create(model="tiny", prompt="abc", max_tokens=2)
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
     for name in ("quantchat_requests_total", "quantchat_prompt_tokens_total", "quantchat_generation_tokens_total",
                  "quantchat_generation_tokens_per_second", "quantchat_queue_length", "quantchat_running_batch",
-                 "quantchat_kv_cache_usage_ratio"):
+                 "quantchat_kv_cache_usage_ratio", "quantchat_prompt_tokens_cached_total"):
         assert f"\n{name}" in "\n" + text, name
     assert 'route="/v1/completions",status="200"' in text
 

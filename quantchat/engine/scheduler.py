@@ -5,7 +5,12 @@ decode step is one batched forward over a contiguous block of the cache, no gath
 sequence being prefilled sits in slot ``d`` and is prefilled a chunk at a time between decode
 steps, so a long prompt never stalls the others for long. Short prompts (one chunk, no prompt
 logprobs) that wait together are prefilled together: one right-padded forward into slots
-``d, d+1, ...`` (on CPU the weights are unpacked once for all of them instead of once each). When a sequence finishes (or its
+``d, d+1, ...`` (on CPU the weights are unpacked once for all of them instead of once each).
+
+Prefix reuse: ``engine.slot_tokens[i]`` always names tokens whose KV slot ``i`` holds (free slots
+keep what their last sequence left, a finished sequence's answer included). A new prompt starts
+from the longest such prefix found in any slot (copied into its own slot when elsewhere): a shared
+system prompt, or a chat's earlier turns, are not computed again. When a sequence finishes (or its
 client goes away) the last decoding slot's KV is copied into its hole. KV slots are allocated
 once (``Engine(max_batch=...)``), never per request.
 
@@ -33,6 +38,7 @@ from quantchat.sampling.sampling import (
     apply_openai_penalties,
     apply_repetition_penalty,
     make_generator,
+    sample_rows,
     sample_token,
 )
 
@@ -123,6 +129,7 @@ class Scheduler:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.decode_steps = 0
+        self.prompt_tokens_cached_total = 0  # prompt tokens whose KV was reused, not computed
         self.started_at = time.time()
 
     # -- public, any thread -------------------------------------------------------------------
@@ -174,6 +181,7 @@ class Scheduler:
             "max_batch": self.max_batch,
             "kv_cache_usage": self.kv_usage(),
             "decode_steps": self.decode_steps,
+            "prompt_tokens_cached_total": self.prompt_tokens_cached_total,
         }
 
     # -- the loop (scheduler thread only) -----------------------------------------------------
@@ -216,6 +224,7 @@ class Scheduler:
                 short = len(seq.prompt) <= PREFILL_STEP and not seq.prompt_logprobs
                 if not short and not group:  # a long prompt: chunked prefill in slot d
                     self._start(self.waiting.popleft())
+                    self._reuse_prefix(seq, len(self.decoding))
                     self.prefilling = seq
                     return group
                 if not short or max(longest, len(seq.prompt)) * (len(group) + 1) > GROUP_PREFILL_TOKENS:
@@ -236,13 +245,16 @@ class Scheduler:
         """Prefill short prompts in one forward (right-padded; the padding's KV lands past each prompt's
         end, where the sequence's own tokens overwrite it before anything reads it), into slots d.."""
         d, dev = len(self.decoding), self.engine.device
-        T = max(len(s.prompt) for s in group)
+        starts = [self._reuse_prefix(seq, d + i) for i, seq in enumerate(group)]
+        T = max(len(s.prompt) - st for s, st in zip(group, starts))
         ids = torch.zeros(len(group), T, dtype=torch.long)
-        for i, s in enumerate(group):
-            ids[i, :len(s.prompt)] = torch.tensor(s.prompt)
-        pos = torch.arange(T).expand(len(group), T)
-        keep = torch.tensor([len(s.prompt) - 1 for s in group])
-        logits = self.engine.model(ids.to(dev), pos.to(dev), kv_len=T, slot=d, keep=keep.to(dev))[:, 0]
+        for i, (s, st) in enumerate(zip(group, starts)):
+            ids[i, :len(s.prompt) - st] = torch.tensor(s.prompt[st:])
+        # padding positions past the context are clamped (their KV is never read)
+        pos = (torch.tensor(starts)[:, None] + torch.arange(T)).clamp(max=self.engine.max_seq_len - 1)
+        keep = torch.tensor([len(s.prompt) - st - 1 for s, st in zip(group, starts)])
+        logits = self.engine.model(ids.to(dev), pos.to(dev), kv_len=int(pos.max()) + 1, slot=d,
+                                   keep=keep.to(dev))[:, 0]
         done = []
         for i, seq in enumerate(group):
             seq.prefilled = len(seq.prompt)
@@ -313,11 +325,13 @@ class Scheduler:
         positions = torch.tensor([len(s.prompt) + len(s.generated) - 1 for s in self.decoding], device=dev)
         logits = self.engine.decode(tokens, positions)
         self.decode_steps += 1
-        done = [i for i, seq in enumerate(self.decoding) if self._sample(seq, logits[i:i + 1], SeqEvent())]
+        drawn = sample_rows(logits, [s.params for s in self.decoding], [s._gen for s in self.decoding])
+        done = [i for i, seq in enumerate(self.decoding) if self._sample(seq, logits[i:i + 1], SeqEvent(), drawn[i])]
         self._remove(done)
 
-    def _sample(self, seq: Sequence, logits: Tensor, event: SeqEvent) -> bool:
-        """Pick the next token for ``seq`` from logits [1, V]; emit it; return whether the sequence ended."""
+    def _sample(self, seq: Sequence, logits: Tensor, event: SeqEvent, token: int | None = None) -> bool:
+        """Pick the next token for ``seq`` from logits [1, V] (unless ``sample_rows`` drew it: ``token``);
+        emit it; return whether the sequence ended."""
         p = seq.params
         history = None
         if p.repetition_penalty != 1.0:
@@ -325,7 +339,8 @@ class Scheduler:
         if p.presence_penalty or p.frequency_penalty:
             out = torch.tensor(seq.generated, dtype=torch.long, device=logits.device)
             logits = apply_openai_penalties(logits[0], out, p.presence_penalty, p.frequency_penalty)[None]
-        token = sample_token(logits[0], p, history, seq._gen)
+        if token is None:
+            token = sample_token(logits[0], p, history, seq._gen)
         now = time.perf_counter()
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -358,6 +373,25 @@ class Scheduler:
         self._emit_final(seq, event)
         return True
 
+    def _reuse_prefix(self, seq: Sequence, slot: int) -> int:
+        """Put the longest cached prefix of ``seq.prompt`` (at most all but its last token) into ``slot``;
+        returns its length (prefill starts there). Sequences that want prompt logprobs compute all."""
+        best, src = 0, slot
+        if not seq.prompt_logprobs:
+            prompt, limit = seq.prompt, len(seq.prompt) - 1
+            for i, toks in enumerate(self.engine.slot_tokens):
+                n, top = 0, min(limit, len(toks))
+                while n < top and toks[n] == prompt[n]:
+                    n += 1
+                if n > best or (n == best and i == slot):
+                    best, src = n, i
+        if best and src != slot:
+            self._copy_kv(src, slot, best)
+        self.engine.slot_tokens[slot] = seq.prompt[:best]
+        seq.prefilled = best
+        self.prompt_tokens_cached_total += best
+        return best
+
     def _remove(self, indices: list[int]) -> None:
         """Take finished rows out of the decoding block, keeping it contiguous from slot 0."""
         if not indices:
@@ -365,7 +399,10 @@ class Scheduler:
         old_d = len(self.decoding)
         for i in sorted(indices, reverse=True):
             last = len(self.decoding) - 1
-            if i != last:
+            if i == last:  # its KV stays where it is, answer included: a later turn may reuse it
+                seq = self.decoding[i]
+                self.engine.slot_tokens[i] = seq.prompt + seq.generated[:-1]
+            else:
                 moved = self.decoding[last]
                 self._copy_slot(last, i, moved.length)
                 self.decoding[i] = moved
@@ -375,11 +412,14 @@ class Scheduler:
             self._copy_slot(old_d, new_d, self.prefilling.prefilled)
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
+        self._copy_kv(src, dst, length)
+        self.engine.slot_tokens[dst] = self.engine.slot_tokens[src][:length]
+
+    def _copy_kv(self, src: int, dst: int, length: int) -> None:
         for layer in self.engine.model.layers:
             cache = layer.attention.kv_cache
             cache.k_cache[dst, :, :length] = cache.k_cache[src, :, :length]
             cache.v_cache[dst, :, :length] = cache.v_cache[src, :, :length]
-        self.engine.slot_tokens[dst] = self.engine.slot_tokens[src][:length]
 
     def _emit(self, seq: Sequence, event: SeqEvent) -> None:
         event.prompt_tokens = len(seq.prompt)

@@ -107,3 +107,26 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> int:
     if idx >= probs.shape[-1]:  # u rounded up to the total: the last token with weight
         idx = int(torch.nonzero(probs > 0)[-1])
     return idx
+
+
+def sample_rows(logits: Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[int | None]:
+    """Next tokens for the rows of logits [B, V] that need nothing row-specific: greedy rows, and plain
+    temperature rows (no top-k / top-p / penalties) drawn together, each with its own generator (same
+    draw as ``sample_token``). Other rows get None: sample them one by one with ``sample_token``."""
+    out: list[int | None] = [None] * len(params)
+    plain = lambda p: p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty  # noqa: E731
+    greedy = [i for i, p in enumerate(params) if plain(p) and p.greedy]
+    if greedy:
+        for i, t in zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist()):
+            out[i] = t
+    hot = [i for i, p in enumerate(params) if plain(p) and not p.greedy and p.top_k == 0 and p.top_p >= 1.0]
+    if hot:
+        temps = torch.tensor([max(params[i].temperature, 1e-5) for i in hot], device=logits.device)
+        cdf = torch.softmax(logits[hot].float() / temps[:, None], dim=-1).double().cumsum(-1)
+        u = torch.cat([torch.rand((1,), dtype=torch.float64, generator=generators[i], device=logits.device)
+                       for i in hot]) * cdf[:, -1]
+        picked = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].tolist()
+        for i, t in zip(hot, picked):
+            out[i] = t if t < logits.shape[-1] else None  # u rounded up to the total: sample alone
+    return out

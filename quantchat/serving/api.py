@@ -184,6 +184,10 @@ class Metrics:
             "quantchat_kv_cache_usage_ratio": ("gauge", "fraction of KV-cache positions in use",
                                                backend_stats.get("kv_cache_usage", 0.0)),
         }
+        if "prompt_tokens_cached_total" in backend_stats:
+            gauges["quantchat_prompt_tokens_cached_total"] = (
+                "counter", "prompt tokens whose KV was reused from a slot (prefix reuse)",
+                backend_stats["prompt_tokens_cached_total"])
         if "workers" in backend_stats:
             gauges["quantchat_workers"] = ("gauge", "live workers", backend_stats["workers"])
         for name, (kind, help_, value) in gauges.items():
