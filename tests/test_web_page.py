@@ -336,7 +336,6 @@ def test_chat_page_conversation(servers, browser, tmp_path):
 
 
 def test_chat_page_errors_shown(servers, browser):
-    from selenium.webdriver.common.by import By
 
     d = browser
     open_page(d, servers["open"].base)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from quantchat.cli.common import add_model_args, add_sampling_args, load_from_args, sampling_from_args, status
 from quantchat.errors import QuantchatError
+from quantchat.quant.calibration import EVAL_TOKENS
 
-DEFAULT_MAX_TOKENS = 32768
+DEFAULT_MAX_TOKENS = EVAL_TOKENS  # calibration windows from the built-in corpus skip these
 
 
 # -- shared helpers --------------------------------------------------------------------------------

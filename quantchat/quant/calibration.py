@@ -20,6 +20,9 @@ from quantchat.errors import QuantchatError
 from quantchat.kvcache.cache import attention_mask
 
 Progress = Callable[[int, int], None] | None  # (blocks done, blocks in all)
+# the built-in corpus's first tokens are what `quantchat eval ppl` scores by default: calibration windows
+# from the built-in corpus start after them, so quantization never sees the text it is judged on
+EVAL_TOKENS = 32768
 
 
 def builtin_corpus() -> str:
@@ -36,12 +39,15 @@ def calibration_batches(
     """Token windows [n_samples, seq_len] (int64) from ``text`` (default: ``builtin_corpus()``).
 
     The text is tokenized once (no BOS). Windows start at seeded random offsets (they may overlap),
-    or, with ``consecutive``, tile the token stream from its start without overlap.
+    or, with ``consecutive``, tile the token stream from its start without overlap. From the built-in
+    corpus, only tokens after the first ``EVAL_TOKENS`` (the perplexity benchmark's) are used.
     """
     if n_samples < 1 or seq_len < 1:
         raise QuantchatError(f"calibration needs n_samples >= 1 and seq_len >= 1 (got {n_samples}, {seq_len})")
     ids = torch.tensor(tokenizer.encode(builtin_corpus() if text is None else text, add_bos=False),
                        dtype=torch.long)
+    if text is None:
+        ids = ids[EVAL_TOKENS:]
     need = n_samples * seq_len if consecutive else seq_len
     if ids.numel() < need:
         what = f"{n_samples} consecutive windows of {seq_len}" if consecutive else f"a window of {seq_len}"

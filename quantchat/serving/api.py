@@ -15,13 +15,14 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from importlib import resources
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantchat.errors import (
@@ -110,6 +111,44 @@ def error_for(e: Exception) -> JSONResponse:
     if isinstance(e, (BadRequestError, ContextLengthError, QuantchatError, ValueError)):
         return error_response(400, str(e), "invalid_request_error", getattr(e, "param", None))
     return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+class AuthAndCount:
+    """ASGI middleware (plain, so streamed responses pass through untouched): the API key on every route
+    but /health and the page's files (401), security headers, request counts by route and status."""
+
+    def __init__(self, app, keys: set[str], metrics: Metrics, web: bool) -> None:
+        self.app, self.keys, self.metrics, self.web = app, [k.encode("utf-8") for k in keys], metrics, web
+
+    def authorized(self, headers: Headers) -> bool:
+        header = headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else headers.get("x-api-key")
+        raw = (given or "").encode("utf-8", "surrogateescape")
+        return bool(given) and any(secrets.compare_digest(raw, k) for k in self.keys)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        public = path in PUBLIC_PATHS or (self.web and (path == "/" or path.startswith("/static/")))
+        if self.keys and not public and not self.authorized(Headers(scope=scope)):
+            self.metrics.requests[(path, 401)] += 1
+            response = error_response(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
+                                      "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        route = path if path.startswith("/v1/") or path in ("/tokenize", "/detokenize") else "other"
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("X-Frame-Options", "DENY")
+                self.metrics.requests[(route, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class BodyLimit:
@@ -318,24 +357,6 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
     keys = {k for k in (api_keys or set()) if k}
     app.state.backend, app.state.metrics = backend, metrics
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next: Callable):
-        path = request.url.path
-        public = path in PUBLIC_PATHS or (web and (path == "/" or path.startswith("/static/")))
-        if keys and not public:
-            header = request.headers.get("authorization", "")
-            given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
-            raw = (given or "").encode("utf-8", "surrogateescape")
-            if not given or not any(secrets.compare_digest(raw, k.encode("utf-8")) for k in keys):
-                metrics.requests[(path, 401)] += 1
-                return error_response(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
-                                      "authentication_error", headers={"WWW-Authenticate": "Bearer"})
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        metrics.requests[(path if path.startswith("/v1/") or path in ("/tokenize", "/detokenize") else "other",
-                          response.status_code)] += 1
-        return response
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
@@ -596,6 +617,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
 
     if web:
         install_web(app)
+    app.add_middleware(AuthAndCount, keys=keys, metrics=metrics, web=web)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
 

@@ -8,6 +8,7 @@ as its own process (``worker_app``), so the API server works the same with a loc
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,9 @@ class Worker:
         self.scheduler = Scheduler(engine, max_queue=max_queue).start()
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
+        # events from the scheduler thread, per event loop, handed over in one wake-up per decode step
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, SeqEvent]]] = {}
+        self._pending_lock = threading.Lock()
 
     @property
     def max_seq_len(self) -> int:
@@ -94,13 +98,33 @@ class Worker:
         queue: asyncio.Queue[SeqEvent] = asyncio.Queue()
 
         def sink(ev: SeqEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            self._deliver(loop, queue, ev)
 
         seq = Sequence(ids, params, sink, logprobs=req.logprobs,
                        prompt_logprobs=req.echo and req.logprobs is not None,
                        decoder=self.tokenizer.stream_decoder(skip_special_tokens=True))
         self.scheduler.submit(seq)
         return EventStream(self, seq, queue, echo_text=self.echo_text(req, ids))
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, ev: SeqEvent) -> None:
+        """Queue ``ev`` for ``loop`` (any thread); the loop is woken once for all events queued meanwhile."""
+        with self._pending_lock:
+            items = self._pending.get(loop)
+            if items is not None:  # a wake-up is already on its way
+                items.append((queue, ev))
+                return
+            self._pending[loop] = [(queue, ev)]
+        try:
+            loop.call_soon_threadsafe(self._drain, loop)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            with self._pending_lock:
+                self._pending.pop(loop, None)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._pending_lock:
+            items = self._pending.pop(loop, [])
+        for queue, ev in items:
+            queue.put_nowait(ev)
 
     def echo_text(self, req: GenerateRequest, ids: list[int]) -> str | None:
         """The prompt as echoed: a text prompt as given, token ids decoded."""

@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantchat.errors import ContextLengthError, QuantchatError
@@ -49,14 +50,24 @@ def bearer_ok(header: str, secret: str) -> bool:
     return secrets.compare_digest(given, secret.encode("utf-8"))
 
 
+class RequireSecret:
+    """ASGI middleware (plain, so streams pass through untouched): every route but /health needs
+    ``Authorization: Bearer <secret>``."""
+
+    def __init__(self, app, secret: str) -> None:
+        self.app, self.secret = app, secret
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health" and \
+                not bearer_ok(Headers(scope=scope).get("authorization", ""), self.secret):
+            await error_response(401, "missing or wrong cluster secret", "authentication_error")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def require_secret(app: FastAPI, secret: str) -> None:
     """Every route but /health needs ``Authorization: Bearer <secret>`` (controller and worker apps)."""
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if request.url.path != "/health" and not bearer_ok(request.headers.get("authorization", ""), secret):
-            return error_response(401, "missing or wrong cluster secret", "authentication_error")
-        return await call_next(request)
+    app.add_middleware(RequireSecret, secret=secret)
 
 
 def worker_error(e: Exception) -> JSONResponse:
