@@ -382,19 +382,3 @@ def test_awq_model_clips_build_quantized_linears(tiny_dirs):
         assert torch.allclose(ql(x), ql.reference_forward(x), rtol=1e-3, atol=1e-4)
         assert rel(ql(x), lin(x)) < 0.2
 
-
-def test_awq_duo_scale_candidates():
-    torch.manual_seed(0)
-    w = torch.randn(6, 40)
-    ws = awq.weight_scale([w[:2], w[2:]], 32)  # rows of several linears pooled; K = 40 pads to 64
-    g = torch.nn.functional.pad(w, (0, 24)).abs().view(6, 2, 32)
-    want = (g / g.amax(-1, keepdim=True)).view(6, 64)[:, :40].mean(0)
-    assert torch.allclose(ws, want)
-    x_mean = torch.rand(40) + 0.1
-    cands = awq.scale_candidates(x_mean, ws, 4)
-    assert [(k, a) for k, a, _ in cands] == [("x", 0.0), ("x", 0.25), ("x", 0.5), ("x", 0.75),
-                                             ("duo", 0.0), ("duo", 0.25), ("duo", 0.5), ("duo", 0.75)]
-    assert torch.allclose(cands[0][2], torch.ones(40))  # alpha 0 without duo: plain RTN
-    s = x_mean.pow(0.5) / (ws.pow(0.5) + 1e-4)
-    assert torch.allclose(cands[6][2], s / (s.max() * s.min()).sqrt())
-    assert len(awq.scale_candidates(x_mean, None, 4)) == 4

@@ -4,9 +4,8 @@ Follows mit-han-lab/llm-awq (``auto_scale.py``, ``auto_clip.py``), block by bloc
 
 1. Scale search. A few input channels of each linear carry most of the activation magnitude; the
    weights that meet them matter most. For each group of linears sharing an input, with per-channel
-   mean |x| (``x_mean``), try ``s = x_mean ** alpha`` for alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
-   and (AutoAWQ's duo scaling, on by default) ``x_mean ** alpha / w_mean ** (1 - alpha)`` with w_mean
-   the per-channel mean of group-normalized |w|, normalized ``s / sqrt(max(s) * min(s))``; fake-quantize ``W * s`` with RTN (the target group
+   mean |x| (``x_mean``), try ``s = x_mean ** alpha`` for alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid},
+   normalized ``s / sqrt(max(s) * min(s))``; fake-quantize ``W * s`` with RTN (the target group
    size / symmetry), divide by s, and measure the MSE of the output of the sub-module the linears
    feed, as llm-awq does: the whole attention (wqkv; wo stays float) or the whole MLP (w13; w2 stays
    float), the linear itself for wo and w2. alpha = 0 is plain RTN, so the search never does worse
@@ -53,55 +52,31 @@ def act_scale(x: Tensor) -> Tensor:
     return x.detach().reshape(-1, x.shape[-1]).float().abs().mean(0)
 
 
-def weight_scale(weights: list[Tensor], group_size: int) -> Tensor:
-    """Per input channel mean of |w| / (its group's max |w|) over the output rows of ``weights`` (each
-    [N_i, K]; float32 [K]): AutoAWQ's ``w_mean`` for duo scaling."""
-    w = torch.cat([x.detach().float() for x in weights])
-    N, K = w.shape
-    Kp = rtn.padded_in_features(K, group_size)
-    g = rtn.pad_columns(w, Kp).abs().view(N, Kp // group_size, group_size)
-    g = g / g.amax(-1, keepdim=True).clamp(min=1e-8)
-    return g.view(N, Kp)[:, :K].mean(0)
-
-
-def scale_candidates(x_mean: Tensor, w_mean: Tensor | None, n_grid: int) -> list[tuple[str, float, Tensor]]:
-    """The scales the search tries: ``x_mean ** a`` (llm-awq) for a in {0, 1/n, ..., (n-1)/n} -- a = 0 is
-    plain RTN -- and, with ``w_mean``, AutoAWQ's duo scaling ``x_mean ** a / w_mean ** (1 - a)``; each
-    normalized by ``sqrt(max * min)``."""
-    out = []
-    for kind in ("x",) if w_mean is None else ("x", "duo"):
-        for r in range(n_grid):
-            a = r / n_grid
-            s = x_mean.pow(a) if kind == "x" else x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)
-            s = s.clamp(min=1e-4)
-            out.append((kind, a, s / (s.max() * s.min()).sqrt()))
-    return out
-
-
 # -- scale search -------------------------------------------------------------------------------
 
 @torch.no_grad()
 def search_scale(
     forward: Callable[[Tensor], Tensor], linears: list[nn.Linear], inp: Tensor, group_size: int,
-    symmetric: bool, n_grid: int = 20, batch_size: int = 8, duo: bool = True,
+    symmetric: bool, n_grid: int = 20, batch_size: int = 8,
 ) -> tuple[Tensor, float, float]:
-    """Best AWQ input-channel scale s [K] for ``linears`` (all fed ``inp`` [n, T, K]) among
-    ``scale_candidates`` (``duo``: AutoAWQ's duo-scaled ones too); ``forward`` maps a chunk of ``inp`` to
-    the output the loss is measured on. Returns (s, best MSE, MSE of plain RTN). The linears' weights are
-    restored before returning."""
+    """Best AWQ input-channel scale s [K] for ``linears`` (all fed ``inp`` [n, T, K]); ``forward`` maps a
+    chunk of ``inp`` to the output the loss is measured on. Returns (s, best MSE, MSE at alpha = 0
+    i.e. plain RTN). The linears' weights are restored before returning."""
     x_mean = act_scale(inp)
-    w_mean = weight_scale([lin.weight for lin in linears], group_size) if duo else None
     orig = [lin.weight.data.clone() for lin in linears]
     sl_list = list(chunks(inp.shape[0], batch_size))
     ref = [forward(inp[sl]).float() for sl in sl_list]
     numel = sum(r.numel() for r in ref)
     best, best_s, rtn_loss = float("inf"), torch.ones_like(x_mean), float("nan")
     try:
-        for kind, alpha, s in scale_candidates(x_mean, w_mean, n_grid):
+        for r in range(n_grid):
+            alpha = r / n_grid
+            s = x_mean.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
             for lin, w in zip(linears, orig):
                 lin.weight.data.copy_(fake_quantize_int4(w.float() * s, group_size, symmetric) / s)
             loss = sum(float((forward(inp[sl]).float() - o).pow(2).sum()) for sl, o in zip(sl_list, ref)) / numel
-            if kind == "x" and alpha == 0:
+            if r == 0:
                 rtn_loss = loss
             if loss < best:
                 best, best_s = loss, s.clone()
@@ -189,7 +164,6 @@ def awq_model(
     model: nn.Module, calib: Tensor, group_size: int = 128, symmetric: bool = True, n_grid: int = 20,
     progress: Progress = None, *, max_tokens: int | None = None, batch_size: int = 8, clip: bool = True,
     max_shrink: float = 0.5, n_sample_token: int = 512, stats: dict[str, tuple[float, float]] | None = None,
-    duo: bool = True,
 ) -> dict[str, Tensor]:
     """AWQ scale search (folded into the model's float weights, in place) and clip search on ``calib`` [n, T].
 
@@ -197,9 +171,8 @@ def awq_model(
     to pass to ``rtn.quantize_int4`` with the same group size and symmetry. Block inputs are the float
     outputs of the previous blocks (as llm-awq). ``progress(done, n_blocks)`` is called after each
     block; ``stats``, if given, receives (best MSE, plain-RTN MSE) of each scale search;
-    ``max_tokens`` caps the calibration tokens; ``duo`` adds AutoAWQ's duo-scaled candidates. Memory: the
-    inputs of the four linears of one block are kept (for 128 x 512 tokens of a dim-576 model, about
-    0.9 GB in float32).
+    ``max_tokens`` caps the calibration tokens. Memory: the inputs of the four linears of one block
+    are kept (for 128 x 512 tokens of a dim-576 model, about 0.9 GB in float32).
     """
     calib = limit_tokens(calib, max_tokens)
     ctx = block_context(model, calib.shape[1])
@@ -214,7 +187,7 @@ def awq_model(
         v_rows = slice(att.q_size + att.kv_size, att.q_size + 2 * att.kv_size)
 
         def search(key: str, fwd: Callable[[Tensor], Tensor], lin: nn.Linear) -> Tensor:
-            s, best, base = search_scale(fwd, [lin], feats[key], group_size, symmetric, n_grid, batch_size, duo)
+            s, best, base = search_scale(fwd, [lin], feats[key], group_size, symmetric, n_grid, batch_size)
             if stats is not None:
                 stats[f"layers.{li}.{key}"] = (best, base)
             feats[key].div_(s.to(feats[key].dtype))  # the linear's input after folding
