@@ -41,7 +41,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -250,11 +249,6 @@ __attribute__((noinline)) void int4_gemv_kernel(const Int4& q, const float* xp, 
       y[(m0 + m) * ldy + n0 + r] = hsum(tot[r][m]) + min_term(mr + r * G, sx + (m0 + m) * G, G);
 }
 
-inline bool getenv_dq2() {
-  static const bool on = std::getenv("QC_DQ2") != nullptr;
-  return on;
-}
-
 // Several activation rows (M > 1): the weights of one output row are dequantized 16 at a time in
 // registers (w = code * scale + min: no per-group correction terms) and multiply-added into all MB
 // activation rows, so the unpacking is shared and every FMA is useful work. ACC2 (small MB): even and
@@ -295,51 +289,6 @@ __attribute__((noinline)) void int4_gemv_dq_kernel(const Int4& q, const float* x
     y[(m0 + m) * ldy + n] = hsum(ACC2 ? _mm256_add_ps(acc[m][0], acc[m][ACC2 ? 1 : 0]) : acc[m][0]);
 }
 
-// The same for two weight rows (n, n + 1; float scales / mins sr, mr [2, G]) and MB <= 4 activation
-// rows: every activation load feeds both rows (half the loads per multiply-add of the one-row kernel).
-template <int MB>
-__attribute__((noinline)) void int4_gemv_dq2_kernel(const Int4& q, const float* xp, const float* sr, const float* mr,
-                                                    float* y, int64_t ldy, int64_t n, int64_t m0, bool pf) {
-  const int64_t nb = q.gs / 16, ldw = q.Kp / 2, G = q.G, Kp = q.Kp, gbytes = q.gs / 2;
-  const __m256i mask = _mm256_set1_epi32(15);
-  __m256 acc[2][MB];
-#pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
-  const uint8_t* w0 = q.w + n * ldw;
-  const uint8_t* w1 = w0 + ldw;
-  if (pf && n + 5 < q.N) {
-    for (int64_t off = 0; off < 2 * ldw; off += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(w0 + 4 * ldw + off), _MM_HINT_T0);
-  }
-  const float* xb = xp + m0 * Kp;
-  for (int64_t g = 0; g < G; ++g) {
-    const __m256 s0 = _mm256_set1_ps(sr[g]), n0 = _mm256_set1_ps(mr[g]);
-    const __m256 s1 = _mm256_set1_ps(sr[G + g]), n1 = _mm256_set1_ps(mr[G + g]);
-    const uint8_t* g0 = w0 + g * gbytes;
-    const uint8_t* g1 = w1 + g * gbytes;
-    const float* xg = xb + g * q.gs;
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m256i v0 = load8_u8_epi32(g0 + b * 8), v1 = load8_u8_epi32(g1 + b * 8);
-      const __m256 lo0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), s0, n0);
-      const __m256 hi0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), s0, n0);
-      const __m256 lo1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), s1, n1);
-      const __m256 hi1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), s1, n1);
-#pragma GCC unroll 4
-      for (int m = 0; m < MB; ++m) {
-        const __m256 xl = _mm256_loadu_ps(xg + m * Kp + b * 16), xh = _mm256_loadu_ps(xg + m * Kp + b * 16 + 8);
-        acc[0][m] = _mm256_fmadd_ps(lo0, xl, acc[0][m]);
-        acc[1][m] = _mm256_fmadd_ps(lo1, xl, acc[1][m]);
-        acc[0][m] = _mm256_fmadd_ps(hi0, xh, acc[0][m]);
-        acc[1][m] = _mm256_fmadd_ps(hi1, xh, acc[1][m]);
-      }
-    }
-  }
-  for (int m = 0; m < MB; ++m) {
-    y[(m0 + m) * ldy + n] = hsum(acc[0][m]);
-    y[(m0 + m) * ldy + n + 1] = hsum(acc[1][m]);
-  }
-}
-
 template <int NB>
 void int4_gemv_rows(const Int4& q, const float* xp, const float* sx, int64_t M, float* y, int64_t ldy,
                     int64_t nb, int64_t ne) {
@@ -362,20 +311,6 @@ void int4_gemv_rows(const Int4& q, const float* xp, const float* sx, int64_t M, 
     if (M == 2 && rows % 2 == 0) {  // two weight rows x two activation rows: as fast as dequantizing here
       for (int64_t r = 0; r < rows; r += 2)
         int4_gemv_kernel<2, 2, NB, false>(q, xp, sx, sf + r * G, mf + r * G, y, ldy, n + r, 0, true);
-      continue;
-    }
-    if (getenv_dq2() && rows % 2 == 0) {  // pairs of weight rows, up to 4 activation rows a pass
-      for (int64_t r = 0; r < rows; r += 2) {
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-          const bool pf = m0 == 0;
-          switch (std::min<int64_t>(4, M - m0)) {
-            case 1: int4_gemv_dq2_kernel<1>(q, xp, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf); break;
-            case 2: int4_gemv_dq2_kernel<2>(q, xp, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf); break;
-            case 3: int4_gemv_dq2_kernel<3>(q, xp, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf); break;
-            default: int4_gemv_dq2_kernel<4>(q, xp, sf + r * G, mf + r * G, y, ldy, n + r, m0, pf); break;
-          }
-        }
-      }
       continue;
     }
     for (int64_t r = 0; r < rows; ++r) {
