@@ -121,12 +121,42 @@ def _torch_dirs() -> tuple[Path, Path]:
     return inc, lib
 
 
-def _build_command(cxx: str, out: Path) -> list[str]:
-    inc, lib = _torch_dirs()
+def _compile_commands(cxx: str, objects: list[Path]) -> list[list[str]]:
+    """One ``-c`` command per source (they run side by side: most of the time is parsing torch headers)."""
+    inc, _ = _torch_dirs()
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    return [cxx, *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}",
-            *map(str, SOURCES), "-o", str(out),
+    flags = [f for f in CXX_FLAGS if f != "-shared"]
+    return [[cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}", "-c", str(src), "-o", str(obj)]
+            for src, obj in zip(SOURCES, objects)]
+
+
+def _link_command(cxx: str, objects: list[Path], out: Path) -> list[str]:
+    _, lib = _torch_dirs()
+    return [cxx, "-shared", "-fopenmp", *map(str, objects), "-o", str(out),
             f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
+
+
+def _run_build(cxx: str, out: Path) -> None:
+    """Compile the sources in parallel and link them into ``out``; KernelsUnavailable with the compiler's
+    message when that fails."""
+    objects = [out.with_name(f"{out.stem}.{i}.o") for i in range(len(SOURCES))]
+    try:
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for c in _compile_commands(cxx, objects)]
+        results = [(p, p.communicate(timeout=BUILD_TIMEOUT_S)[0]) for p in procs]
+        for p, output in results:
+            if p.returncode != 0:
+                raise KernelsUnavailable(f"compilation failed ({cxx}, exit {p.returncode}):\n{output.strip()[-2000:]}")
+        res = subprocess.run(_link_command(cxx, objects, out), capture_output=True, text=True,
+                             timeout=BUILD_TIMEOUT_S)
+        if res.returncode != 0 or not out.is_file():
+            tail = (res.stderr or res.stdout).strip()[-2000:]
+            raise KernelsUnavailable(f"linking failed ({cxx}, exit {res.returncode}):\n{tail}")
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelsUnavailable(f"compiler failed to run: {e}") from e
+    finally:
+        for o in objects:
+            o.unlink(missing_ok=True)
 
 
 def _cache_key(cxx: str) -> str:
@@ -155,13 +185,10 @@ def _build(cxx: str, so_path: Path) -> float:
         tmp = so_path.with_name(f".{so_path.stem}.{os.getpid()}.tmp.so")
         t0 = time.perf_counter()
         try:
-            res = subprocess.run(_build_command(cxx, tmp), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise KernelsUnavailable(f"compiler failed to run: {e}") from e
-        if res.returncode != 0 or not tmp.is_file():
+            _run_build(cxx, tmp)
+        except KernelsUnavailable:
             tmp.unlink(missing_ok=True)
-            tail = (res.stderr or res.stdout).strip()[-2000:]
-            raise KernelsUnavailable(f"compilation failed ({cxx}, exit {res.returncode}):\n{tail}")
+            raise
         os.replace(tmp, so_path)
         _prune(so_path.parent, keep=KEEP_BUILDS)
         return time.perf_counter() - t0
