@@ -81,7 +81,9 @@ def check_steps(model: Transformer, lengths: list[int], steps: int = 3) -> None:
     {}, {"n_kv_head": 4}, {"n_kv_head": 1}, {"tie_word_embeddings": True},
     {"attention_bias": True, "mlp_bias": True}, {"sliding_window": 6, "model_type": "mistral"},
     {"dim": 64, "head_dim": 16, "intermediate_size": 128},
-], ids=["gqa", "mha", "mqa", "tied", "bias", "window", "aligned"])
+    {"dim": 192, "n_head": 3, "n_kv_head": 1, "head_dim": 64, "intermediate_size": 128},
+    {"dim": 256, "n_head": 2, "n_kv_head": 2, "head_dim": 128, "intermediate_size": 128},
+], ids=["gqa", "mha", "mqa", "tied", "bias", "window", "hd16", "hd64", "hd128"])
 def test_float_fused_matches_python_path(kw):
     check_steps(random_model(**kw), [5, 17, 9, 30])
 

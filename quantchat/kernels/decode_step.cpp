@@ -124,6 +124,75 @@ void silu_mul(const at::Tensor& gu, float* out, int64_t B, int64_t F) {
   }
 }
 
+// the 8 sums of a[0..7] as one vector (a[i]'s total in lane i)
+inline __m256 reduce8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// softmax of sc[0, n) in place; returns 1 / sum of the exponentials (the caller scales by it)
+inline float softmax_unnormalized(float* sc, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+  const __m256 mv = _mm256_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
+    _mm256_storeu_ps(sc + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum8(sv);
+  for (; j < n; ++j) {
+    sc[j] = exp1(sc[j] - mx);
+    sum += sc[j];
+  }
+  return 1.0f / sum;
+}
+
+// one query head over n cached keys / values (rows of hd floats): o = softmax(q K^T * scale) V.
+// NV = hd / 8 > 0: scores 8 keys at a time, the output kept in registers; NV = 0: any hd.
+template <int NV>
+void attend_head(const float* q, const float* kr, const float* vr, int64_t n, int64_t hd, float scale, float* sc,
+                 float* o) {
+  int64_t j = 0;
+  if (NV > 0) {
+    for (; j + 8 <= n; j += 8) {
+      __m256 a[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) {
+        const __m256 qv = _mm256_loadu_ps(q + 8 * c);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + (j + i) * hd + 8 * c), a[i]);
+      }
+      _mm256_storeu_ps(sc + j, _mm256_mul_ps(reduce8(a), _mm256_set1_ps(scale)));
+    }
+  }
+  for (; j < n; ++j) sc[j] = dot(q, kr + j * hd, hd) * scale;
+  const float inv = softmax_unnormalized(sc, n);
+  if (NV > 0) {
+    __m256 acc[NV > 0 ? NV : 1];
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const __m256 pv = _mm256_set1_ps(sc[jj]);
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + jj * hd + 8 * c), acc[c]);
+    }
+    const __m256 iv = _mm256_set1_ps(inv);
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], iv));
+    return;
+  }
+  std::fill(o, o + hd, 0.0f);
+  for (int64_t jj = 0; jj < n; ++jj) axpy(sc[jj], vr + jj * hd, o, hd);
+  for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+}
+
 // rotate-half rope in place on n_heads heads of size hd: x' = x * cos + rotate_half(x) * sin
 void rope(float* x, int64_t n_heads, int64_t hd, const float* cos, const float* sin) {
   const int64_t half = hd / 2;
@@ -247,33 +316,18 @@ struct DecodePlan : torch::CustomClassHolder {
         const size_t off = static_cast<size_t>(((first_slot + b) * n_kv + g) * S + start) * hd;
         const float* kr = kc + off;
         const float* vr = vc + off;
-        sc.assign(static_cast<size_t>(n + 8), 0.0f);
+        sc.resize(static_cast<size_t>(n + 8));
         for (int64_t r = 0; r < rep; ++r) {
           const int64_t h = g * rep + r;
           const float* qh = q + b * ldq + h * hd;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j < n; ++j) {
-            sc[j] = dot(qh, kr + j * hd, hd) * scale;
-            mx = std::max(mx, sc[j]);
-          }
-          const __m256 mv = _mm256_set1_ps(mx);
-          __m256 sv = _mm256_setzero_ps();
-          int64_t j = 0;
-          for (; j + 8 <= n; j += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(&sc[j]), mv));
-            _mm256_storeu_ps(&sc[j], e);
-            sv = _mm256_add_ps(sv, e);
-          }
-          float sum = hsum8(sv);
-          for (; j < n; ++j) {
-            sc[j] = exp1(sc[j] - mx);
-            sum += sc[j];
-          }
           float* o = out + b * n_head * hd + h * hd;
-          std::fill(o, o + hd, 0.0f);
-          for (int64_t jj = 0; jj < n; ++jj) axpy(sc[jj], vr + jj * hd, o, hd);
-          const float inv = 1.0f / sum;
-          for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+          switch (hd) {
+            case 16: attend_head<2>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
+            case 32: attend_head<4>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
+            case 64: attend_head<8>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
+            case 128: attend_head<16>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
+            default: attend_head<0>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
+          }
         }
       }
     });
