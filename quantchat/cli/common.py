@@ -20,7 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize in memory at load time (round-to-nearest); weights stay packed")
     g.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 (default 128)")
     g.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile: faster tokens/s after a one-time compile")
+                   help="decode through torch.compile instead of the fused C++ step (which is faster on CPU; "
+                        "for CUDA, or models the fused step does not cover)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
