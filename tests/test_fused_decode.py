@@ -197,5 +197,24 @@ def test_rebuilt_cache_is_noticed_and_bad_positions_refused():
         eng.fused.step(torch.tensor([1]), torch.tensor([32]))
     with pytest.raises(RuntimeError, match="slots"):
         eng.fused.step(torch.tensor([1, 2]), torch.tensor([3, 4]), 1)
-    model.setup_caches(2, 16)  # a new cache: the plan no longer matches, decode falls back
-    assert not eng.fused.matches(model)
+    old_plan = eng.fused
+    model.setup_caches(2, 16)  # a new cache: the plan no longer matches; the next decode builds a new one
+    assert not old_plan.matches(model)
+    eng.decode(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    assert eng.fused is not old_plan and eng.fused.matches(model)
+
+
+def test_plan_follows_quantization_after_engine_creation():
+    """Quantizing the model after the engine was made swaps its linears: decode rebuilds the plan."""
+    model = random_model(dim=128, head_dim=32, intermediate_size=192)
+    eng = Engine(model, IdsOnlyTokenizer(), max_seq_len=64)
+    float_plan = eng.fused
+    quantize_model(model, QuantSpec.for_method("int8"))
+    assert not float_plan.matches(model)
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], kv_len=3)
+        got = eng.decode(torch.tensor([9]), torch.tensor([3]))
+        assert eng.fused is not float_plan
+        eng.fused = None  # the Python path on the same (quantized) model and cache
+        want = eng.decode(torch.tensor([9]), torch.tensor([3]))
+    assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item())

@@ -101,6 +101,12 @@ def _plan_inputs(model: Transformer) -> tuple[list[int], list[Tensor]]:
     return meta, tensors
 
 
+def _watched(model: Transformer) -> list[nn.Module]:
+    """Modules whose replacement makes a plan stale (a quantization pass swaps all linears together)."""
+    first, last = model.layers[0], model.layers[-1]
+    return [first.attention.wqkv, first.feed_forward.w2, last.attention.wo, last.feed_forward.w13, model.output]
+
+
 class FusedDecoder:
     """One decode step for rows in consecutive KV slots: ``step(tokens [B], positions [B], first_slot)``
     returns logits [B, V]. Holds references to the model's weights and KV cache (no copies)."""
@@ -112,6 +118,7 @@ class FusedDecoder:
         meta, tensors = _plan_inputs(model)
         self.model = model
         self.cache = model.layers[0].attention.kv_cache.k_cache
+        self.modules = _watched(model)
         self.plan = torch.classes.quantchat.DecodePlan(meta, float(model.config.norm_eps), tensors)
 
     @classmethod
@@ -120,8 +127,10 @@ class FusedDecoder:
         return cls(model) if unsupported_reason(model) is None else None  # type: ignore[arg-type]
 
     def matches(self, model: nn.Module) -> bool:
-        """Still built on this model's current KV cache (``setup_caches`` reallocates it)."""
-        return model is self.model and model.layers[0].attention.kv_cache.k_cache is self.cache
+        """Still built on this model's current KV cache (``setup_caches`` reallocates it) and layers
+        (quantizing swaps them)."""
+        return (model is self.model and model.layers[0].attention.kv_cache.k_cache is self.cache
+                and all(a is b for a, b in zip(_watched(model), self.modules)))
 
     def step(self, tokens: Tensor, positions: Tensor, first_slot: int = 0) -> Tensor:
         x = self.model.tok_embeddings(tokens)

@@ -112,7 +112,9 @@ class Engine:
         kv_len = int(positions.max()) + 1
         if kv_len > self.max_seq_len:
             raise ContextLengthError(f"context window of {self.max_seq_len} tokens is full")
-        if self.fused is not None and self.fused.matches(self.model):
+        if self.fused is not None and not self.fused.matches(self.model):  # new KV cache or swapped layers
+            self.fused = FusedDecoder.build(self.model)
+        if self.fused is not None:
             return self.fused.step(tokens, positions, 0 if slot is None else slot)
         return self._decode_forward(tokens[:, None], positions[:, None], kv_len=kv_len, slot=slot)[:, -1]
 
