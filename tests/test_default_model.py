@@ -115,6 +115,7 @@ def test_cli_chat_answers_and_stops_at_end_of_turn(loaded):
     out, err = res.stdout.decode("utf-8"), res.stderr.decode("utf-8")
     assert res.returncode == 0, err
     assert "converting" not in err  # the session's conversion is re-used
+    assert "stay packed as int4-asym g32" in err  # the Q4_1 GGUF runs packed by default
     assert "Paris" in out, out
     for leak in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "\nuser", "user\n", "assistant\n"):
         assert leak not in out, (leak, out)
@@ -145,3 +146,22 @@ def test_streamed_text_equals_decode(engine):
     assert len(tokens) == 64 and len(texts) == 65  # one chunk per token, then the final flush
     assert "".join(texts) == engine.tokenizer.decode(tokens, skip_special_tokens=True)
     assert not any("\ufffd" in t for t in texts[:-1]), "a streamed piece split a character"
+
+
+def test_packed_gguf_default_only_without_explicit_choice(tmp_path):
+    import argparse
+
+    from quantchat.cli.common import packed_gguf_default
+
+    def args(**kw):
+        base = dict(model=None, quant=None, group_size=None)
+        base.update(kw)
+        return argparse.Namespace(**base)
+
+    a = args()
+    packed_gguf_default(a)  # the embedded Q4_1 GGUF
+    assert (a.quant, a.group_size) == ("int4-asym", 32)
+    for explicit in (args(quant="none"), args(quant="int8"), args(group_size=128), args(model=str(tmp_path))):
+        before = vars(explicit).copy()
+        packed_gguf_default(explicit)
+        assert vars(explicit) == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from quantchat.errors import QuantchatError
 
@@ -49,6 +50,27 @@ def sampling_from_args(args: argparse.Namespace):
 
 def status(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def packed_gguf_default(args: argparse.Namespace) -> None:
+    """Without ``--quant``, a Q4_1 GGUF model (the embedded default is one) keeps its weights packed: Q4_1
+    is int4-asym with groups of 32, so that is the same weights at a quarter of float32's memory and
+    several times the decode speed. ``--quant none`` still asks for float32."""
+    if args.quant is not None or args.group_size is not None:
+        return
+    from quantchat.loading.gguf_io import gguf_main_type, gguf_types
+    from quantchat.paths import default_model_path
+
+    path = default_model_path() if args.model is None else Path(args.model).expanduser()
+    if path is None or path.suffix.lower() != ".gguf" or not path.is_file():
+        return
+    try:
+        main = gguf_main_type(gguf_types(path))
+    except Exception:  # noqa: BLE001 - unreadable here: loading reports it properly
+        return
+    if main == "Q4_1":
+        args.quant, args.group_size = "int4-asym", 32
+        status("the GGUF's Q4_1 weights stay packed as int4-asym g32 (the same weights; --quant none for float32)")
 
 
 def load_from_args(args: argparse.Namespace):

@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from quantchat.cli.common import (add_model_args, add_sampling_args, load_from_args, sampling_from_args,
-                                  status, stream_out)
+from quantchat.cli.common import (add_model_args, add_sampling_args, load_from_args, packed_gguf_default,
+                                  sampling_from_args, status, stream_out)
 from quantchat.errors import QuantchatError
 
 # commands defined in their own modules, each with register(subparsers)
@@ -34,6 +34,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             template = Path(template).read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise QuantchatError(f"{args.template}: cannot read chat template ({e})") from None
+    packed_gguf_default(args)
     loaded = load_from_args(args)
     session = ChatSession(loaded.engine, params, system_prompt=args.system, template=template)
     if args.prompt is not None:
@@ -69,6 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_complete(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    packed_gguf_default(args)
     loaded = load_from_args(args)
     ids = loaded.engine.tokenizer.encode(prompt)
     loaded.engine.check_prompt(ids)

@@ -15,6 +15,7 @@ import shutil
 import struct
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -510,3 +511,17 @@ def converted_dir_for_gguf(path: str | os.PathLike[str], progress: Progress = No
     if _is_complete(out):
         return out
     return convert_gguf_to_hf(p, out, progress=progress)
+
+
+def gguf_types(path: Path) -> dict[str, int]:
+    """Tensor type -> number of tensors in a GGUF file."""
+    g = read_gguf(path)
+    return dict(Counter(g.tensor_info(n)[0] for n in g.tensor_names))
+
+
+def gguf_main_type(types: dict[str, int]) -> str:
+    """The weights' type: the most common non-float type (F32/F16/BF16 when the file is all float)."""
+    floats = {"F32", "F16", "BF16"}
+    quant = {t: n for t, n in types.items() if t not in floats}
+    pool = quant or types
+    return max(pool, key=lambda t: pool[t]) if pool else "?"

@@ -12,10 +12,10 @@ from source on install. ``require_llama_cpp`` turns its absence into one clear e
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 from quantchat.errors import QuantchatError
+from quantchat.loading.gguf_io import gguf_main_type, gguf_types  # noqa: F401 (re-exported)
 
 INSTALL_HINT = ("pip install 'quantchat[peer]' (or: pip install llama-cpp-python; it compiles llama.cpp, "
                 "a few minutes)")
@@ -30,22 +30,6 @@ def require_llama_cpp() -> str:
         raise QuantchatError(f"--peer llama.cpp needs llama-cpp-python, which is not installed ({e}); "
                              f"install it with: {INSTALL_HINT}") from None
     return getattr(llama_cpp, "__version__", "?")
-
-
-def gguf_types(path: Path) -> dict[str, int]:
-    """Tensor type -> number of tensors in a GGUF file."""
-    from quantchat.loading.gguf_io import read_gguf
-
-    g = read_gguf(path)
-    return dict(Counter(g.tensor_info(n)[0] for n in g.tensor_names))
-
-
-def gguf_main_type(types: dict[str, int]) -> str:
-    """The weights' type: the most common non-float type (F32/F16/BF16 when the file is all float)."""
-    floats = {"F32", "F16", "BF16"}
-    quant = {t: n for t, n in types.items() if t not in floats}
-    pool = quant or types
-    return max(pool, key=lambda t: pool[t]) if pool else "?"
 
 
 def gguf_bits_family(main_type: str) -> str:
