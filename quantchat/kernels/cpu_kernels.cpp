@@ -52,6 +52,9 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
+using quantchat_kernels::dot;
+using quantchat_kernels::hsum;
+
 // auto path: GEMV for M <= these, dequantized tiles + sgemm above (measured crossovers, 1 thread)
 constexpr int64_t kMaxGemvM = 12;     // int4, float GEMV
 constexpr int64_t kMaxGemvI16M = 12;  // int4, int16-activation GEMV (path 4)
@@ -60,13 +63,6 @@ constexpr int64_t kMaxGemvM8 = 12;    // int8
 #define QC_TILE_KIB 192
 #endif
 constexpr int64_t kTileBytes = QC_TILE_KIB << 10;  // dequantized tile per thread (L2: 512 KiB on Zen 3)
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 inline __m256i load8_u8_epi32(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -177,16 +173,6 @@ void prep_x_int4(const Int4& q, const float* x, int64_t ldx, int64_t M, float* x
   }
 }
 
-// sum_g mn[g] * sx[g]
-inline float min_term(const float* mn, const float* sx, int64_t G) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mn + g), _mm256_loadu_ps(sx + g), acc);
-  float r = hsum(acc);
-  for (; g < G; ++g) r += mn[g] * sx[g];
-  return r;
-}
-
 // R weight rows (n0..n0+R) x MB activation rows (m0..m0+MB), their float scales / mins in sr / mr
 // ([R, G]). NB = group_size / 16 (0: runtime).
 // ACC2: even and odd columns accumulate separately (two independent FMA chains per output; where
@@ -246,7 +232,7 @@ __attribute__((noinline)) void int4_gemv_kernel(const Int4& q, const float* xp, 
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m)
-      y[(m0 + m) * ldy + n0 + r] = hsum(tot[r][m]) + min_term(mr + r * G, sx + (m0 + m) * G, G);
+      y[(m0 + m) * ldy + n0 + r] = hsum(tot[r][m]) + dot(mr + r * G, sx + (m0 + m) * G, G);
 }
 
 // Several activation rows (M > 1): the weights of one output row are dequantized 16 at a time in
@@ -442,7 +428,7 @@ __attribute__((noinline)) void int4_gemv_i16_kernel(const Int4& q, const int16_t
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m)
-      y[(m0 + m) * ldy + n0 + r] = hsum(tot[r][m]) + min_term(mr + r * G, sx + (m0 + m) * G, G);
+      y[(m0 + m) * ldy + n0 + r] = hsum(tot[r][m]) + dot(mr + r * G, sx + (m0 + m) * G, G);
 }
 
 void int4_gemv_i16(const Int4& q, const float* x, int64_t ldx, int64_t M, float* y) {

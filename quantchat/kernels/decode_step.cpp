@@ -31,16 +31,12 @@
 
 namespace {
 
+using quantchat_kernels::dot;
+using quantchat_kernels::hsum;
+
 // ------------------------------------------------------------------------------------------------
 // vector math
 // ------------------------------------------------------------------------------------------------
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // exp(x) for 8 floats (Cephes' polynomial, as in avx_mathfun): relative error ~2e-7 on [-87, 88]
 inline __m256 exp8(__m256 x) {
   x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
@@ -65,15 +61,6 @@ inline float exp1(float x) {
   alignas(32) float v[8];
   _mm256_store_ps(v, exp8(_mm256_set1_ps(x)));
   return v[0];
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum8(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 // y[i] += a * x[i]
@@ -144,7 +131,7 @@ inline float softmax_unnormalized(float* sc, int64_t n) {
     _mm256_storeu_ps(sc + j, e);
     sv = _mm256_add_ps(sv, e);
   }
-  float sum = hsum8(sv);
+  float sum = hsum(sv);
   for (; j < n; ++j) {
     sc[j] = exp1(sc[j] - mx);
     sum += sc[j];
