@@ -52,8 +52,8 @@ def _linear_entry(m: nn.Module) -> tuple[list[int], list[Tensor]]:
     return [kind, 0, m.in_features], [w, _EMPTY, _EMPTY, bias]
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why the fused step cannot run this model (None: it can)."""
+def _precondition(model: nn.Module) -> str | None:
+    """Why the fused step cannot run this model, from everything but its linears (None: it may)."""
     if os.environ.get("QUANTCHAT_NO_FUSED", "").strip() not in ("", "0"):
         return "disabled by QUANTCHAT_NO_FUSED"
     if type(model) is not Transformer:
@@ -68,11 +68,18 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
     if not cpu.available():
         return f"quantchat's CPU kernels are unavailable ({cpu.unavailable_reason()})"
-    try:
-        _plan_inputs(model)
-    except ValueError as e:
-        return str(e)
     return None
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the fused step cannot run this model (None: it can)."""
+    reason = _precondition(model)
+    if reason is None:
+        try:
+            _plan_inputs(model)  # type: ignore[arg-type]
+        except ValueError as e:
+            return str(e)
+    return reason
 
 
 def _plan_inputs(model: Transformer) -> tuple[list[int], list[Tensor]]:
@@ -112,10 +119,13 @@ class FusedDecoder:
     returns logits [B, V]. Holds references to the model's weights and KV cache (no copies)."""
 
     def __init__(self, model: Transformer) -> None:
-        reason = unsupported_reason(model)
+        reason = _precondition(model)
         if reason is not None:
             raise ValueError(f"fused decode unavailable: {reason}")
-        meta, tensors = _plan_inputs(model)
+        try:
+            meta, tensors = _plan_inputs(model)
+        except ValueError as e:
+            raise ValueError(f"fused decode unavailable: {e}") from None
         self.model = model
         self.cache = model.layers[0].attention.kv_cache.k_cache
         self.modules = _watched(model)
@@ -124,7 +134,10 @@ class FusedDecoder:
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecoder | None":
         """A decoder for ``model``, or None when it does not qualify (see ``unsupported_reason``)."""
-        return cls(model) if unsupported_reason(model) is None else None  # type: ignore[arg-type]
+        try:
+            return cls(model)  # type: ignore[arg-type]
+        except ValueError:
+            return None
 
     def matches(self, model: nn.Module) -> bool:
         """Still built on this model's current KV cache (``setup_caches`` reallocates it) and layers

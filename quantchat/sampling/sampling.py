@@ -98,22 +98,29 @@ def sample_token(
 
 
 def draw(probs: Tensor, generator: torch.Generator | None = None) -> int:
-    """One token id drawn from ``probs`` [V] (any non-negative weights) by inverting the CDF at one uniform
-    random number: exact, and ~10x cheaper than ``torch.multinomial`` on a 50k vocabulary (which spends
-    over a millisecond per call generating random numbers). Zero-weight tokens are never drawn."""
+    """One token id drawn from ``probs`` [V] (any non-negative weights); see ``draw_rows``."""
+    return draw_rows(probs[None], [generator])[0]
+
+
+def draw_rows(probs: Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """A token id per row of ``probs`` [B, V] (non-negative weights), each with its generator, by inverting
+    the CDF at one uniform random number: exact, and ~10x cheaper than ``torch.multinomial`` on a 50k
+    vocabulary (which spends over a millisecond per call generating random numbers). Zero-weight tokens
+    are never drawn."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand((1,), dtype=torch.float64, generator=generator, device=probs.device) * cdf[-1]
-    idx = int(torch.searchsorted(cdf, u, right=True))  # first index whose cumulative weight exceeds u
-    if idx >= probs.shape[-1]:  # u rounded up to the total: the last token with weight
-        idx = int(torch.nonzero(probs > 0)[-1])
-    return idx
+    u = torch.cat([torch.rand((1,), dtype=torch.float64, generator=g, device=probs.device) for g in generators])
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].tolist()  # first cdf > u
+    for b, idx in enumerate(picked):
+        if idx >= probs.shape[-1]:  # u rounded up to the total: the last token with weight
+            picked[b] = int(torch.nonzero(probs[b] > 0)[-1])
+    return picked
 
 
 def sample_rows(logits: Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> list[int | None]:
     """Next tokens for the rows of logits [B, V] that need nothing row-specific: greedy rows, and plain
-    temperature rows (no top-k / top-p / penalties) drawn together, each with its own generator (same
-    draw as ``sample_token``). Other rows get None: sample them one by one with ``sample_token``."""
+    temperature rows (no top-k / top-p / penalties) drawn together by ``draw_rows``, each with its own
+    generator (the same draw as ``sample_token``). Other rows get None: sample them with ``sample_token``."""
     out: list[int | None] = [None] * len(params)
     plain = lambda p: p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty  # noqa: E731
     greedy = [i for i, p in enumerate(params) if plain(p) and p.greedy]
@@ -123,10 +130,7 @@ def sample_rows(logits: Tensor, params: list[SamplingParams],
     hot = [i for i, p in enumerate(params) if plain(p) and not p.greedy and p.top_k == 0 and p.top_p >= 1.0]
     if hot:
         temps = torch.tensor([max(params[i].temperature, 1e-5) for i in hot], device=logits.device)
-        cdf = torch.softmax(logits[hot].float() / temps[:, None], dim=-1).double().cumsum(-1)
-        u = torch.cat([torch.rand((1,), dtype=torch.float64, generator=generators[i], device=logits.device)
-                       for i in hot]) * cdf[:, -1]
-        picked = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].tolist()
-        for i, t in zip(hot, picked):
-            out[i] = t if t < logits.shape[-1] else None  # u rounded up to the total: sample alone
+        probs = torch.softmax(logits[hot].float() / temps[:, None], dim=-1)
+        for i, t in zip(hot, draw_rows(probs, [generators[i] for i in hot])):
+            out[i] = t
     return out
