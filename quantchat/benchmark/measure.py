@@ -303,3 +303,44 @@ def ttft_entry(prompt_len: int, seconds: Sequence[float]) -> dict:
     med = statistics.median(ms)
     return {"prompt_len": prompt_len, "ms": {"median": med, "min": min(ms), "max": max(ms), "runs": ms},
             "prefill_tok_s": prompt_len / (med / 1000) if med > 0 else None}
+
+
+def measure_speed(prefill: Callable[[list[int]], int], step: Callable[[int, int], int], vocab_size: int,
+                  max_prompt: int, job: dict, device="cpu", log: Callable[[str], None] = lambda m: None) -> dict:
+    """The speed part of a benchmark job, the same for every engine: greedy decode latency after a
+    ``decode_context``-token prompt, resident memory, then time to first token for each of
+    ``prompt_lengths`` (those >= ``max_prompt`` are skipped with a note); other processes' CPU use
+    meanwhile. Returns the result fields (decode, rss_*, ttft, peak_rss_mb, ...)."""
+    res: dict = {}
+    seed = int(job.get("seed", 1234))
+    ctx_prompt = prompt_ids(vocab_size, int(job["decode_context"]), seed)
+    log(f"decode: {job['warmup_steps']} warm-up + {job['steps']} timed steps after a {len(ctx_prompt)}-token prompt")
+    with ForeignLoad() as fl:
+        first = prefill(ctx_prompt)
+        lat, toks = time_decode_steps(step, first, len(ctx_prompt), int(job["warmup_steps"]), int(job["steps"]),
+                                      device)
+    s = latency_summary(lat)
+    res["decode"] = {"latency_ms": s, "tokens_per_s": 1000.0 / s["median"], "steps": len(lat),
+                     "warmup_steps": int(job["warmup_steps"]), "context_tokens": len(ctx_prompt),
+                     "latencies_ms": [x * 1000 for x in lat], "foreign_busy_cores": fl.cores, "tokens": toks}
+    m = proc_status_mb()
+    res["rss_mb"] = m.get("VmRSS")  # steady state: weights, KV cache, decode buffers
+    res["rss_anon_mb"] = m.get("RssAnon")
+    res["rss_file_mb"] = m.get("RssFile")
+    res["ttft"] = []
+    lengths = list(job["prompt_lengths"])
+    with ForeignLoad() as fl:
+        if lengths:
+            prefill(prompt_ids(vocab_size, min(lengths), seed + 1))  # warm-up
+        for L in lengths:
+            if L >= max_prompt:
+                res["ttft"].append({"prompt_len": L, "skipped": f"prompt length {L} >= context {max_prompt}"})
+                continue
+            log(f"time to first token: {L}-token prompt x {job['ttft_runs']}")
+            times = time_first_token(prefill, prompt_ids(vocab_size, L, seed + L), int(job["ttft_runs"]), device)
+            res["ttft"].append(ttft_entry(L, times))
+    res["ttft_foreign_busy_cores"] = fl.cores
+    end = proc_status_mb()
+    res["rss_end_mb"] = end.get("VmRSS")
+    res["peak_rss_mb"] = end.get("VmHWM")
+    return res

@@ -402,6 +402,14 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     job_base = {"device": device, "dtype": dtype, "threads": threads, "steps": opts.steps,
                 "warmup_steps": opts.warmup_steps, "decode_context": opts.decode_context, "prompt_lengths": kept,
                 "ttft_runs": opts.ttft_runs, "max_seq_len": max_seq_len, "seed": opts.seed, "compile": opts.compile}
+    def report_row(row: dict, label: str) -> None:
+        """Print one measured row (or its failure, also kept as a note)."""
+        if "error" in row:
+            progress(f"  ! failed: {row['error']}")
+            notes.append(f"{label} failed: {row['error']}")
+        else:
+            progress("  " + summary_line(row))
+
     for i, v in enumerate(variants, 1):
         progress(f"[{i}/{len(variants)}] {v.label}")
         try:
@@ -428,11 +436,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
             row["engine"] = "quantchat"
             if v.size_kind == "packed" and res.get("weight_bytes") is not None:
                 row["size_bytes"] = res["weight_bytes"]
-            if "error" in res:
-                progress(f"  ! failed: {res['error']}")
-                notes.append(f"{v.label} failed: {res['error']}")
-            else:
-                progress("  " + summary_line(row))
+            report_row(row, v.label)
         report["variants"].append(row)
         save_json(out_dir, report)
 
@@ -441,11 +445,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         res = run_worker({**job_base, "engine": "llama.cpp", "label": p["label"], "model": p["gguf"]},
                          progress, threads)
         row = {**p, **res, "engine": "llama.cpp"}
-        if "error" in res:
-            progress(f"  ! failed: {res['error']}")
-            notes.append(f"{p['label']} failed: {res['error']}")
-        else:
-            progress("  " + summary_line(row))
+        report_row(row, p["label"])
         report["peers"].append(row)
         save_json(out_dir, report)
 

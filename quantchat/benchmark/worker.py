@@ -27,9 +27,8 @@ def log(msg: str) -> None:
 def run_quantchat(job: dict) -> dict:
     import torch
 
-    from quantchat.benchmark.measure import (ForeignLoad, engine_step_fns, kv_cache_bytes, latency_summary,
-                                             proc_status_mb, prompt_ids, time_decode_steps, time_first_token,
-                                             ttft_entry, weight_bytes)
+    from quantchat.benchmark.measure import (engine_step_fns, kv_cache_bytes, measure_speed, proc_status_mb,
+                                             weight_bytes)
     from quantchat.loading.resolve import load_engine
 
     # one-time costs of any fresh process, kept out of the load time: the modules load_engine imports on
@@ -83,38 +82,7 @@ def run_quantchat(job: dict) -> dict:
     if cuda:
         res["cuda_allocated_after_load_mb"] = torch.cuda.memory_allocated() / 1e6
     prefill, step = engine_step_fns(engine)
-    seed = int(job.get("seed", 1234))
-    ctx_prompt = prompt_ids(cfg.vocab_size, int(job["decode_context"]), seed)
-    log(f"decode: {job['warmup_steps']} warm-up + {job['steps']} timed steps after a {len(ctx_prompt)}-token prompt")
-    with ForeignLoad() as fl:
-        first = prefill(ctx_prompt)
-        lat, toks = time_decode_steps(step, first, len(ctx_prompt), int(job["warmup_steps"]), int(job["steps"]),
-                                      engine.device)
-    s = latency_summary(lat)
-    res["decode"] = {"latency_ms": s, "tokens_per_s": 1000.0 / s["median"], "steps": len(lat),
-                     "warmup_steps": int(job["warmup_steps"]), "context_tokens": len(ctx_prompt),
-                     "latencies_ms": [x * 1000 for x in lat], "foreign_busy_cores": fl.cores, "tokens": toks}
-    m = proc_status_mb()
-    res["rss_mb"] = m.get("VmRSS")  # steady state: weights, KV cache, decode buffers
-    res["rss_anon_mb"] = m.get("RssAnon")
-    res["rss_file_mb"] = m.get("RssFile")
-    res["ttft"] = []
-    lengths = list(job["prompt_lengths"])
-    with ForeignLoad() as fl:
-        if lengths:
-            prefill(prompt_ids(cfg.vocab_size, min(lengths), seed + 1))  # warm-up
-        for L in lengths:
-            if L >= engine.max_seq_len:
-                res["ttft"].append({"prompt_len": L, "skipped": f"prompt length {L} >= context {engine.max_seq_len}"})
-                continue
-            log(f"time to first token: {L}-token prompt x {job['ttft_runs']}")
-            times = time_first_token(prefill, prompt_ids(cfg.vocab_size, L, seed + L), int(job["ttft_runs"]),
-                                     engine.device)
-            res["ttft"].append(ttft_entry(L, times))
-    res["ttft_foreign_busy_cores"] = fl.cores
-    end = proc_status_mb()
-    res["rss_end_mb"] = end.get("VmRSS")
-    res["peak_rss_mb"] = end.get("VmHWM")
+    res.update(measure_speed(prefill, step, cfg.vocab_size, engine.max_seq_len, job, engine.device, log))
     if cuda:
         res["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 1e6
         res["cuda_max_reserved_mb"] = torch.cuda.max_memory_reserved() / 1e6

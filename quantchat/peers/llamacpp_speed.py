@@ -52,8 +52,7 @@ def _logits_argmax(llm, np) -> int:
 
 def measure_llamacpp(job: dict) -> dict:
     """Run the benchmark job (see quantchat.benchmark.worker) on llama.cpp; the worker's result format."""
-    from quantchat.benchmark.measure import (ForeignLoad, latency_summary, proc_status_mb, prompt_ids,
-                                             time_decode_steps, time_first_token, ttft_entry)
+    from quantchat.benchmark.measure import measure_speed, proc_status_mb
 
     t0 = time.perf_counter()
     version = require_llama_cpp()
@@ -99,33 +98,6 @@ def measure_llamacpp(job: dict) -> dict:
         llm.eval([tok])
         return _logits_argmax(llm, np)
 
-    seed = int(job.get("seed", 1234))
-    ctx_prompt = prompt_ids(vocab, int(job["decode_context"]), seed)
-    with ForeignLoad() as fl:
-        first = prefill(ctx_prompt)
-        lat, toks = time_decode_steps(step, first, len(ctx_prompt), int(job["warmup_steps"]), int(job["steps"]))
-    s = latency_summary(lat)
-    res["decode"] = {"latency_ms": s, "tokens_per_s": 1000.0 / s["median"], "steps": len(lat),
-                     "warmup_steps": int(job["warmup_steps"]), "context_tokens": len(ctx_prompt),
-                     "latencies_ms": [x * 1000 for x in lat], "foreign_busy_cores": fl.cores, "tokens": toks}
-    m = proc_status_mb()
-    res["rss_mb"] = m.get("VmRSS")
-    res["rss_anon_mb"] = m.get("RssAnon")
-    res["rss_file_mb"] = m.get("RssFile")
-    res["ttft"] = []
-    lengths = list(job["prompt_lengths"])
-    with ForeignLoad() as fl:
-        if lengths:
-            prefill(prompt_ids(vocab, min(lengths), seed + 1))  # warm-up
-        for L in lengths:
-            if L >= min(context, llm.n_ctx()):
-                res["ttft"].append({"prompt_len": L, "skipped": f"prompt length {L} >= context {min(context, llm.n_ctx())}"})
-                continue
-            times = time_first_token(prefill, prompt_ids(vocab, L, seed + L), int(job["ttft_runs"]))
-            res["ttft"].append(ttft_entry(L, times))
-    res["ttft_foreign_busy_cores"] = fl.cores
-    end = proc_status_mb()
-    res["rss_end_mb"] = end.get("VmRSS")
-    res["peak_rss_mb"] = end.get("VmHWM")
+    res.update(measure_speed(prefill, step, vocab, min(context, llm.n_ctx()), job))
     llm.close()
     return res
