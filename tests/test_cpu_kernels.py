@@ -234,6 +234,94 @@ def test_int8_forced_paths_and_odd_shapes(n, k, m, path):
 
 
 # ------------------------------------------------------------------------------------------------
+# int4, rows interleaved by 8 (r8): exact tiles and the int8-activation decode GEMV
+# ------------------------------------------------------------------------------------------------
+def r8_weight(n: int, k: int, gs: int, sym: bool, seed: int = 0):
+    packed, s, z, ref_w = int4_weight(n, k, gs, sym, seed)
+    return (*rtn.interleave_rows8(packed, s, z), ref_w)
+
+
+@pytest.mark.parametrize("n,k,gs", [(1, 32, 32), (13, 100, 32), (16, 256, 64), (37, 200, 128), (960, 576, 32)])
+def test_interleave_rows8_round_trip(n, k, gs):
+    packed, s, z, _ = int4_weight(n, k, gs, False)
+    pi, si, zi = rtn.interleave_rows8(packed, s, z)
+    n8 = (n + 7) // 8 * 8
+    assert pi.shape == (n8, packed.shape[1]) and si.shape == zi.shape == (n8, s.shape[1])
+    back = rtn.deinterleave_rows8(pi, si, zi, n)
+    for a, b in zip(back, (packed, s, z)):
+        assert torch.equal(a, b)
+    # byte 4r+p of the first 32 bytes: code (r, p) low, code (r, 4+p) high
+    codes = rtn.unpack_int4(packed)
+    for r in range(min(n, 8)):
+        for p in range(4):
+            byte = int(pi.view(-1)[4 * r + p])
+            assert byte & 15 == int(codes[r, p]) and byte >> 4 == int(codes[r, 4 + p])
+
+
+R8_CASES = [(960, 576, 32, False), (3072, 576, 64, True), (576, 1536, 128, False), (13, 100, 32, False),
+            (41, 200, 128, True), (5, 70, 64, False), (8, 32, 32, True)]
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("n,k,gs,sym", R8_CASES)
+def test_int4r8_exact_path(n, k, gs, sym, m):
+    pi, si, zi, ref_w = r8_weight(n, k, gs, sym, seed=4)
+    x = activations(m, k, seed=5)
+    assert_matches(cpu.int4r8_linear(x, pi, si, zi, n, gs, k, cpu.R8_EXACT), x, ref_w)
+
+
+@pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 8, 13))
+@pytest.mark.parametrize("n,k,gs,sym", R8_CASES)
+def test_int4r8_q8_path_equals_its_reference(n, k, gs, sym, m):
+    """The decode GEMV == float64 matmul on the activations rounded by ``rtn.round_activations_q8``
+    (integer sums are exact: only float32 rounding of the per-block scaling remains); and within the
+    rounding's own error bound of the float result."""
+    pi, si, zi, ref_w = r8_weight(n, k, gs, sym, seed=6)
+    x = activations(m, k, seed=9)
+    x[:, 0] *= 50  # an outlier channel: only its own 32-column block's step grows
+    y = cpu.int4r8_linear(x, pi, si, zi, n, gs, k, cpu.R8_Q8)
+    assert_matches(y, rtn.round_activations_q8(x), ref_w)
+    kp = rtn.padded_in_features(k, 32)
+    amax = torch.nn.functional.pad(x.double().abs(), (0, kp - k)).view(m, kp // 32, 32).amax(-1)
+    half_step = (amax / 127 / 2).repeat_interleave(32, dim=1)[:, :k]
+    bound = 1.01 * half_step @ ref_w.abs().t() + 1e-5 * (x.double().abs() @ ref_w.abs().t()) + 1e-6
+    assert ((y.double() - x.double() @ ref_w.t()).abs() <= bound).all()
+
+
+def test_int4r8_q8_rows_do_not_depend_on_the_batch(threads):
+    """Each row's result is the same alone or among others, on any thread count: batched decode gives
+    the tokens single-sequence decode gives."""
+    n, k, gs = 3072, 576, 32
+    pi, si, zi, _ = r8_weight(n, k, gs, False)
+    x = activations(11, k)
+    want = torch.cat([cpu.int4r8_linear(x[i:i + 1], pi, si, zi, n, gs, k, cpu.R8_Q8) for i in range(11)])
+    for t in (1, 2, 3):
+        torch.set_num_threads(t)
+        for m in (2, 4, 5, 11):
+            assert torch.equal(cpu.int4r8_linear(x[:m], pi, si, zi, n, gs, k, cpu.R8_Q8), want[:m])
+        assert torch.equal(cpu.int4r8_linear(x[:70], pi, si, zi, n, gs, k, cpu.R8_EXACT),
+                           cpu.int4r8_linear(x[:70], pi, si, zi, n, gs, k, cpu.R8_EXACT))
+
+
+def test_int4r8_bad_arguments_raise():
+    pi, si, zi, _ = r8_weight(13, 64, 32, False)
+    x = activations(2, 64)
+    ops = cpu.load()
+    with pytest.raises(RuntimeError, match="out_features"):
+        cpu.int4r8_linear(x, pi, si, zi, 17, 32, 64)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        cpu.int4r8_linear(x, pi[:13], si[:13], zi[:13], 13, 32, 64)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu.int4r8_linear(x, *rtn.interleave_rows8(*int4_weight(8, 64, 16, False)[:3]), 8, 16, 64)
+    with pytest.raises(RuntimeError, match="unknown path"):
+        cpu.int4r8_linear(x, pi, si, zi, 13, 32, 64, 7)
+    with pytest.raises((RuntimeError, ValueError)):
+        cpu.int4r8_linear(activations(2, 60), pi, si, zi, 13, 32, 64)
+    y = ops.int4r8_linear(torch.empty(5, 64, device="meta"), pi.to("meta"), si.to("meta"), zi.to("meta"), 13, 32, 64)
+    assert y.shape == (5, 13) and y.device.type == "meta"
+
+
+# ------------------------------------------------------------------------------------------------
 # threads, layouts, dtypes
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("m", (1, 3, 7, 64, 130))

@@ -12,6 +12,7 @@ from quantchat.kernels import cpu
 from quantchat.loading.hf_loader import load_model
 from quantchat.model.config import ModelConfig
 from quantchat.model.llama import Transformer
+from quantchat.quant.linear import QuantizedLinear
 from quantchat.quant.quantize import QuantSpec, quantize_model
 from quantchat.sampling.sampling import SamplingParams
 from tiny_models import make_tiny_llama
@@ -48,11 +49,20 @@ def python_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, slo
     return model(tokens[:, None], pos[:, None], kv_len=int(pos.max()) + 1, slot=slot)[:, -1]
 
 
+def same_kernels(model: Transformer) -> None:
+    """Make the Python path run the int4 linears the fused step re-laid (``interleave_rows_``) with the
+    fused step's int8-activation kernel, so that the two compare to float rounding."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear) and m.r8:
+            m.r8_path = cpu.R8_Q8
+
+
 def check_steps(model: Transformer, lengths: list[int], steps: int = 3) -> None:
     """Batched fused steps == the model's own batched forward; the caches stay equal too."""
     B = len(lengths)
     model.setup_caches(B, 256)
     fused = FusedDecoder(model)
+    same_kernels(model)
     g = torch.Generator().manual_seed(5)
     with torch.inference_mode():
         fill_slots(model, lengths)

@@ -153,3 +153,40 @@ def test_resident_int4_is_float16_and_one_layout():
     assert ql.weight_bytes == 96 * 128 + 2 * 2 * 96 * 4
     x = torch.randn(3, 200)
     torch.testing.assert_close(ql(x), ql.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@given(st.integers(1, 40), st.sampled_from([32, 64, 128]), st.integers(1, 4), st.integers(0, 31), st.integers(0, 99))
+@settings(max_examples=30, deadline=None)
+def test_interleave_rows8_round_trip_property(n, gs, groups, short, seed):
+    """r8 layout (the fused decode step's): de-interleaving gives the resident codes back, any shape."""
+    k = max(1, gs * groups - short)
+    g = torch.Generator().manual_seed(seed)
+    q, s, z = rtn.quantize_int4(torch.randn(n, k, generator=g), gs, bool(seed % 2))
+    packed = rtn.pack_int4(q)
+    s16, m16 = rtn.int4_resident(s, z)
+    back = rtn.deinterleave_rows8(*rtn.interleave_rows8(packed, s16, m16), n)
+    assert all(torch.equal(a, b) for a, b in zip(back, (packed, s16, m16)))
+
+
+def test_quantized_linear_interleave_rows_in_place():
+    """``interleave_rows_`` keeps the module's function (exact path), its portable codes and its memory."""
+    from quantchat.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("quantchat's CPU kernels unavailable")
+    torch.manual_seed(0)
+    w, b = torch.randn(45, 100), torch.randn(45)
+    lin = QuantizedLinear.from_float(w, b, 4, 32, symmetric=False)
+    x = torch.randn(3, 100)
+    before, codes = lin(x), {k: v.clone() for k, v in lin.resident_codes().items()}
+    nbytes = lin.weight_bytes
+    assert lin.interleave_rows_() and lin.r8 and lin.interleave_rows_()  # idempotent
+    assert lin.qweight.shape[0] == 48
+    torch.testing.assert_close(lin(x), before, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, codes[k]) for k, a in lin.resident_codes().items())
+    torch.testing.assert_close(lin.dequantized_weight(), rtn.dequantize_codes(codes, 100))
+    assert lin.weight_bytes <= nbytes * 48 / 45 + 64  # only the padding rows are added
+    lin.r8_path = cpu.R8_Q8
+    torch.testing.assert_close(lin(x), lin.reference_forward(rtn.round_activations_q8(x)), rtol=1e-4, atol=1e-4)
+    int8 = QuantizedLinear.from_float(w, None, 8)
+    assert not int8.interleave_rows_() and not int8.r8

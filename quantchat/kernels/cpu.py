@@ -9,6 +9,10 @@ slower than a float32 matmul on AVX2-only CPUs. These kernels read the portable 
   [N, G]; w = code * scale + min per group (``rtn.int4_resident`` makes scales / mins from zero
   points; read with F16C). x has ``in_features`` columns (no padding needed).
 * ``int8_linear(x, qweight, scales)``: qweight int8 [N, K], scales float32 [N]; w = q * scale.
+* ``int4r8_linear(x, packed, scales, mins, out_features, group_size, in_features, path)``: the same int4
+  weights with rows interleaved in blocks of 8 (``rtn.interleave_rows8``, made at load), for the decode
+  GEMV on int8-rounded activations (``R8_Q8``: vpmaddubsw over 8 rows at once; what the fused decode
+  step runs) or dequantized tiles + sgemm on the float activations (``R8_EXACT``).
 
 Small M (decode, M <= 12) runs a float32 GEMV straight from the packed codes (AVX2 unpack + FMA,
 threads split the output rows); larger M (prefill) dequantizes tiles of rows into an L2-sized
@@ -42,7 +46,7 @@ from quantchat.paths import quantchat_home
 
 __all__ = [
     "KernelsUnavailable", "available", "load", "unavailable_reason", "build_info",
-    "int4_linear", "int8_linear", "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16", "PATH_AUTO_I16",
+    "int4_linear", "int8_linear", "int4r8_linear", "R8_EXACT", "R8_Q8", "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16", "PATH_AUTO_I16",
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -61,6 +65,9 @@ KEEP_BUILDS = 4  # cached builds kept in kernels_dir() (one per source version /
 # ~2e-5 of its magnitude: far below bfloat16 rounding, but not float32-exact); AUTO_I16 = that GEMV
 # for M <= 12, tiles above.
 PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
+# int4r8_linear's paths: EXACT = dequantized tiles + sgemm on float32 activations; Q8 = GEMV on int8
+# activations (per 32 columns, as llama.cpp's Q8_0): the decode path, 2-3x the float GEMV's speed
+R8_EXACT, R8_Q8 = 0, 1
 
 
 class KernelsUnavailable(RuntimeError):
@@ -71,6 +78,7 @@ _lock = threading.Lock()
 _ops = None
 _int4_op = None  # the resolved op overloads (a little less call overhead than the packet)
 _int8_op = None
+_int4r8_op = None
 _error: str | None = None
 _info: dict = {}
 
@@ -244,7 +252,7 @@ def load():
 
     Raises ``KernelsUnavailable`` with the reason when they cannot be used here.
     """
-    global _ops, _error, _int4_op, _int8_op
+    global _ops, _error, _int4_op, _int8_op, _int4r8_op
     if _ops is not None:
         return _ops
     with _lock:
@@ -254,6 +262,7 @@ def load():
             try:
                 ops = _load_impl()
                 _int4_op, _int8_op = ops.int4_linear.default, ops.int8_linear.default
+                _int4r8_op = ops.int4r8_linear.default
                 _ops = ops
             except KernelsUnavailable as e:
                 _error = str(e)
@@ -338,4 +347,20 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, path: int = PATH_AUT
         op = _int8_op
     x2, shape, dtype = _as_float_2d(x, qweight.shape[1])
     y = op(x2, qweight, scales, path)
+    return _restore(y, shape, dtype)
+
+
+def int4r8_linear(
+    x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor, out_features: int, group_size: int,
+    in_features: int, path: int = R8_EXACT,
+) -> Tensor:
+    """``int4_linear`` on weights in the row-interleaved layout of ``rtn.interleave_rows8`` (packed uint8
+    [N8, Kp/2], scales / mins float16 [N8, G]); output [..., out_features]. ``R8_EXACT`` (default):
+    float32 activations, dequantized tiles; ``R8_Q8``: activations rounded to int8 per 32 columns."""
+    op = _int4r8_op
+    if op is None:
+        load()
+        op = _int4r8_op
+    x2, shape, dtype = _as_float_2d(x, in_features)
+    y = op(x2, packed, scales, mins, out_features, group_size, in_features, path)
     return _restore(y, shape, dtype)

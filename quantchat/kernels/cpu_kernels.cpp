@@ -576,6 +576,230 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
 }
 
 // ================================================================================================
+// int4, rows interleaved in blocks of 8 ("r8"), for decode: int8 activations (as llama.cpp's Q8_0)
+// ================================================================================================
+// Layout (quantchat.quant.rtn.interleave_rows8; N padded to N8, a multiple of 8, with zero rows):
+// packed uint8 [N8, Kp/2] holds, per block of 8 rows b, per group g, per 8 columns c of the group, 32
+// bytes: byte 4r+p has code[8b+r, g*gs+8c+p] in its low nibble and code[8b+r, g*gs+8c+4+p] in its high
+// one; scales / mins float16 [N8, G] hold, per block, [G, 8] (group-major). One 32-byte load unpacks
+// (and, shift) into two registers whose 32-bit lane r holds 4 consecutive codes of row 8b+r, so
+// vpmaddubsw against 4 broadcast int8 activations yields all 8 rows at once.
+// Activations: per row and 32 columns, xq = round(x / dx) in [-127, 127], dx = absmax / 127 (error <=
+// dx / 2 per element). y[m, n] = sum_g s[n,g] sum_{b in g} dx[m,b] sum_k q xq + sum_g min[n,g] sx[m,g],
+// sx[m,g] = sum_{b in g} dx[m,b] sum_k xq (the same rounded x). Integer sums are exact (int16 over 32
+// columns: at most 8 * 2 * 15 * 127 = 30480), so a row's result does not depend on the batch it is in.
+// path 1 (q8 GEMV) is what the fused decode step uses; path 0 dequantizes tiles and runs sgemm on the
+// float activations (exact float, as int4_linear's tiled path): the Python forward and prefill.
+struct Int4R8 {
+  const uint8_t* w;    // [N8, Kp/2] interleaved
+  const uint16_t* s;   // [N8 / 8, G, 8] float16
+  const uint16_t* mn;  // [N8 / 8, G, 8] float16
+  int64_t N, N8, K, Kp, G, gs;
+};
+
+// x [M, K] (row stride ldx) -> xq int8 [M, Kp] (zero past K), dx [M, Kp/32], sx [M, G]
+void prep_x_q8(const Int4R8& q, const float* x, int64_t ldx, int64_t M, int8_t* xq, float* dx, float* sx) {
+  const int64_t K = q.K, Kp = q.Kp, nb = Kp / 32, per_g = q.gs / 32;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) float tmp[32];
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* src = xr + j * 32;
+      if (j * 32 + 32 > K) {  // the last, partial block: zero padded copy
+        for (int i = 0; i < 32; ++i) tmp[i] = j * 32 + i < K ? src[i] : 0.0f;
+        src = tmp;
+      }
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(src + 8 * i);
+      __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                               _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const float amax = _mm_cvtss_f32(h);
+      const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      __m256i i32[4];
+      for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // nearest even
+      const __m256i tot = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+      const __m256i p = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3])), perm);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * Kp + j * 32), p);
+      const float d = amax / 127.0f;
+      dx[m * nb + j] = d;
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(tot), _mm256_extracti128_si256(tot, 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+      const float part = d * static_cast<float>(_mm_cvtsi128_si32(t));
+      if (j % per_g == 0) sx[m * q.G + j / per_g] = part;
+      else sx[m * q.G + j / per_g] += part;
+    }
+  }
+}
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// rows 8b..8b+7 x activation rows m0..m0+MB
+template <int MB>
+__attribute__((noinline)) void int4r8_q8_kernel(const Int4R8& q, const int8_t* xq, const float* dx, const float* sx,
+                                                float* y, int64_t ldy, int64_t b, int64_t m0) {
+  const int64_t G = q.G, per_g = q.gs / 32, Kp = q.Kp, nb = Kp / 32;
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const uint8_t* wb = q.w + b * 8 * (Kp / 2);
+  const uint16_t* sb = q.s + b * 8 * G;
+  const uint16_t* mb = q.mn + b * 8 * G;
+  __m256 acc[MB];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + g * 8)));
+    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mb + g * 8)));
+    for (int64_t j = g * per_g; j < (g + 1) * per_g; ++j) {  // 32 columns
+      __m256i a16[MB];
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) a16[m] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (j * 4 + c) * 32));
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; ++m) {
+          const int8_t* xr = xq + (m0 + m) * Kp + j * 32 + c * 8;
+          a16[m] = _mm256_add_epi16(a16[m], _mm256_maddubs_epi16(lo, bcast4(xr)));
+          a16[m] = _mm256_add_epi16(a16[m], _mm256_maddubs_epi16(hi, bcast4(xr + 4)));
+        }
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_set1_ps(dx[(m0 + m) * nb + j])),
+                                 _mm256_cvtepi32_ps(_mm256_madd_epi16(a16[m], ones)), acc[m]);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[(m0 + m) * G + g]), acc[m]);
+  }
+  const int64_t n0 = b * 8, rows = std::min<int64_t>(8, q.N - n0);
+  for (int m = 0; m < MB; ++m) {
+    float* yr = y + (m0 + m) * ldy + n0;
+    if (rows == 8) {
+      _mm256_storeu_ps(yr, acc[m]);
+    } else {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, acc[m]);
+      for (int64_t r = 0; r < rows; ++r) yr[r] = t[r];
+    }
+  }
+}
+
+void int4r8_gemv(const Int4R8& q, const float* x, int64_t ldx, int64_t M, float* y) {
+  std::vector<int8_t> xq(static_cast<size_t>(M * q.Kp));
+  std::vector<float> dx(static_cast<size_t>(M * q.Kp / 32)), sx(static_cast<size_t>(M * q.G));
+  prep_x_q8(q, x, ldx, M, xq.data(), dx.data(), sx.data());
+  const int64_t blocks = q.N8 / 8, block_bytes = 4 * q.Kp + 32 * q.G;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / block_bytes);  // >= 32 KiB per thread
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int4r8_q8_kernel<1>(q, xq.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
+          case 2: int4r8_q8_kernel<2>(q, xq.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
+          case 3: int4r8_q8_kernel<3>(q, xq.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
+          default: int4r8_q8_kernel<4>(q, xq.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
+        }
+      }
+    }
+  });
+}
+
+// dequantize row blocks [b0, b0 + nblk) into out [8 * nblk, Kp] (float32)
+void int4r8_dequant_blocks(const Int4R8& q, int64_t b0, int64_t nblk, float* out) {
+  const int64_t G = q.G, Kp = q.Kp, gs = q.gs;
+  const __m256i m4 = _mm256_set1_epi8(15);
+  alignas(32) float sf[8], mf[8];
+  for (int64_t bi = 0; bi < nblk; ++bi) {
+    const int64_t b = b0 + bi;
+    const uint8_t* wb = q.w + b * 8 * (Kp / 2);
+    float* o = out + bi * 8 * Kp;
+    for (int64_t g = 0; g < G; ++g) {
+      _mm256_store_ps(sf, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.s + (b * G + g) * 8))));
+      _mm256_store_ps(mf, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.mn + (b * G + g) * 8))));
+      for (int64_t c = 0; c < gs / 8; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (g * gs / 8 + c) * 32));
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        // 64-bit halves: rows 0, 1 | 4, 5 (ul) and 2, 3 | 6, 7 (uh), each 8 codes in column order
+        const __m256i ul = _mm256_unpacklo_epi32(lo, hi), uh = _mm256_unpackhi_epi32(lo, hi);
+        const __m128i h[4] = {_mm256_castsi256_si128(ul), _mm256_castsi256_si128(uh),
+                              _mm256_extracti128_si256(ul, 1), _mm256_extracti128_si256(uh, 1)};
+        for (int i = 0; i < 4; ++i) {
+          for (int half = 0; half < 2; ++half) {
+            const int r = (i / 2) * 4 + (i % 2) * 2 + half;
+            const __m128i codes = half ? _mm_srli_si128(h[i], 8) : h[i];
+            const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)),
+                                             _mm256_set1_ps(sf[r]), _mm256_set1_ps(mf[r]));
+            _mm256_storeu_ps(o + r * Kp + g * gs + c * 8, w);
+          }
+        }
+      }
+    }
+  }
+}
+
+void int4r8_tiled(const Int4R8& q, const at::Tensor& x, const at::Tensor& y) {
+  // tiles of whole 8-row blocks; y has N columns, the padding rows of the last block are not written
+  const int64_t blocks = q.N8 / 8;
+  const int64_t tb = std::max<int64_t>(1, tile_rows(q.Kp) / 8);
+  const int64_t grain = std::max<int64_t>(2, std::min<int64_t>(tb, (blocks + 1) / 2));
+  const GemmArgs ga{x, y};
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const at::Tensor buf = x.new_empty({std::min(tb, b1 - b0) * 8 * q.Kp});
+    for (int64_t b = b0; b < b1; b += tb) {
+      const int64_t nblk = std::min(tb, b1 - b);
+      int4r8_dequant_blocks(q, b, nblk, buf.data_ptr<float>());
+      gemm_tile(ga, b * 8, std::min(nblk * 8, q.N - b * 8), q.K, buf, q.Kp);
+    }
+  });
+}
+
+at::Tensor int4r8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                         const at::Tensor& mins, int64_t out_features, int64_t group_size, int64_t in_features,
+                         int64_t path) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int4r8_linear: x must be a float32 [M, K]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "int4r8_linear: packed must be a contiguous uint8 [N8, Kp/2]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
+                  mins.scalar_type() == at::kHalf && mins.sizes() == scales.sizes() && mins.is_contiguous(),
+              "int4r8_linear: scales and mins must be contiguous float16 [N8, G]");
+  TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu(), "int4r8_linear: CPU tensors only");
+  const int64_t N8 = packed.size(0), Kp = packed.size(1) * 2, G = scales.size(1);
+  TORCH_CHECK(N8 % 8 == 0 && scales.size(0) == N8, "int4r8_linear: rows must be a multiple of 8 (padded)");
+  TORCH_CHECK(out_features > N8 - 8 && out_features <= N8, "int4r8_linear: out_features inconsistent with rows");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && G * group_size == Kp,
+              "int4r8_linear: group_size must be a multiple of 32 with groups * group_size == packed width * 2");
+  TORCH_CHECK(in_features > 0 && in_features <= Kp && Kp - in_features < group_size,
+              "int4r8_linear: in_features inconsistent with the packed width");
+  TORCH_CHECK(x_in.size(1) == in_features, "int4r8_linear: x has ", x_in.size(1), " columns, expected ",
+              in_features);
+  TORCH_CHECK(path == 0 || path == 1, "int4r8_linear: unknown path ", path);
+  const at::Tensor x = as_float_rows(x_in);
+  const int64_t M = x.size(0);
+  at::Tensor y = x.new_empty({M, out_features});
+  if (M == 0) return y;
+  Int4R8 q{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+           reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()), out_features, N8, in_features, Kp, G,
+           group_size};
+  if (path == 1) {
+    int4r8_gemv(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
+  } else {
+    int4r8_tiled(q, x, y);
+  }
+  return y;
+}
+
+// ================================================================================================
 // int8 (per output channel): w[n, k] = q[n, k] * s[n]
 // ================================================================================================
 template <int R, int MB>
@@ -713,6 +937,12 @@ at::Tensor int8_linear_meta(const at::Tensor& x, const at::Tensor& qweight, cons
   return x.new_empty({x.size(0), qweight.size(0)});
 }
 
+at::Tensor int4r8_linear_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                              const at::Tensor& mins, int64_t out_features, int64_t group_size, int64_t in_features,
+                              int64_t path) {
+  return x.new_empty({x.size(0), out_features});
+}
+
 int64_t has_blas() { return sgemm_ != nullptr ? 1 : 0; }
 
 }  // namespace
@@ -724,6 +954,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 }
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t path) {
   return ::int8_linear(x, qweight, scales, path);
+}
+at::Tensor int4r8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                         const at::Tensor& mins, int64_t out_features, int64_t group_size, int64_t in_features,
+                         int64_t path) {
+  return ::int4r8_linear(x, packed, scales, mins, out_features, group_size, in_features, path);
 }
 }  // namespace quantchat_kernels
 
@@ -738,6 +973,8 @@ QC_LIBRARY(QC_NS, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int group_size, int in_features, "
         "int path=0) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, int path=0) -> Tensor");
+  m.def("int4r8_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int out_features, int group_size, "
+        "int in_features, int path=0) -> Tensor");
   m.def("kernels_info() -> int");
   m.impl("kernels_info", &has_blas);
 }
@@ -745,9 +982,11 @@ QC_LIBRARY(QC_NS, m) {
 QC_LIBRARY_IMPL(QC_NS, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("int4r8_linear", &int4r8_linear);
 }
 
 QC_LIBRARY_IMPL(QC_NS, Meta, m) {
+  m.impl("int4r8_linear", &int4r8_linear_meta);
   m.impl("int4_linear", &int4_linear_meta);
   m.impl("int8_linear", &int8_linear_meta);
 }

@@ -14,6 +14,9 @@ namespace quantchat_kernels {
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group_size, int64_t in_features, int64_t path);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t path);
+at::Tensor int4r8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                         const at::Tensor& mins, int64_t out_features, int64_t group_size, int64_t in_features,
+                         int64_t path);
 
 // sum of the 8 lanes
 inline float hsum(__m256 v) {

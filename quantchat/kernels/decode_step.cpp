@@ -196,16 +196,20 @@ void rope(float* x, int64_t n_heads, int64_t hd, const float* cos, const float* 
 // ------------------------------------------------------------------------------------------------
 // the plan
 // ------------------------------------------------------------------------------------------------
-enum LinearKind : int64_t { kFloat = 0, kInt4 = 1, kInt8 = 2, kFloatT = 3 };
+enum LinearKind : int64_t { kFloat = 0, kInt4 = 1, kInt8 = 2, kFloatT = 3, kInt4R8 = 4 };
 
 struct Linear {
-  int64_t kind = kFloat, group_size = 0, in_features = 0;
-  at::Tensor a, b, c, bias;  // float: weight [N, K] (kFloatT: [K, N]); int4: packed, scales, mins; int8: qweight, scales
+  int64_t kind = kFloat, group_size = 0, in_features = 0, out_features = 0;
+  // float: weight [N, K] (kFloatT: [K, N]); int4 (kInt4R8: rows interleaved): packed, scales, mins; int8: qweight, scales
+  at::Tensor a, b, c, bias;
 
   at::Tensor operator()(const at::Tensor& x) const {
     at::Tensor y;
     switch (kind) {
       case kInt4: y = quantchat_kernels::int4_linear(x, a, b, c, group_size, in_features, 0); break;
+      case kInt4R8:  // int8-rounded activations (the decode GEMV; see int4r8_linear)
+        y = quantchat_kernels::int4r8_linear(x, a, b, c, out_features, group_size, in_features, 1);
+        break;
       case kInt8: y = quantchat_kernels::int8_linear(x, a, b, 0); break;
       case kFloatT: y = x.matmul(a); break;
       default: y = x.matmul(a.t()); break;
@@ -240,16 +244,16 @@ struct DecodePlan : torch::CustomClassHolder {
     n_layer = meta[0], dim = meta[1], n_head = meta[2], n_kv = meta[3], hd = meta[4], window = meta[5],
     hidden = meta[6];
     TORCH_CHECK(n_layer > 0 && n_kv > 0 && n_head % n_kv == 0 && hd % 2 == 0, "DecodePlan: bad shape meta");
-    TORCH_CHECK(static_cast<int64_t>(meta.size()) == kMetaHead + 3 * (4 * n_layer + 1), "DecodePlan: meta size");
+    TORCH_CHECK(static_cast<int64_t>(meta.size()) == kMetaHead + 4 * (4 * n_layer + 1), "DecodePlan: meta size");
     TORCH_CHECK(static_cast<int64_t>(t.size()) == kTensorsPerLayer * n_layer + 7, "DecodePlan: tensor count");
     size_t mi = kMetaHead, ti = 0;
     auto linear = [&]() {
       Linear l;
-      l.kind = meta[mi], l.group_size = meta[mi + 1], l.in_features = meta[mi + 2];
-      mi += 3;
+      l.kind = meta[mi], l.group_size = meta[mi + 1], l.in_features = meta[mi + 2], l.out_features = meta[mi + 3];
+      mi += 4;
       l.a = t[ti], l.b = t[ti + 1], l.c = t[ti + 2], l.bias = t[ti + 3];
       ti += 4;
-      TORCH_CHECK(l.kind >= kFloat && l.kind <= kFloatT, "DecodePlan: unknown linear kind ", l.kind);
+      TORCH_CHECK(l.kind >= kFloat && l.kind <= kInt4R8, "DecodePlan: unknown linear kind ", l.kind);
       if (l.kind == kFloat || l.kind == kFloatT) check_float(l.a, "a float weight");
       if (l.bias.numel() > 0) check_float(l.bias, "a bias");
       return l;

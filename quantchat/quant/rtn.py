@@ -163,3 +163,52 @@ def unpack_int4(packed: Tensor) -> Tensor:
     """Inverse of ``pack_int4``."""
     lo, hi = packed & 0x0F, packed >> 4
     return torch.stack([lo, hi], dim=-1).view(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def interleave_rows8(packed: Tensor, scales: Tensor, mins: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Resident int4 ``(qweight [N, Kp/2], scales [N, G], mins [N, G])`` -> the decode kernel's "r8" layout:
+    rows zero-padded to N8 (a multiple of 8) and interleaved in blocks of 8. Per block b, group g and 8
+    columns c of the group, 32 bytes: byte 4r+p holds code[8b+r, g*gs+8c+p] (low nibble) and
+    code[8b+r, g*gs+8c+4+p] (high nibble). scales / mins [N8, G] hold each block as [G, 8].
+    Needs group_size % 8 == 0. Inverse: ``deinterleave_rows8``."""
+    codes = unpack_int4(packed)
+    N, Kp = codes.shape
+    G = scales.shape[1]
+    gs = Kp // G
+    if gs % 8:
+        raise ValueError(f"row interleaving needs a group size that is a multiple of 8 (got {gs})")
+    n8 = (N + 7) // 8 * 8
+    pad = n8 - N
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
+        scales, mins = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (scales, mins))
+    c = codes.view(n8 // 8, 8, G, gs // 8, 2, 4).permute(0, 2, 3, 1, 5, 4)  # [b, g, c, r, p, half]
+    out = (c[..., 0] | (c[..., 1] << 4)).reshape(n8, Kp // 2)
+    def blocks(t: Tensor) -> Tensor:
+        return t.reshape(n8 // 8, 8, G).transpose(1, 2).reshape(n8, G).contiguous()
+    return out.contiguous(), blocks(scales), blocks(mins)
+
+
+def deinterleave_rows8(packed: Tensor, scales: Tensor, mins: Tensor, out_features: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of ``interleave_rows8``: the resident layout of the first ``out_features`` rows."""
+    n8, half_kp = packed.shape
+    G = scales.shape[1]
+    gs = half_kp * 2 // G
+    b = packed.reshape(n8 // 8, G, gs // 8, 8, 4)  # [b, g, c, r, p]
+    c = torch.stack([b & 0x0F, b >> 4], dim=-1)  # [b, g, c, r, p, half]
+    codes = c.permute(0, 3, 1, 2, 5, 4).reshape(n8, half_kp * 2)[:out_features]
+    def rows(t: Tensor) -> Tensor:
+        return t.reshape(n8 // 8, G, 8).transpose(1, 2).reshape(n8, G)[:out_features].contiguous()
+    return pack_int4(codes).contiguous(), rows(scales), rows(mins)
+
+
+def round_activations_q8(x: Tensor, block: int = 32) -> Tensor:
+    """Plain reference of the decode kernel's activation rounding (``cpu.R8_Q8``): per row and ``block``
+    columns, ``dx = absmax / 127`` and ``x ~= round(x / dx) * dx`` (ties to even), as llama.cpp's Q8_0.
+    Returns the rounded x (same shape and dtype, float64 math)."""
+    m, k = x.shape
+    kp = padded_in_features(k, block)
+    xb = torch.nn.functional.pad(x.double(), (0, kp - k)).view(m, kp // block, block)
+    dx = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(dx > 0, torch.round(xb / dx.clamp(min=1e-300)), torch.zeros_like(xb))
+    return (q * dx).view(m, kp)[:, :k].to(x.dtype)
