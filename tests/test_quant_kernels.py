@@ -190,3 +190,17 @@ def test_quantized_linear_interleave_rows_in_place():
     torch.testing.assert_close(lin(x), lin.reference_forward(rtn.round_activations_q8(x)), rtol=1e-4, atol=1e-4)
     int8 = QuantizedLinear.from_float(w, None, 8)
     assert not int8.interleave_rows_() and not int8.r8
+
+
+def test_int4_asymmetric_separate_min_max_clip():
+    """clip [N, G, 2]: the min and the max shrink by their own factors; values outside are clamped."""
+    w = torch.tensor([[-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0]])
+    q, s, z = rtn.quantize_int4(w, 8, False, clip=torch.tensor([[[0.5, 1.0]]]))
+    assert float(s[0, 0]) == pytest.approx(2.5 / 15, rel=1e-3)  # range [-0.5, 2]
+    deq = rtn.dequantize_int4(q, s, z, 8)
+    assert float(deq[0, 0]) == pytest.approx(-0.5, abs=1e-3)  # -1 clamped to the new min
+    assert float(deq[0, 1]) == pytest.approx(-0.5, abs=1e-3)
+    assert float(deq[0, -1]) == pytest.approx(2.0, abs=1e-3)
+    same = rtn.quantize_int4(w, 8, False, clip=torch.tensor([[0.75]]))
+    both = rtn.quantize_int4(w, 8, False, clip=torch.tensor([[[0.75, 0.75]]]))
+    assert all(torch.equal(a, b) for a, b in zip(same, both))

@@ -46,7 +46,8 @@ from quantchat.paths import quantchat_home
 
 __all__ = [
     "KernelsUnavailable", "available", "load", "unavailable_reason", "build_info",
-    "int4_linear", "int8_linear", "int4r8_linear", "R8_EXACT", "R8_Q8", "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16", "PATH_AUTO_I16",
+    "int4_linear", "int8_linear", "int4r8_linear", "R8_EXACT", "R8_Q8",
+    "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16", "PATH_AUTO_I16",
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")

@@ -18,14 +18,18 @@ Follows mit-han-lab/llm-awq (``auto_scale.py``, ``auto_clip.py``), block by bloc
 2. Clip search (llm-awq ``auto_clip_layer``): per output row and group, shrink the quantization
    range by 1 - i/n_grid for i < max_shrink * n_grid (1.0, 0.95, ..., 0.55 with the defaults) and
    keep the factor minimizing the group's partial output error sum_k x_k w_k on a subsample of the
-   (scaled) calibration inputs. q and k rows are not clipped (their errors pass through q k^T, which
+   (scaled) calibration inputs. Symmetric: the max magnitude shrinks. Asymmetric: the min and the max
+   shrink by separate factors, found by coordinate descent (max, then min, twice) -- llm-awq clamps
+   both ends at one magnitude instead; on the default model (int4-asym g128, 16 x 512 calibration
+   tokens, perplexity on 16k held-out tokens, float 14.49) one common factor gave 16.75, llm-awq's
+   clamp 16.50, separate factors 16.32. q and k rows are not clipped (their errors pass through q k^T, which
    the per-group output error does not see -- llm-awq skips q/k); the v rows of wqkv are.
 
 ``awq_model`` edits the float weights in place (step 1) and returns the clip tensors of step 2;
 quantize each linear afterwards with ``rtn.quantize_int4(w, group_size, symmetric, clip=clips[name])``
 (or ``QuantizedLinear.from_float(..., clip=...)``), the same group size and symmetry as the search.
-Clip semantics are rtn's: symmetric -> the max magnitude per group (already shrunk), asymmetric -> the
-shrink factor applied to the group's min and max.
+Clip semantics are rtn's: symmetric -> the max magnitude per group [N, G] (already shrunk), asymmetric ->
+the shrink factors of the group's min and max [N, G, 2].
 """
 
 from __future__ import annotations
@@ -102,10 +106,11 @@ def _scale_rows_(lin: nn.Linear, rows: slice, inv: Tensor) -> None:
 @torch.no_grad()
 def search_clip(
     w: Tensor, x: Tensor, group_size: int, symmetric: bool, n_grid: int = 20, max_shrink: float = 0.5,
-    n_sample_token: int = 512, rows: slice | None = None, row_batch: int = 512,
+    n_sample_token: int = 512, rows: slice | None = None, row_batch: int = 512, rounds: int = 2,
 ) -> Tensor:
-    """Per-group clip [N, G] for w [N, K] given inputs x [..., K], in ``rtn.quantize_int4``'s ``clip``
-    semantics; rows outside ``rows`` (default: all) get the no-clip value (the group absmax, or 1.0)."""
+    """Per-group clip for w [N, K] given inputs x [..., K], in ``rtn.quantize_int4``'s ``clip`` semantics:
+    symmetric [N, G] (max magnitudes), asymmetric [N, G, 2] (min and max shrink factors, ``rounds`` of
+    coordinate descent). Rows outside ``rows`` (default: all) get the no-clip value."""
     N, K = w.shape
     gs = group_size
     Kp = rtn.padded_in_features(K, gs)
@@ -114,19 +119,32 @@ def search_clip(
     xs = x.detach().reshape(-1, K).float()
     xs = rtn.pad_columns(xs[:: max(1, xs.shape[0] // n_sample_token)], Kp).view(-1, G, gs)  # [t, G, gs]
     absmax = wf.view(N, G, gs).abs().amax(-1)
-    clip = absmax.clone() if symmetric else torch.ones(N, G, device=wf.device)
+    clip = absmax.clone() if symmetric else torch.ones(N, G, 2, device=wf.device)
+    factors = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
     todo = range(N)[rows] if rows is not None else range(N)
     for r0 in range(todo.start, todo.stop, row_batch):
         r1 = min(todo.stop, r0 + row_batch)
         wb = wf[r0:r1]
         ref = torch.einsum("tgk,ngk->ntg", xs, wb.view(-1, G, gs))
-        best_err = torch.full((r1 - r0, G), float("inf"), device=wf.device)
-        best = clip[r0:r1].clone()
-        for i_s in range(int(max_shrink * n_grid)):
-            f = 1 - i_s / n_grid
-            c = absmax[r0:r1] * f if symmetric else torch.full((r1 - r0, G), f, device=wf.device)
+
+        def error(c: Tensor) -> Tensor:
             wq = fake_quantize_int4(wb, gs, symmetric, c)
-            err = (torch.einsum("tgk,ngk->ntg", xs, wq.view(-1, G, gs)) - ref).pow(2).mean(1)
+            return (torch.einsum("tgk,ngk->ntg", xs, wq.view(-1, G, gs)) - ref).pow(2).mean(1)
+
+        best = clip[r0:r1].clone()
+        best_err = error(best)
+        if symmetric:
+            candidates = [absmax[r0:r1] * f for f in factors[1:]]
+        else:  # one end at a time, the other kept at its best so far
+            candidates = [(side, f) for _ in range(rounds) for side in (1, 0) for f in factors]
+        for cand in candidates:
+            if symmetric:
+                c = cand
+            else:
+                side, f = cand
+                c = best.clone()
+                c[..., side] = f
+            err = error(c)
             better = err < best_err
             best_err[better], best[better] = err[better], c[better]
         clip[r0:r1] = best

@@ -78,8 +78,9 @@ def quantize_int4(
 
     The scales (and asymmetric, the mins ``-zero * scale``) are float16 values: see ``int4_resident``.
 
-    ``clip`` (optional, [N, G]) is a per-group max magnitude (symmetric) or a shrink factor applied
-    to min/max (asymmetric) found by a clipping search; values outside are clamped.
+    ``clip`` (optional) comes from a clipping search; values outside the shrunk range are clamped.
+    Symmetric: [N, G], a per-group max magnitude. Asymmetric: [N, G], one shrink factor applied to the
+    group's min and max, or [N, G, 2], separate factors for the min and the max (AWQ's search).
     ``integer_zero`` (asymmetric): the classic GPTQ/AWQ grid instead, whose range includes 0 and
     whose zero point is rounded to an integer (still returned as float32).
     """
@@ -98,7 +99,10 @@ def quantize_int4(
         if integer_zero:
             mn, mx = mn.clamp(max=0), mx.clamp(min=0)
         if clip is not None:
-            mn, mx = mn * clip, mx * clip
+            if clip.dim() == 3:
+                mn, mx = mn * clip[..., 0], mx * clip[..., 1]
+            else:
+                mn, mx = mn * clip, mx * clip
         scale = to_fp16_values(((mx - mn) / 15).clamp(min=FP16_TINY))
         if integer_zero:
             zeros = torch.round(-mn / scale).clamp(0, 15)
