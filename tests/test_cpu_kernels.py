@@ -224,6 +224,15 @@ def test_int8_smollm2_shapes(n, k, m):
     assert_matches(cpu.int8_linear(x, q, s), x, ref_w)
 
 
+@pytest.mark.parametrize("m", (4, 5, 6, 8, 9, 12))
+@pytest.mark.parametrize("n,k", [(960, 576), (37, 100), (5, 7), (11, 33)])
+def test_int8_gemv_batch_widths(n, k, m):
+    """5..8 activation rows take the one-pass kernel, others passes of up to 4."""
+    q, s, ref_w = int8_weight(n, k, seed=3)
+    x = activations(m, k, seed=4)
+    assert_matches(cpu.int8_linear(x, q, s, path=cpu.PATH_GEMV), x, ref_w)
+
+
 @pytest.mark.parametrize("path", ("gemv", "tiled"))
 @pytest.mark.parametrize("m", M_VALUES)
 @pytest.mark.parametrize("n,k", [(960, 576), (37, 100), (5, 7), (3, 24), (130, 1), (11, 33)])

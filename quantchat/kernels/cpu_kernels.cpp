@@ -844,12 +844,48 @@ void int8_gemv_kernel(const int8_t* w, int64_t K, const float* s, const float* x
     }
 }
 
+// one weight row x MB (5..8) activation rows in one pass: the row is converted to float once for all
+// of them (two passes of 4 convert it twice); one accumulator per activation row (MB independent chains)
+template <int MB>
+__attribute__((noinline)) void int8_gemv_wide_kernel(const int8_t* w, int64_t K, const float* s, const float* x,
+                                                     int64_t ldx, float* y, int64_t ldy, int64_t n, int64_t m0) {
+  __m256 acc[MB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  const int8_t* wr = w + n * K;
+  const float* xb = x + m0 * ldx;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = load8_i8_ps(wr + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + m * ldx + k), acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) {
+    float v = hsum(acc[m]);
+    for (int64_t kk = k; kk < K; ++kk) v += static_cast<float>(wr[kk]) * xb[m * ldx + kk];
+    y[(m0 + m) * ldy + n] = v * s[n];
+  }
+}
+
 void int8_gemv_rows(const int8_t* w, int64_t K, const float* s, const float* x, int64_t ldx, int64_t M, float* y,
                     int64_t ldy, int64_t nb, int64_t ne) {
   for (int64_t n = nb; n < ne; n += 4) {
     const int64_t rows = std::min<int64_t>(4, ne - n);
     for (int64_t m0 = 0; m0 < M;) {
-      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const int64_t left = M - m0;
+      if (left >= 5 && left <= 8) {
+        for (int64_t r = 0; r < rows; ++r) {
+          switch (left) {
+            case 5: int8_gemv_wide_kernel<5>(w, K, s, x, ldx, y, ldy, n + r, m0); break;
+            case 6: int8_gemv_wide_kernel<6>(w, K, s, x, ldx, y, ldy, n + r, m0); break;
+            case 7: int8_gemv_wide_kernel<7>(w, K, s, x, ldx, y, ldy, n + r, m0); break;
+            default: int8_gemv_wide_kernel<8>(w, K, s, x, ldx, y, ldy, n + r, m0); break;
+          }
+        }
+        m0 = M;
+        continue;
+      }
+      const int64_t mb = std::min<int64_t>(4, left);
       if (mb == 1) {
         if (rows == 4) {
           int8_gemv_kernel<4, 1>(w, K, s, x, ldx, y, ldy, n, m0, m0 == 0);
