@@ -5,13 +5,13 @@ layer cost more in dispatch than in arithmetic on a small model. ``FusedDecoder`
 weights and KV cache to ``torch.classes.quantchat.DecodePlan`` (quantchat/kernels/decode_step.cpp),
 which runs rmsnorm, the packed linears, rope, the cache write, grouped-query attention, SwiGLU and the
 LM head as plain loops between quantchat's linear kernels. Same results as the model's forward to
-float32 rounding (tests/test_fused_decode.py), with one deliberate difference: building the decoder re-lays
-every int4 linear (group size a multiple of 32) in the row-interleaved layout (``interleave_rows_``; the
-same bytes, no copy kept) and the step multiplies those with activations rounded to int8 per 32 columns
-(``cpu.R8_Q8``, as llama.cpp's Q4 x Q8_0 dot products): 2-4x faster batched decode, a rounding error
-of about 0.4 % of |x| per 32-column block (tests bound it). Integer sums make each row's result
-independent of the batch. Prefill and the Python forward keep float activations (``cpu.R8_EXACT``);
-``QUANTCHAT_NO_Q8=1`` keeps the int4 layout and float activations in the step too (float32-exact).
+float32 rounding (tests/test_fused_decode.py). Building the decoder re-lays every int4 linear (group size a
+multiple of 32) in the row-interleaved layout (``QuantizedLinear.interleave_rows_``; the same bytes, no
+copy kept), whose kernel multiplies them with activations rounded to int8 per 32 columns (``cpu.R8_Q8``,
+as llama.cpp's Q4 x Q8_0 dot products) in the step: 2-4x faster batched decode for a rounding error of
+about 0.4 % of |x| per 32-column block. Integer sums make each row's result independent of the batch.
+Prefill (the model's own forward) keeps float activations: see ``interleave_rows_``.
+``QUANTCHAT_NO_Q8=1`` keeps the int4 layout and float activations (float32-exact).
 
 Used by ``Engine.decode`` when the model qualifies (``FusedDecoder.build`` returns None otherwise, with
 the reason in ``unsupported_reason``): CPU, float32 activations and cache, quantchat's kernels built,

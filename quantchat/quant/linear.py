@@ -80,7 +80,7 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.codes: dict[str, Tensor] | None = None  # portable format, kept only on request
         self.r8 = False  # int4 rows interleaved for the int8-activation decode GEMV (see interleave_rows_)
-        self.r8_path = 0  # forward's kernel path in that layout: cpu.R8_EXACT (0) or cpu.R8_Q8 (tests)
+        self.r8_path = 0  # forward's kernel path in that layout: cpu.R8_EXACT (0) or cpu.R8_Q8 (1)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -160,11 +160,16 @@ class QuantizedLinear(nn.Module):
 
     def interleave_rows_(self) -> bool:
         """Re-lay int4 weights held for quantchat's CPU kernels in the row-interleaved "r8" layout
-        (``rtn.interleave_rows8``, in place; the same bytes plus padding to 8 rows), which the fused
-        decode step multiplies with int8-rounded activations (``cpu.R8_Q8``, as llama.cpp's Q8_0 dot
-        products): 2-4x faster at batched decode. ``forward`` then runs dequantized tiles on the float
-        activations (exact; ``r8_path = cpu.R8_Q8`` makes it run the decode step's kernel). True if the module is (now) in that layout; False where it does not
-        apply (int8, torch's kernel layouts, group sizes that are not a multiple of 32)."""
+        (``rtn.interleave_rows8``, in place; the same bytes plus padding to 8 rows). Its decode kernel
+        (``cpu.R8_Q8``, run by the fused decode step) multiplies them with activations rounded to int8 per 32
+        columns, as llama.cpp's Q4 x Q8_0 dot products: 1.3-1.6x faster decode, 2-4x at batched decode,
+        each row's result independent of the other rows (exact integer sums). ``forward`` (prefill, the
+        reference path) keeps float activations (``r8_path = cpu.R8_EXACT``: dequantized tiles + sgemm):
+        on the default model int8 prompt activations cost +0.05 % perplexity but flip the greedy answer to
+        "What is the capital of France?" from "The capital of France is Paris." to llama.cpp's French
+        ramble -- the first token of an answer is where near-ties matter most. True if the module is (now)
+        in that layout; False where it does not apply (int8, torch's kernel layouts, group sizes that are
+        not a multiple of 32)."""
         if self.r8:
             return True
         if not getattr(self, "own_kernel", False) or self.bits != 4 or self.group_size % 32:
