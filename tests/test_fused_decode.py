@@ -55,8 +55,8 @@ def check_steps(model: Transformer, lengths: list[int], steps: int = 3) -> None:
     model.setup_caches(B, 256)
     fused = FusedDecoder(model)
     for m in model.modules():  # int4 linears were re-laid for the step's int8-activation kernel: the
-        if isinstance(m, QuantizedLinear) and m.bits == 4:  # Python path runs it too, to compare
-            assert m.r8 and m.r8_path == cpu.R8_EXACT
+        if isinstance(m, QuantizedLinear) and m.r8:  # Python path runs it too, to compare
+            assert m.r8_path == cpu.R8_EXACT
             m.r8_path = cpu.R8_Q8
     g = torch.Generator().manual_seed(5)
     with torch.inference_mode():
@@ -98,6 +98,8 @@ def test_quantized_fused_matches_python_path(method, group):
     model = random_model(dim=128, head_dim=32, intermediate_size=192)
     quantize_model(model, QuantSpec.for_method(method, group))
     check_steps(model, [3, 40, 11], steps=2)
+    # int4 linears run the step's int8-activation kernel (rows interleaved), int8 ones keep their layout
+    assert all(m.r8 == (m.bits == 4) for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
 def test_one_slot_and_long_context():
@@ -223,3 +225,12 @@ def test_plan_follows_quantization_after_engine_creation():
         eng.fused = None  # the Python path on the same (quantized) model and cache
         want = eng.decode(torch.tensor([9]), torch.tensor([3]))
     assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item())
+
+
+def test_no_q8_keeps_float_activations(monkeypatch):
+    """QUANTCHAT_NO_Q8=1: int4 linears keep their layout and the step its float activations (exact)."""
+    monkeypatch.setenv("QUANTCHAT_NO_Q8", "1")
+    model = random_model(dim=128, head_dim=32, intermediate_size=192)
+    quantize_model(model, QuantSpec.for_method("int4-asym", 32))
+    check_steps(model, [3, 9], steps=2)  # the exact Python path: float32 rounding apart
+    assert not any(m.r8 for m in model.modules() if isinstance(m, QuantizedLinear))
