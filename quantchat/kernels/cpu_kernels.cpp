@@ -527,25 +527,30 @@ at::Tensor as_float_rows(const at::Tensor& x) {
   return x.contiguous();
 }
 
+void check_int4_args(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                     const at::Tensor& mins, int64_t group_size, int64_t group_multiple, int64_t in_features) {
+  // shared by the canonical and the r8 int4 layouts: codes [rows, Kp/2], float16 scales/mins [rows, G]
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be a float32 [M, K]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(), op,
+              ": packed must be a contiguous uint8 [N, Kp/2]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
+                  mins.scalar_type() == at::kHalf && mins.sizes() == scales.sizes() && mins.is_contiguous(),
+              op, ": scales and mins must be contiguous float16 [N, G]");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), op, ": CPU tensors only");
+  const int64_t Kp = packed.size(1) * 2, G = scales.size(1);
+  TORCH_CHECK(scales.size(0) == packed.size(0), op, ": scales rows != packed rows");
+  TORCH_CHECK(group_size > 0 && group_size % group_multiple == 0 && G * group_size == Kp, op,
+              ": group_size must be a multiple of ", group_multiple,
+              " with groups * group_size == packed width * 2");
+  TORCH_CHECK(in_features > 0 && in_features <= Kp && Kp - in_features < group_size, op,
+              ": in_features inconsistent with the packed width");
+  TORCH_CHECK(x.size(1) == in_features, op, ": x has ", x.size(1), " columns, expected ", in_features);
+}
+
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group_size, int64_t in_features, int64_t path) {
-  TORCH_CHECK(x_in.dim() == 2, "int4_linear: x must be 2-D [M, K]");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int4_linear: x must be float32");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
-              "int4_linear: packed must be a contiguous uint8 [N, Kp/2]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous(),
-              "int4_linear: scales must be a contiguous float16 [N, G]");
-  TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.sizes() == scales.sizes() && mins.is_contiguous(),
-              "int4_linear: mins must be a contiguous float16 [N, G]");
-  TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu(), "int4_linear: CPU tensors only");
+  check_int4_args("int4_linear", x_in, packed, scales, mins, group_size, 2, in_features);
   const int64_t N = packed.size(0), Kp = packed.size(1) * 2, G = scales.size(1);
-  TORCH_CHECK(scales.size(0) == N, "int4_linear: scales rows != packed rows");
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && G * group_size == Kp,
-              "int4_linear: packed width * 2 must equal groups * group_size");
-  TORCH_CHECK(in_features > 0 && in_features <= Kp && Kp - in_features < group_size,
-              "int4_linear: in_features inconsistent with the packed width");
-  TORCH_CHECK(x_in.size(1) == in_features, "int4_linear: x has ", x_in.size(1), " columns, expected ",
-              in_features);
   const at::Tensor x = as_float_rows(x_in);
   const int64_t M = x.size(0);
   at::Tensor y = x.new_empty({M, N});
@@ -767,22 +772,10 @@ void int4r8_tiled(const Int4R8& q, const at::Tensor& x, const at::Tensor& y) {
 at::Tensor int4r8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
                          const at::Tensor& mins, int64_t out_features, int64_t group_size, int64_t in_features,
                          int64_t path) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int4r8_linear: x must be a float32 [M, K]");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
-              "int4r8_linear: packed must be a contiguous uint8 [N8, Kp/2]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
-                  mins.scalar_type() == at::kHalf && mins.sizes() == scales.sizes() && mins.is_contiguous(),
-              "int4r8_linear: scales and mins must be contiguous float16 [N8, G]");
-  TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu(), "int4r8_linear: CPU tensors only");
+  check_int4_args("int4r8_linear", x_in, packed, scales, mins, group_size, 32, in_features);
   const int64_t N8 = packed.size(0), Kp = packed.size(1) * 2, G = scales.size(1);
-  TORCH_CHECK(N8 % 8 == 0 && scales.size(0) == N8, "int4r8_linear: rows must be a multiple of 8 (padded)");
+  TORCH_CHECK(N8 % 8 == 0, "int4r8_linear: rows must be a multiple of 8 (padded)");
   TORCH_CHECK(out_features > N8 - 8 && out_features <= N8, "int4r8_linear: out_features inconsistent with rows");
-  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && G * group_size == Kp,
-              "int4r8_linear: group_size must be a multiple of 32 with groups * group_size == packed width * 2");
-  TORCH_CHECK(in_features > 0 && in_features <= Kp && Kp - in_features < group_size,
-              "int4r8_linear: in_features inconsistent with the packed width");
-  TORCH_CHECK(x_in.size(1) == in_features, "int4r8_linear: x has ", x_in.size(1), " columns, expected ",
-              in_features);
   TORCH_CHECK(path == 0 || path == 1, "int4r8_linear: unknown path ", path);
   const at::Tensor x = as_float_rows(x_in);
   const int64_t M = x.size(0);
