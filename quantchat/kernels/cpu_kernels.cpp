@@ -677,6 +677,7 @@ __attribute__((noinline)) void int4r8_q8_kernel(const Int4R8& q, const int8_t* x
           const int8_t* xr = xq + (m0 + m) * Kp + j * 32 + c * 8;
           a16[m] = _mm256_add_epi16(a16[m], _mm256_maddubs_epi16(lo, bcast4(xr)));
           a16[m] = _mm256_add_epi16(a16[m], _mm256_maddubs_epi16(hi, bcast4(xr + 4)));
+          __asm__("" : "+x"(a16[m]));  // keep the running sum in a register: no reassociation into spills
         }
       }
 #pragma GCC unroll 4
