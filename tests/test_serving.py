@@ -531,13 +531,25 @@ def test_bench_serve_against_running_server(server, tmp_path, capsys):
     from quantchat.cli.main import main
 
     rc = main(["bench", "serve", "--url", server.url, "--api-key", KEY, "--clients", "1,3", "--requests", "1",
-               "--max-tokens", "4", "--out", str(tmp_path)])
+               "--max-tokens", "4", "--rounds", "2", "--out", str(tmp_path)])
     assert rc == 0
+    assert "3 clients / 1 client total tokens/s" in capsys.readouterr().out
     data = json.loads((tmp_path / "result.json").read_text())
     rows = data["rows"]
     assert [r["clients"] for r in rows] == [1, 3] and all(r["errors"] == 0 for r in rows)
+    assert all(len(r["tokens_per_s_rounds"]) == 2 and r["tokens_per_s"] in r["tokens_per_s_rounds"] for r in rows)
     assert [r["requests"] for r in rows] == [1, 3] and rows[1]["generated_tokens"] == 12
     assert rows[1]["tokens_per_s"] > 0 and set(rows[1]["ttft_s"]) >= {"p50", "p90", "p99"}
     assert KEY not in (tmp_path / "result.json").read_text()
     assert "total tok/s" in (tmp_path / "result.md").read_text()
     assert matplotlib.image.imread(tmp_path / "throughput.png").shape[0] > 100
+
+
+def test_bench_serve_scaling_is_the_median_of_per_round_ratios():
+    from quantchat.serving.bench_serve import scaling
+
+    rows = [{"clients": 1, "tokens_per_s_rounds": [100.0, 50.0, 100.0]},
+            {"clients": 8, "tokens_per_s_rounds": [300.0, 200.0, 250.0]}]
+    med, each = scaling(rows, 1, 8)
+    assert each == [3.0, 4.0, 2.5] and med == 3.0
+    assert scaling(rows, 1, 4) is None

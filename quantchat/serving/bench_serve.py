@@ -49,13 +49,40 @@ def model_args(a: argparse.Namespace) -> list[str]:
 
 
 def sweep(url: str, a: argparse.Namespace, setup: str, clients: list[int], progress) -> list[dict[str, Any]]:
-    rows = []
+    """Run the client counts ``a.rounds`` times, interleaved (this host's speed drifts over minutes, so each
+    round measures every client count side by side); one row per client count: the round with the median
+    total tokens/s, with every round's value in ``tokens_per_s_rounds``."""
+    rounds = max(1, getattr(a, "rounds", 1))
+    runs: dict[int, list[dict[str, Any]]] = {c: [] for c in clients}
     run_load(url, 1, 1, 4, api_key=a.api_key)  # warm-up
+    for i in range(rounds):
+        for c in clients:
+            r = run_load(url, c, a.requests, a.max_tokens, api_key=a.api_key)
+            runs[c].append({"setup": setup, **r.as_dict()})
+            tag = f" (round {i + 1}/{rounds})" if rounds > 1 else ""
+            progress(f"{setup}, {c} clients{tag}: {r.tokens_per_s:.1f} tok/s total, {r.errors} errors")
+    rows = []
     for c in clients:
-        r = run_load(url, c, a.requests, a.max_tokens, api_key=a.api_key)
-        rows.append({"setup": setup, **r.as_dict()})
-        progress(f"{setup}, {c} clients: {r.tokens_per_s:.1f} tok/s total, {r.errors} errors")
+        ordered = sorted(runs[c], key=lambda r: r["tokens_per_s"])
+        row = dict(ordered[(len(ordered) - 1) // 2])
+        row["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in runs[c]]
+        row["errors"] = sum(r["errors"] for r in runs[c])
+        rows.append(row)
     return rows
+
+
+def scaling(rows: list[dict[str, Any]], low: int, high: int) -> tuple[float, list[float]] | None:
+    """Total tokens/s at ``high`` clients over ``low`` clients: the median of the per-round ratios, and them."""
+    lo = next((r for r in rows if r["clients"] == low), None)
+    hi = next((r for r in rows if r["clients"] == high), None)
+    if lo is None or hi is None:
+        return None
+    ratios = sorted(h / l for l, h in zip(lo["tokens_per_s_rounds"], hi["tokens_per_s_rounds"]) if l > 0)
+    if not ratios:
+        return None
+    mid = len(ratios) // 2
+    med = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return med, [h / l for l, h in zip(lo["tokens_per_s_rounds"], hi["tokens_per_s_rounds"]) if l > 0]
 
 
 def cluster_rows(a: argparse.Namespace, n_workers: int, clients: int, progress) -> list[dict[str, Any]]:
@@ -121,8 +148,8 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     from quantchat.eval.report import markdown_table, prepare_out_dir, write_results
 
     clients = a.clients
-    if not clients or min(clients) < 1 or a.requests < 1 or a.max_tokens < 1:
-        raise QuantchatError("--clients, --requests and --max-tokens must be positive")
+    if not clients or min(clients) < 1 or a.requests < 1 or a.max_tokens < 1 or a.rounds < 1:
+        raise QuantchatError("--clients, --requests, --max-tokens and --rounds must be positive")
     out = prepare_out_dir(a.out, "bench-serve")
     rows: list[dict[str, Any]] = []
     if a.url:
@@ -142,18 +169,20 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
         for n in a.workers:
             rows += cluster_rows(a, n, max(clients), status)
     table = markdown_table(
-        ["setup", "clients", "requests", "errors", "total tok/s", "per-request tok/s", "latency p50 s",
-         "latency p90 s", "TTFT p50 s", "TTFT p90 s"],
+        ["setup", "clients", "requests", "errors", "total tok/s", "each round", "per-request tok/s",
+         "latency p50 s", "latency p90 s", "TTFT p50 s", "TTFT p90 s"],
         [[r["setup"], r["clients"], r["requests"], r["errors"], f"{r['tokens_per_s']:.1f}",
+          " / ".join(f"{x:.0f}" for x in r["tokens_per_s_rounds"]),
           f"{r['per_request_tokens_per_s']:.1f}", f"{r['latency_s'].get('p50', 0):.2f}",
           f"{r['latency_s'].get('p90', 0):.2f}", f"{r['ttft_s'].get('p50', 0):.2f}",
           f"{r['ttft_s'].get('p90', 0):.2f}"] for r in rows])
-    one = [r for r in rows if r["clients"] == min(clients) and r["setup"] == rows[0]["setup"]]
-    most = [r for r in rows if r["clients"] == max(clients) and r["setup"] == rows[0]["setup"]]
+    first = [r for r in rows if r["setup"] == rows[0]["setup"]] if rows else []
+    ratio = scaling(first, min(clients), max(clients)) if len(clients) > 1 else None
     summary = ""
-    if one and most and one[0]["tokens_per_s"] > 0 and len(clients) > 1:
-        summary = (f"\n{max(clients)} clients / {min(clients)} client total tokens/s: "
-                   f"{most[0]['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x\n")
+    if ratio is not None:
+        each = ", ".join(f"{x:.2f}x" for x in ratio[1])
+        summary = (f"\n{max(clients)} clients / {min(clients)} client total tokens/s: {ratio[0]:.2f}x"
+                   + (f" (median of rounds: {each})" if len(ratio[1]) > 1 else "") + "\n")
     print(table + summary)
     write_results(out, "quantchat bench serve", {"options": {k: v for k, v in vars(a).items() if k != "func"
                                                              and k != "api_key"}, "rows": rows},
@@ -185,5 +214,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
                    help="worker counts behind a controller, at the largest client count (default 1,2; '' = none)")
     p.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="repeat the client sweep this many times, interleaved; report medians (default 3)")
     p.add_argument("--out", default=None, help="output folder (default ./quantchat-results/bench-serve-<time>/)")
     p.set_defaults(func=cmd_bench_serve)
