@@ -204,3 +204,60 @@ def test_int4_asymmetric_separate_min_max_clip():
     same = rtn.quantize_int4(w, 8, False, clip=torch.tensor([[0.75]]))
     both = rtn.quantize_int4(w, 8, False, clip=torch.tensor([[[0.75, 0.75]]]))
     assert all(torch.equal(a, b) for a, b in zip(same, both))
+
+
+@pytest.mark.parametrize("k, tiles", [(576, 4), (1536, 8), (4096, 8), (96, 2), (64, 4), (32, 2)])
+def test_tinygemm_inner_k_tiles_divide_k(k, tiles):
+    """torch's CUDA int4 packer needs K divisible by 16 * innerKTiles: gpt-fast's fixed 8 fails K = 576."""
+    from quantchat.quant.linear import tinygemm_inner_k_tiles
+
+    assert tinygemm_inner_k_tiles(k) == tiles and k % (16 * tiles) == 0
+
+
+def test_tinygemm_inner_k_tiles_rejects_k_not_multiple_of_32():
+    from quantchat.quant.linear import tinygemm_inner_k_tiles
+
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tinygemm_inner_k_tiles(48)
+
+
+@pytest.mark.parametrize("n, gs, groups", [(13, 32, 3), (8, 64, 2), (5, 128, 1), (16, 32, 18)])
+def test_tinygemm_operands_give_the_same_weights(n, gs, groups):
+    """The CUDA kernel's operands (nibble order, (code - 8) * scale + bias, rows padded to 8) dequantize
+    to the resident weights exactly; padding rows are zero."""
+    from quantchat.quant.linear import tinygemm_dequantize, tinygemm_operands
+
+    g = torch.Generator().manual_seed(n * gs)
+    w = torch.randn(n, gs * groups, generator=g)
+    q, s, z = rtn.quantize_int4(w, gs, symmetric=False)
+    s16, m16 = rtn.int4_resident(s, z)
+    packed, sz, inner = tinygemm_operands(q, s16, m16)
+    n8 = (n + 7) // 8 * 8
+    assert packed.shape == (n8, gs * groups // 2) and packed.dtype == torch.uint8
+    assert sz.shape == (groups, n8, 2) and inner in (2, 4, 8)
+    deq = tinygemm_dequantize(packed, sz)
+    ref = rtn.dequantize_int4_resident(q, s16, m16)
+    torch.testing.assert_close(deq[:n], ref, rtol=0, atol=1e-6)
+    assert torch.equal(deq[n:], torch.zeros(n8 - n, gs * groups))
+
+
+def test_tinygemm_operands_reject_unsupported_group_size():
+    from quantchat.quant.linear import tinygemm_operands
+
+    q = torch.zeros(8, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="group sizes"):
+        tinygemm_operands(q, torch.ones(8, 2, dtype=torch.float16), torch.zeros(8, 2, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n, k, gs", [(13, 576, 32), (192, 576, 64), (64, 1536, 128)])
+def test_int4_cuda_kernel_matches_reference(n, k, gs):
+    """tinygemm on the GPU (bfloat16 activations) against dequantize-then-matmul."""
+    g = torch.Generator().manual_seed(k + n)
+    w, bias = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    ql = QuantizedLinear.from_float(w.cuda(), bias.cuda(), bits=4, group_size=gs, symmetric=False,
+                                  keep_codes=True)
+    x = torch.randn(5, k, generator=g).cuda()
+    y, ref = ql(x), ql.reference_forward(x)
+    assert y.shape == (5, n)
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())

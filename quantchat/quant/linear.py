@@ -39,6 +39,49 @@ def use_own_cpu_kernels() -> bool:
     return cpu.available()
 
 METHODS_BITS = {"int8": 8, "int4": 4}
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def tinygemm_inner_k_tiles(k_padded: int) -> int:
+    """``innerKTiles`` for torch's CUDA int4 kernel (tinygemm): the largest of 8, 4, 2 whose 16-column
+    k-tiles divide K evenly (torch checks it: K = 576, as in SmolLM2, takes 4, not gpt-fast's fixed 8)."""
+    for t in (8, 4, 2):
+        if k_padded % (16 * t) == 0:
+            return t
+    raise ValueError(f"the CUDA int4 kernel needs K to be a multiple of 32 (got {k_padded})")
+
+
+def tinygemm_operands(q: Tensor, scales: Tensor, mins: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The CUDA int4 kernel's inputs from unpacked codes [N, Kp] (0..15) and float16 scales / mins [N, G]:
+    (uint8 [N8, Kp/2] with the even column in the high nibble, as ``_convert_weight_to_int4pack`` takes
+    it; float32 [G, N8, 2] of (scale, bias) with bias = 8 * scale + min, since tinygemm computes
+    ``(code - 8) * scale + bias``; innerKTiles). Rows are zero-padded to N8, a multiple of the kernel's
+    8-row tile (the padding's outputs are 0 and are sliced off). ``tinygemm_dequantize`` inverts it."""
+    N, Kp = q.shape
+    if scales.shape[0] != N or Kp % scales.shape[1]:
+        raise ValueError("codes and scales disagree")
+    gs = Kp // scales.shape[1]
+    if gs not in TINYGEMM_GROUP_SIZES:
+        raise ValueError(f"the CUDA int4 kernel takes group sizes {TINYGEMM_GROUP_SIZES}, not {gs}")
+    inner = tinygemm_inner_k_tiles(Kp)
+    pad = (N + 7) // 8 * 8 - N
+    s, m = scales.float(), mins.float()
+    bias = 8 * s + m  # code * s + m == (code - 8) * s + (8 * s + m)
+    q8 = q.to(torch.uint8)
+    if pad:
+        q8 = F.pad(q8, (0, 0, 0, pad), value=8)
+        s, bias = F.pad(s, (0, 0, 0, pad)), F.pad(bias, (0, 0, 0, pad))
+    packed = (q8[:, 0::2] << 4 | q8[:, 1::2]).to(torch.uint8).contiguous()
+    sz = torch.stack([s.t(), bias.t()], dim=-1).contiguous()
+    return packed, sz, inner
+
+
+def tinygemm_dequantize(packed: Tensor, sz: Tensor) -> Tensor:
+    """Float32 [N8, Kp] weight that tinygemm computes with from ``tinygemm_operands``' output (reference)."""
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1).float()
+    G = sz.shape[0]
+    w = codes.view(codes.shape[0], G, -1) - 8
+    return (w * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(codes.shape)
 
 
 def resident_int4(codes: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -140,23 +183,15 @@ class QuantizedLinear(nn.Module):
         s16, m16 = resident_int4(codes)
         self.k_padded = q.shape[1]
         if torch.device(device).type == "cuda":
-            scales, mins = s16.float(), m16.float()
-            bias = 8 * scales + mins  # code * s + m == (code - 8) * s + (8 * s + m)
-            sz = torch.stack([scales.t(), bias.t()], dim=-1).contiguous()  # [G, N, 2]
-            packed = torch.ops.aten._convert_weight_to_int4pack(self._cuda_pack(q, device), 8)
-            self.register_buffer("weight_int4", packed)
+            packed, sz, inner_k_tiles = tinygemm_operands(q, s16, m16)
+            self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack(
+                packed.to(device), inner_k_tiles))
             self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=torch.bfloat16))
         else:  # float16 scales / mins kept; torch's op wants [G, N, 2] in x's dtype: made per call (small)
             self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 q.to(torch.int32), 1))
             self.register_buffer("scales", s16.contiguous())
             self.register_buffer("mins", m16.contiguous())
-
-    @staticmethod
-    def _cuda_pack(q: Tensor, device) -> Tensor:
-        """tinygemm's input: uint8 [N, K/2] with the even column in the high nibble."""
-        q = q.to(device)
-        return (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
 
     def interleave_rows_(self) -> bool:
         """Re-lay int4 weights held for quantchat's CPU kernels in the row-interleaved "r8" layout
@@ -199,9 +234,10 @@ class QuantizedLinear(nn.Module):
         else:
             if self.k_padded != self.in_features:
                 x2 = F.pad(x2, (0, self.k_padded - self.in_features))
-            if self.device_type == "cuda":
+            if self.device_type == "cuda":  # rows padded to a multiple of 8: drop the padding's columns
                 y = torch.ops.aten._weight_int4pack_mm(
-                    x2.to(torch.bfloat16), self.weight_int4, self.group_size, self.scales_and_zeros).to(x.dtype)
+                    x2.to(torch.bfloat16).contiguous(), self.weight_int4, self.group_size,
+                    self.scales_and_zeros)[:, :self.out_features].to(x.dtype)
             else:
                 s, m = self.scales.float(), self.mins.float()
                 sz = torch.stack([s.t(), (8 * s + m).t()], dim=-1).to(x2.dtype)  # [G, N, 2]
