@@ -261,3 +261,12 @@ def test_int4_cuda_kernel_matches_reference(n, k, gs):
     y, ref = ql(x), ql.reference_forward(x)
     assert y.shape == (5, n)
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_cuda_kernel_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 576, generator=g)
+    ql = QuantizedLinear.from_float(w.cuda(), None, bits=8, keep_codes=True)
+    x = torch.randn(3, 576, generator=g).cuda()
+    torch.testing.assert_close(ql(x), ql.reference_forward(x), rtol=1e-3, atol=1e-3)
