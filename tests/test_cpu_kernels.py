@@ -33,16 +33,19 @@ SMOLLM2_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
+    if not _available():
+        pytest.skip(f"quantchat CPU kernels unavailable: {cpu.unavailable_reason()}")
+    return cpu
+
+
+def _available() -> bool:
     old = os.environ.get("QUANTCHAT_KERNELS_DIR")
     os.environ.setdefault("QUANTCHAT_KERNELS_DIR", _SHARED_KERNELS_DIR)
     try:
-        ok = cpu.available()
+        return cpu.available()
     finally:
         if old is None:
             os.environ.pop("QUANTCHAT_KERNELS_DIR", None)
-    if not ok:
-        pytest.skip(f"quantchat CPU kernels unavailable: {cpu.unavailable_reason()}")
-    return cpu
 
 
 @pytest.fixture
@@ -473,3 +476,4 @@ def test_unavailable_with_reason(tmp_path):
     assert out["no_compiler"][0] is False and "compiler" in out["no_compiler"][1]
     assert out["bad_compiler"][0] is False and "simulated compiler error" in out["bad_compiler"][1]
     assert out["disabled"][0] is False and "QUANTCHAT_NO_KERNELS" in out["disabled"][1]
+

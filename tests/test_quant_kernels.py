@@ -270,3 +270,20 @@ def test_int8_cuda_kernel_matches_reference():
     ql = QuantizedLinear.from_float(w.cuda(), None, bits=8, keep_codes=True)
     x = torch.randn(3, 576, generator=g).cuda()
     torch.testing.assert_close(ql(x), ql.reference_forward(x), rtol=1e-3, atol=1e-3)
+
+
+def test_kernels_build_where_they_can():
+    """Where the CPU and a compiler allow it, quantchat's C++ kernels must build: a compile error fails here
+    (test_cpu_kernels.py skips all its tests when they are unavailable)."""
+    import os
+
+    from quantchat.kernels import cpu
+
+    try:
+        cpu._cpu_check()
+        cpu._compiler()
+    except cpu.KernelsUnavailable as e:
+        pytest.skip(str(e))
+    if os.environ.get("QUANTCHAT_NO_KERNELS"):
+        pytest.skip("QUANTCHAT_NO_KERNELS is set")
+    assert cpu.available(), cpu.unavailable_reason()
