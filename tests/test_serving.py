@@ -467,6 +467,51 @@ def test_prefix_reuse_shared_prompt_and_next_turn(tiny_dir, monkeypatch):
     assert got_others == [solo(others[0], 4), solo(others[1], 7)]
 
 
+def test_finished_conversation_stays_cached_when_a_running_one_takes_its_slot(tiny_dir):
+    """B finishes while A (after it in the batch) still runs: A moves into B's slot, and B's prompt + answer
+    are swapped into A's old slot instead of being overwritten, so B's next turn (and later A's) reuse them
+    and answer exactly as when computed from scratch."""
+    from quantchat.engine.scheduler import Scheduler, Sequence
+    from quantchat.sampling.sampling import SamplingParams
+
+    eng = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=3).engine
+    eng.slot_tokens = [[] for _ in eng.slot_tokens]
+    pb, pa = list(b"<s>user: short one</s>"), list(b"<s>user: a longer answer please</s>")
+    results: dict[str, list[int]] = {"a": [], "b": []}
+    done = threading.Event()
+
+    def sink_for(key):
+        def sink(ev):
+            results[key] += ev.token_ids
+            if ev.finish_reason and key == "a":
+                done.set()
+        return sink
+
+    greedy = lambda n: SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)  # noqa: E731
+    sch = Scheduler(eng)  # not started: both wait, then go into slots 0 (B) and 1 (A) together
+    sch.submit(Sequence(list(pb), greedy(3), sink_for("b")))
+    sch.submit(Sequence(list(pa), greedy(12), sink_for("a")))
+    sch.start()
+    try:
+        assert done.wait(60)
+        ans_b, ans_a = results["b"], results["a"]
+        assert len(ans_b) == 3 and len(ans_a) == 12
+        turn2_b = pb + ans_b + list(b"<s>user: and?</s>")
+        cached0 = sch.prompt_tokens_cached_total
+        got_b = run_scheduled(sch, [turn2_b], [4])[0]
+        assert sch.prompt_tokens_cached_total - cached0 == len(pb) + len(ans_b) - 1
+        turn2_a = pa + ans_a + list(b"<s>user: ok</s>")
+        cached0 = sch.prompt_tokens_cached_total
+        got_a = run_scheduled(sch, [turn2_a], [4])[0]
+        assert sch.prompt_tokens_cached_total - cached0 == len(pa) + len(ans_a) - 1
+    finally:
+        sch.stop()
+    fresh = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=1).engine
+    solo = lambda p, n: fresh.generate_batch([p], greedy(n))[0]  # noqa: E731
+    assert got_b == solo(turn2_b, 4) and got_a == solo(turn2_a, 4)
+    assert ans_a == solo(pa, 12) and ans_b == solo(pb, 3)
+
+
 def test_metrics(server, client):
     client.completions.create(model="tiny", prompt="abc", max_tokens=2)
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text

@@ -9,9 +9,10 @@ logprobs) that wait together are prefilled together: one right-padded forward in
 
 Prefix reuse: ``engine.slot_tokens[i]`` always names tokens whose KV slot ``i`` holds (free slots
 keep what their last sequence left, a finished sequence's answer included). A new prompt starts
-from the longest such prefix found in any slot (copied into its own slot when elsewhere): a shared
-system prompt, or a chat's earlier turns, are not computed again. When a sequence finishes (or its
-client goes away) the last decoding slot's KV is copied into its hole. KV slots are allocated
+from the longest such prefix found in any slot (swapped into its own slot from a free one, copied
+from a running one): a shared system prompt, or a chat's earlier turns, are not computed again.
+When a sequence finishes (or its client goes away) the last decoding slot swaps places with it, so
+the finished conversation stays cached in a free slot for its next turn. KV slots are allocated
 once (``Engine(max_batch=...)``), never per request.
 
 Each ``Sequence`` carries its own sampling parameters, stop strings, token limit and seed; its
@@ -385,7 +386,9 @@ class Scheduler:
                     n += 1
                 if n > best or (n == best and i == slot):
                     best, src = n, i
-        if best and src != slot:
+        if best and src > slot:  # a free slot: swap, so what ``slot`` cached moves there instead of being lost
+            self._swap_slots(src, slot)
+        elif best and src != slot:  # a running (or just assigned) slot: copy the prefix
             self._copy_kv(src, slot, best)
         self.engine.slot_tokens[slot] = seq.prompt[:best]
         seq.prefilled = best
@@ -399,21 +402,31 @@ class Scheduler:
         old_d = len(self.decoding)
         for i in sorted(indices, reverse=True):
             last = len(self.decoding) - 1
-            if i == last:  # its KV stays where it is, answer included: a later turn may reuse it
-                seq = self.decoding[i]
-                self.engine.slot_tokens[i] = seq.prompt + seq.generated[:-1]
-            else:
+            seq = self.decoding[i]
+            # its KV stays cached, answer included (a later turn may reuse it): in place when it is the last
+            # row, else swapped with the last row, which moves into the hole
+            self.engine.slot_tokens[i] = seq.prompt + seq.generated[:-1]
+            if i != last:
                 moved = self.decoding[last]
-                self._copy_slot(last, i, moved.length)
+                self.engine.slot_tokens[last] = (moved.prompt + moved.generated)[:moved.length]
+                self._swap_slots(last, i)
                 self.decoding[i] = moved
             self.decoding.pop()
         new_d = len(self.decoding)
         if self.prefilling is not None and self.prefilling.prefilled > 0 and new_d != old_d:
-            self._copy_slot(old_d, new_d, self.prefilling.prefilled)
+            self.engine.slot_tokens[old_d] = self.prefilling.prompt[:self.prefilling.prefilled]
+            self._swap_slots(old_d, new_d)
 
-    def _copy_slot(self, src: int, dst: int, length: int) -> None:
-        self._copy_kv(src, dst, length)
-        self.engine.slot_tokens[dst] = self.engine.slot_tokens[src][:length]
+    def _swap_slots(self, a: int, b: int) -> None:
+        """Exchange the KV (and ``slot_tokens``) of slots ``a`` and ``b``."""
+        toks = self.engine.slot_tokens
+        n = max(len(toks[a]), len(toks[b]))
+        if n:
+            for layer in self.engine.model.layers:
+                cache = layer.attention.kv_cache
+                for c in (cache.k_cache, cache.v_cache):
+                    c[[a, b], :, :n] = c[[b, a], :, :n]  # the right side is a copy of the n positions
+        toks[a], toks[b] = toks[b], toks[a]
 
     def _copy_kv(self, src: int, dst: int, length: int) -> None:
         for layer in self.engine.model.layers:
