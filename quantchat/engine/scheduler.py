@@ -425,7 +425,9 @@ class Scheduler:
             for layer in self.engine.model.layers:
                 cache = layer.attention.kv_cache
                 for c in (cache.k_cache, cache.v_cache):
-                    c[[a, b], :, :n] = c[[b, a], :, :n]  # the right side is a copy of the n positions
+                    saved = c[a, :, :n].clone()
+                    c[a, :, :n].copy_(c[b, :, :n])
+                    c[b, :, :n].copy_(saved)
         toks[a], toks[b] = toks[b], toks[a]
 
     def _copy_kv(self, src: int, dst: int, length: int) -> None:
