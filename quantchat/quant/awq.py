@@ -189,13 +189,14 @@ def awq_model(
 ) -> dict[str, Tensor]:
     """AWQ scale search (folded into the model's float weights, in place) and clip search on ``calib`` [n, T].
 
-    Returns {"layers.{i}.attention.wqkv": clip, ...} ([N, G] symmetric, [N, G, 2] asymmetric) for every block
-    linear (empty if not ``clip``),
-    to pass to ``rtn.quantize_int4`` with the same group size and symmetry. Block inputs are the float
+    Returns {"layers.{i}.attention.wqkv": clip, ...} ([N, G] symmetric, [N, G, 2] asymmetric) for every
+    block linear (empty if not ``clip``), to pass to ``rtn.quantize_int4`` with the same group size and
+    symmetry. Block inputs are the float
     outputs of the previous blocks (as llm-awq). ``progress(done, n_blocks)`` is called after each
     block; ``stats``, if given, receives (best MSE, plain-RTN MSE) of each scale search;
     ``max_tokens`` caps the calibration tokens; ``n_grid`` steps the scale search, ``clip_grid`` the clip
-    search. Memory: the inputs of the four linears of one block are kept (for 128 x 512 tokens of a dim-576 model, about 0.9 GB in float32).
+    search. Memory: the inputs of the four linears of one block are kept (for 128 x 512 tokens of a
+    dim-576 model, about 0.9 GB in float32).
     """
     calib = limit_tokens(calib, max_tokens)
     ctx = block_context(model, calib.shape[1])

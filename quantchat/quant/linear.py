@@ -51,6 +51,13 @@ def tinygemm_inner_k_tiles(k_padded: int) -> int:
     raise ValueError(f"the CUDA int4 kernel needs K to be a multiple of 32 (got {k_padded})")
 
 
+def int4pack_scales_and_zeros(scales: Tensor, mins: Tensor) -> Tensor:
+    """torch's int4 kernels' [G, N, 2] table of (scale, bias) from scales / mins [N, G] (float32): they
+    compute ``(code - 8) * scale + bias``, and ``code * s + m == (code - 8) * s + (8 * s + m)``."""
+    s, m = scales.float(), mins.float()
+    return torch.stack([s.t(), (8 * s + m).t()], dim=-1).contiguous()
+
+
 def tinygemm_operands(q: Tensor, scales: Tensor, mins: Tensor) -> tuple[Tensor, Tensor, int]:
     """The CUDA int4 kernel's inputs from unpacked codes [N, Kp] (0..15) and float16 scales / mins [N, G]:
     (uint8 [N8, Kp/2] with the even column in the high nibble, as ``_convert_weight_to_int4pack`` takes
@@ -65,14 +72,12 @@ def tinygemm_operands(q: Tensor, scales: Tensor, mins: Tensor) -> tuple[Tensor, 
         raise ValueError(f"the CUDA int4 kernel takes group sizes {TINYGEMM_GROUP_SIZES}, not {gs}")
     inner = tinygemm_inner_k_tiles(Kp)
     pad = (N + 7) // 8 * 8 - N
-    s, m = scales.float(), mins.float()
-    bias = 8 * s + m  # code * s + m == (code - 8) * s + (8 * s + m)
     q8 = q.to(torch.uint8)
-    if pad:
+    sz = int4pack_scales_and_zeros(scales, mins)
+    if pad:  # code 8 with scale 0 and bias 0: weight 0
         q8 = F.pad(q8, (0, 0, 0, pad), value=8)
-        s, bias = F.pad(s, (0, 0, 0, pad)), F.pad(bias, (0, 0, 0, pad))
+        sz = F.pad(sz, (0, 0, 0, pad))
     packed = (q8[:, 0::2] << 4 | q8[:, 1::2]).to(torch.uint8).contiguous()
-    sz = torch.stack([s.t(), bias.t()], dim=-1).contiguous()
     return packed, sz, inner
 
 
@@ -239,8 +244,7 @@ class QuantizedLinear(nn.Module):
                     x2.to(torch.bfloat16).contiguous(), self.weight_int4, self.group_size,
                     self.scales_and_zeros)[:, :self.out_features].to(x.dtype)
             else:
-                s, m = self.scales.float(), self.mins.float()
-                sz = torch.stack([s.t(), (8 * s + m).t()], dim=-1).to(x2.dtype)  # [G, N, 2]
+                sz = int4pack_scales_and_zeros(self.scales, self.mins).to(x2.dtype)
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, sz)
         if self.bias is not None:
             y = y + self.bias

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +53,7 @@ def sweep(url: str, a: argparse.Namespace, setup: str, clients: list[int], progr
     """Run the client counts ``a.rounds`` times, interleaved (this host's speed drifts over minutes, so each
     round measures every client count side by side); one row per client count: the round with the median
     total tokens/s, with every round's value in ``tokens_per_s_rounds``."""
-    rounds = max(1, getattr(a, "rounds", 1))
+    rounds = a.rounds
     runs: dict[int, list[dict[str, Any]]] = {c: [] for c in clients}
     run_load(url, 1, 1, 4, api_key=a.api_key)  # warm-up
     for i in range(rounds):
@@ -77,12 +78,8 @@ def scaling(rows: list[dict[str, Any]], low: int, high: int) -> tuple[float, lis
     hi = next((r for r in rows if r["clients"] == high), None)
     if lo is None or hi is None:
         return None
-    ratios = sorted(h / l for l, h in zip(lo["tokens_per_s_rounds"], hi["tokens_per_s_rounds"]) if l > 0)
-    if not ratios:
-        return None
-    mid = len(ratios) // 2
-    med = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
-    return med, [h / l for l, h in zip(lo["tokens_per_s_rounds"], hi["tokens_per_s_rounds"]) if l > 0]
+    ratios = [h / l for l, h in zip(lo["tokens_per_s_rounds"], hi["tokens_per_s_rounds"]) if l > 0]
+    return (statistics.median(ratios), ratios) if ratios else None
 
 
 def cluster_rows(a: argparse.Namespace, n_workers: int, clients: int, progress) -> list[dict[str, Any]]:
