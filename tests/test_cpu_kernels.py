@@ -282,6 +282,28 @@ def test_int4r8_exact_path(n, k, gs, sym, m):
     assert_matches(cpu.int4r8_linear(x, pi, si, zi, n, gs, k, cpu.R8_EXACT), x, ref_w)
 
 
+@pytest.mark.parametrize("m", (1, 2, 5, 6, 7, 13, 20))
+@pytest.mark.parametrize("n,k,gs,sym", R8_CASES)
+def test_int4r8_exact_small_kernel(n, k, gs, sym, m):
+    """The small-M float kernel (what R8_EXACT runs up to 16 rows) forced at any M: float64 reference."""
+    pi, si, zi, ref_w = r8_weight(n, k, gs, sym, seed=7)
+    x = activations(m, k, seed=8)
+    assert_matches(cpu.int4r8_linear(x, pi, si, zi, n, gs, k, cpu.R8_EXACT_SMALL), x, ref_w)
+
+
+def test_int4r8_exact_rows_do_not_depend_on_the_batch_up_to_16(threads):
+    """Short prompts prefill through the small-M kernel: a row's result is bitwise the same alone or with
+    up to 15 others, on any thread count (a prompt prefilled in a group gives what it gives alone)."""
+    n, k, gs = 960, 576, 32
+    pi, si, zi, _ = r8_weight(n, k, gs, False)
+    x = activations(16, k)
+    want = torch.cat([cpu.int4r8_linear(x[i:i + 1], pi, si, zi, n, gs, k, cpu.R8_EXACT) for i in range(16)])
+    for t in (1, 2, 3):
+        torch.set_num_threads(t)
+        for m in (2, 6, 7, 13, 16):
+            assert torch.equal(cpu.int4r8_linear(x[:m], pi, si, zi, n, gs, k, cpu.R8_EXACT), want[:m])
+
+
 @pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 8, 13))
 @pytest.mark.parametrize("n,k,gs,sym", R8_CASES)
 def test_int4r8_q8_path_equals_its_reference(n, k, gs, sym, m):

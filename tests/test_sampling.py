@@ -58,3 +58,21 @@ def test_sample_rows_equals_one_by_one():
     assert got[2] is None and got[3] is None  # top-k and penalties: row by row
     want = [sample_token(logits[i], params[i], None, make_generator(i)) for i in range(5)]
     assert [got[i] for i in (0, 1, 4)] == [want[i] for i in (0, 1, 4)]
+
+
+def test_keep_freed_memory_applies_once_and_can_be_turned_off():
+    """The engine keeps large freed buffers in the heap (glibc): applied once per process, off with
+    QUANTCHAT_KEEP_FREED_MEMORY=0 (checked in fresh processes)."""
+    import subprocess
+    import sys
+
+    code = ("from quantchat.engine.allocator import keep_freed_memory as k; "
+            "import platform; print(k(), k(), platform.libc_ver()[0])")
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    env = {**__import__("os").environ, "QUANTCHAT_KEEP_FREED_MEMORY": "0"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env).stdout.split()
+    assert on[0] == on[1]
+    if on[2] == "glibc":
+        assert on[0] == "True"
+    assert off[:2] == ["False", "False"]

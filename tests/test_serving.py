@@ -24,6 +24,7 @@ import torch
 import uvicorn
 
 from quantchat.loading.resolve import load_engine
+from quantchat.sampling.sampling import SamplingParams
 from quantchat.serving.api import LocalBackend, create_app
 from quantchat.serving.worker import Worker
 from tiny_models import PRINTABLE, make_tiny_chat_model
@@ -406,6 +407,51 @@ def test_grouped_prefill_of_waiting_prompts(tiny_dir, monkeypatch):
     assert all(reasons[i] == "length" for i in range(len(prompts)))
     assert groups and groups[0] == 4 and max(groups) <= 4  # the first four short prompts in one forward
     assert sum(groups) == 7  # every short prompt went through a group; the long and the logprob one did not
+
+
+def test_split_padded_prefill_runs():
+    from quantchat.engine.scheduler import split_padded
+
+    assert split_padded([]) == []
+    assert split_padded([5]) == [(0, 1)]
+    assert split_padded([30, 32, 35, 40]) == [(0, 4)]  # padding a little beats another forward
+    assert split_padded([1, 1, 1, 1, 1, 40]) == [(0, 5), (5, 6)]  # not 6 x 40 rows for one long prompt
+    assert split_padded([1, 2, 40, 41, 90], forward_rows=16) == [(0, 2), (2, 4), (4, 5)]
+    assert split_padded([1, 90], forward_rows=1000) == [(0, 2)]
+
+
+def test_cached_and_new_prompts_prefill_in_separate_forwards(tiny_dir, monkeypatch):
+    """Waiting prompts whose KV is mostly cached are not padded up to a new long one: the group is split
+    (two forwards), and every answer still equals its solo run."""
+    from quantchat.engine.scheduler import Scheduler
+
+    eng = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=4).engine
+    sch = Scheduler(eng)
+    cached = [list(b"the same old prompt " * 2 + bytes([65 + i])) for i in range(3)]
+    fresh = list(b"an entirely new and rather long prompt here")
+    lims = [5, 6, 7, 8]
+    solo = [eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))[0]
+            for p, n in zip(cached + [fresh], lims)]
+    first = run_scheduled_inline(sch, cached, lims[:3])  # now their KV sits in the slots
+    assert first == solo[:3]
+    forwards: list[int] = []
+    real = sch._prefill_rows
+    monkeypatch.setattr(sch, "_prefill_rows", lambda g: forwards.append(len(g)) or real(g))
+    assert run_scheduled_inline(sch, [fresh] + cached, [lims[3]] + lims[:3]) == [solo[3]] + solo[:3]
+    assert sorted(forwards) == [1, 3]
+
+
+def run_scheduled_inline(sch, prompts, lims) -> list[list[int]]:
+    """Submit greedy sequences together and run the scheduler's loop body here until all finished."""
+    from quantchat.engine.scheduler import Sequence
+
+    results: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    for i, (p, n) in enumerate(zip(prompts, lims)):
+        sch.submit(Sequence(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True),
+                            lambda ev, i=i: results[i].extend(ev.token_ids)))
+    while sch.waiting or sch.decoding or sch.prefilling:
+        sch.step()
+    return [results[i] for i in range(len(prompts))]
 
 
 def run_scheduled(sch, prompts, lims) -> list[list[int]]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from quantchat.engine.allocator import keep_freed_memory
 from quantchat.engine.stopping import StopStringMatcher
 from quantchat.errors import ContextLengthError, QuantchatError
 from quantchat.engine.fused_decode import FusedDecoder
@@ -61,6 +62,8 @@ class Engine:
                  compile: bool = False, fused: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        if model.device.type == "cpu":
+            keep_freed_memory()  # per-token temporaries would page-fault in afresh every step otherwise
         cfg = model.config
         limit = cfg.max_position_embeddings
         self.max_seq_len = min(max_seq_len or limit, limit)

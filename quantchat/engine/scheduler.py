@@ -4,8 +4,10 @@ One background thread owns the model. Decoding sequences sit in KV slots ``0..d-
 decode step is one batched forward over a contiguous block of the cache, no gather); the one
 sequence being prefilled sits in slot ``d`` and is prefilled a chunk at a time between decode
 steps, so a long prompt never stalls the others for long. Short prompts (one chunk, no prompt
-logprobs) that wait together are prefilled together: one right-padded forward into slots
-``d, d+1, ...`` (on CPU the weights are unpacked once for all of them instead of once each).
+logprobs) that wait together are prefilled together: right-padded forwards into slots
+``d, d+1, ...`` (on CPU the weights are unpacked once for all of them instead of once each), split by
+the tokens each still computes after prefix reuse, so that a mostly cached prompt is not padded up to a
+new long one (``split_padded``).
 
 Prefix reuse: ``engine.slot_tokens[i]`` always names tokens whose KV slot ``i`` holds (free slots
 keep what their last sequence left, a finished sequence's answer included). A new prompt starts
@@ -45,6 +47,7 @@ from quantchat.sampling.sampling import (
 
 PREFILL_STEP = 256  # prompt tokens prefilled between two decode steps
 GROUP_PREFILL_TOKENS = 2048  # rows x padded length of one grouped prefill of short prompts
+FORWARD_COST_ROWS = 16  # the fixed cost of a prefill forward, in token rows (about 30 ms vs 2 ms a row here)
 
 
 @dataclass
@@ -96,6 +99,24 @@ class Sequence:
     def length(self) -> int:
         """Tokens whose KV is in the slot (prompt + generated, except the newest sampled one)."""
         return len(self.prompt) + max(0, len(self.generated) - 1) if self.generated else self.prefilled
+
+
+def split_padded(new_tokens: list[int], forward_rows: int = FORWARD_COST_ROWS) -> list[tuple[int, int]]:
+    """Split prompts sorted by the tokens they still compute (ascending) into runs [lo, hi) prefilled one
+    padded forward each, at the least cost: a forward costs ``forward_rows`` plus its padded rows
+    (runs x longest), in units of one token row. Exact (dynamic programming over the cut points)."""
+    n = len(new_tokens)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for hi in range(1, n + 1):
+        for lo in range(hi):
+            c = best[lo] + forward_rows + (hi - lo) * new_tokens[hi - 1]
+            if c < best[hi]:
+                best[hi], cut[hi] = c, lo
+    runs, hi = [], n
+    while hi > 0:
+        runs.append((cut[hi], hi))
+        hi = cut[hi]
+    return runs[::-1]
 
 
 def token_logprobs(logits: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]:
@@ -186,6 +207,18 @@ class Scheduler:
         }
 
     # -- the loop (scheduler thread only) -----------------------------------------------------
+    def step(self) -> None:
+        """One turn of the loop: drop cancelled sequences, admit and prefill waiting ones, one decode step.
+        (Tests and profilers drive a scheduler that was not started with this.)"""
+        self._drop_cancelled()
+        group = self._admit()
+        if group:
+            self._prefill_group(group)
+        if self.prefilling is not None:
+            self._prefill_step()
+        if self.decoding:
+            self._decode_step()
+
     def _loop(self) -> None:
         try:
             while True:
@@ -194,14 +227,7 @@ class Scheduler:
                         self.cond.wait(timeout=1.0)
                     if not self.running:
                         break
-                self._drop_cancelled()
-                group = self._admit()
-                if group:
-                    self._prefill_group(group)
-                if self.prefilling is not None:
-                    self._prefill_step()
-                if self.decoding:
-                    self._decode_step()
+                self.step()
         except Exception as e:  # the model failed: fail every request rather than hang them
             self.error = f"{type(e).__name__}: {e}"
             for seq in [*self.decoding, *([self.prefilling] if self.prefilling else []), *self.waiting]:
@@ -241,8 +267,29 @@ class Scheduler:
         seq.prefilled = 0
         self.prompt_tokens_total += len(seq.prompt)
 
-    @torch.inference_mode()
     def _prefill_group(self, group: list[Sequence]) -> None:
+        """Prefill short prompts together, in as few padded forwards as pay: sorted by the tokens each
+        still has to compute (after prefix reuse), then split where padding the short ones up to the long
+        ones would cost more than another forward (``split_padded``)."""
+        new = [len(s.prompt) - self._cached_prefix(s) for s in group]
+        order = sorted(range(len(group)), key=lambda i: new[i])
+        for lo, hi in split_padded([new[i] for i in order]):
+            self._prefill_rows([group[i] for i in order[lo:hi]])
+
+    def _cached_prefix(self, seq: Sequence) -> int:
+        """How many leading prompt tokens some slot holds now (what ``_reuse_prefix`` would find)."""
+        if seq.prompt_logprobs:
+            return 0
+        prompt, limit, best = seq.prompt, len(seq.prompt) - 1, 0
+        for toks in self.engine.slot_tokens:
+            n, top = 0, min(limit, len(toks))
+            while n < top and toks[n] == prompt[n]:
+                n += 1
+            best = max(best, n)
+        return best
+
+    @torch.inference_mode()
+    def _prefill_rows(self, group: list[Sequence]) -> None:
         """Prefill short prompts in one forward (right-padded; the padding's KV lands past each prompt's
         end, where the sequence's own tokens overwrite it before anything reads it), into slots d.."""
         d, dev = len(self.decoding), self.engine.device

@@ -46,7 +46,7 @@ from quantchat.paths import quantchat_home
 
 __all__ = [
     "KernelsUnavailable", "available", "load", "unavailable_reason", "build_info",
-    "int4_linear", "int8_linear", "int4r8_linear", "R8_EXACT", "R8_Q8",
+    "int4_linear", "int8_linear", "int4r8_linear", "R8_EXACT", "R8_Q8", "R8_EXACT_SMALL",
     "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16", "PATH_AUTO_I16",
 ]
 
@@ -66,9 +66,11 @@ KEEP_BUILDS = 4  # cached builds kept in kernels_dir() (one per source version /
 # ~2e-5 of its magnitude: far below bfloat16 rounding, but not float32-exact); AUTO_I16 = that GEMV
 # for M <= 12, tiles above.
 PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
-# int4r8_linear's paths: EXACT = dequantized tiles + sgemm on float32 activations; Q8 = GEMV on int8
-# activations (per 32 columns, as llama.cpp's Q8_0): the decode path, 2-3x the float GEMV's speed
-R8_EXACT, R8_Q8 = 0, 1
+# int4r8_linear's paths: EXACT = float32 activations (up to 16 rows: one 8-row block dequantized into L1 at
+# a time and multiplied with up to 6 rows at once, each row's sums in a fixed order; above: dequantized
+# tiles + sgemm); Q8 = GEMV on int8 activations (per 32 columns, as llama.cpp's Q8_0): the decode path,
+# 2-3x the float GEMV's speed; EXACT_SMALL = EXACT's small-M kernel at any M (tests, benchmarks)
+R8_EXACT, R8_Q8, R8_EXACT_SMALL = 0, 1, 2
 
 
 class KernelsUnavailable(RuntimeError):

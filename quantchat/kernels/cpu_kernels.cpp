@@ -593,8 +593,9 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
 // dx / 2 per element). y[m, n] = sum_g s[n,g] sum_{b in g} dx[m,b] sum_k q xq + sum_g min[n,g] sx[m,g],
 // sx[m,g] = sum_{b in g} dx[m,b] sum_k xq (the same rounded x). Integer sums are exact (int16 over 32
 // columns: at most 8 * 2 * 15 * 127 = 30480), so a row's result does not depend on the batch it is in.
-// path 1 (q8 GEMV) is what the fused decode step uses; path 0 dequantizes tiles and runs sgemm on the
-// float activations (exact float, as int4_linear's tiled path): the Python forward and prefill.
+// path 1 (q8 GEMV) is what the fused decode step uses; path 0 keeps the float activations (exact float,
+// as int4_linear's): up to kR8SmallMaxM rows the small-M kernel below (path 2 forces it), above that
+// dequantized tiles and sgemm. The Python forward and prefill run path 0.
 struct Int4R8 {
   const uint8_t* w;    // [N8, Kp/2] interleaved
   const uint16_t* s;   // [N8 / 8, G, 8] float16
@@ -754,6 +755,99 @@ void int4r8_dequant_blocks(const Int4R8& q, int64_t b0, int64_t nblk, float* out
   }
 }
 
+// path 2 (EXACT with few activation rows): one 8-row block at a time is dequantized (the same
+// fma(code, scale, min) as the tiles) into a column-major L1 buffer wb[k][8], then multiplied with up to
+// kR8RowsPerPass activation rows at once; each (row, output) sum runs over k in a fixed order (two
+// partial sums, even and odd k), so a row's result does not depend on how many rows came with it.
+constexpr int64_t kR8RowsPerPass = 6;
+constexpr int64_t kR8SmallMaxM = 16;  // path 0 runs this kernel up to here (faster than the tiles: measured)
+
+void int4r8_dequant_block_cols(const Int4R8& q, int64_t b, float* wb) {
+  const int64_t G = q.G, Kp = q.Kp, gs = q.gs;
+  const __m256i m4 = _mm256_set1_epi8(15), byte = _mm256_set1_epi32(0xFF);
+  const uint8_t* w = q.w + b * 8 * (Kp / 2);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.s + (b * G + g) * 8)));
+    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.mn + (b * G + g) * 8)));
+    for (int64_t c = 0; c < gs / 8; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (g * gs / 8 + c) * 32));
+      const __m256i half[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
+      float* o = wb + (g * gs + c * 8) * 8;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // lane r of half[j / 4], byte j % 4: code[8b + r, g*gs + 8c + j]
+        const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(half[j / 4], 8 * (j % 4)), byte);
+        _mm256_storeu_ps(o + j * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes), sv, mv));
+      }
+    }
+  }
+}
+
+// accumulators as named variables: gcc kept an __m256 array of them on the stack (a store and a
+// reload per FMA, 4x slower), asm barrier or not
+#define QC_R8_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+template <int MB>
+__attribute__((noinline)) void int4r8_exact_rows(const float* wb, int64_t K, const float* x, int64_t ldx, float* y,
+                                                 int64_t ldy, int64_t n0, int64_t rows) {
+  static_assert(MB >= 1 && MB <= 6, "int4r8_exact_rows: 1..6 rows");
+#define QC_DECL(m) __m256 a0_##m = _mm256_setzero_ps(), a1_##m = _mm256_setzero_ps();
+  QC_R8_ROWS(QC_DECL)
+#undef QC_DECL
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const __m256 w0 = _mm256_loadu_ps(wb + k * 8), w1 = _mm256_loadu_ps(wb + k * 8 + 8);
+#define QC_FMA2(m)                                                                      \
+    if constexpr (MB > m) {                                                             \
+      a0_##m = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(x + m * ldx + k), a0_##m);       \
+      a1_##m = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(x + m * ldx + k + 1), a1_##m);   \
+    }
+    QC_R8_ROWS(QC_FMA2)
+#undef QC_FMA2
+  }
+  if (k < K) {
+    const __m256 w0 = _mm256_loadu_ps(wb + k * 8);
+#define QC_FMA1(m) \
+    if constexpr (MB > m) a0_##m = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(x + m * ldx + k), a0_##m);
+    QC_R8_ROWS(QC_FMA1)
+#undef QC_FMA1
+  }
+  const __m256 sums[6] = {_mm256_add_ps(a0_0, a1_0), _mm256_add_ps(a0_1, a1_1), _mm256_add_ps(a0_2, a1_2),
+                          _mm256_add_ps(a0_3, a1_3), _mm256_add_ps(a0_4, a1_4), _mm256_add_ps(a0_5, a1_5)};
+  for (int m = 0; m < MB; ++m) {
+    float* yr = y + m * ldy + n0;
+    if (rows == 8) {
+      _mm256_storeu_ps(yr, sums[m]);
+    } else {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, sums[m]);
+      for (int64_t i = 0; i < rows; ++i) yr[i] = t[i];
+    }
+  }
+}
+#undef QC_R8_ROWS
+
+void int4r8_exact_small(const Int4R8& q, const float* x, int64_t ldx, int64_t M, float* y) {
+  const int64_t blocks = q.N8 / 8;
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wb(static_cast<size_t>(q.Kp * 8));
+    for (int64_t b = b0; b < b1; ++b) {
+      int4r8_dequant_block_cols(q, b, wb.data());
+      const int64_t n0 = b * 8, rows = std::min<int64_t>(8, q.N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kR8RowsPerPass) {
+        const float* xm = x + m0 * ldx;
+        float* ym = y + m0 * q.N;
+        switch (std::min<int64_t>(kR8RowsPerPass, M - m0)) {
+          case 1: int4r8_exact_rows<1>(wb.data(), q.K, xm, ldx, ym, q.N, n0, rows); break;
+          case 2: int4r8_exact_rows<2>(wb.data(), q.K, xm, ldx, ym, q.N, n0, rows); break;
+          case 3: int4r8_exact_rows<3>(wb.data(), q.K, xm, ldx, ym, q.N, n0, rows); break;
+          case 4: int4r8_exact_rows<4>(wb.data(), q.K, xm, ldx, ym, q.N, n0, rows); break;
+          case 5: int4r8_exact_rows<5>(wb.data(), q.K, xm, ldx, ym, q.N, n0, rows); break;
+          default: int4r8_exact_rows<6>(wb.data(), q.K, xm, ldx, ym, q.N, n0, rows); break;
+        }
+      }
+    }
+  });
+}
+
 void int4r8_tiled(const Int4R8& q, const at::Tensor& x, const at::Tensor& y) {
   // tiles of whole 8-row blocks; y has N columns, the padding rows of the last block are not written
   const int64_t blocks = q.N8 / 8;
@@ -777,7 +871,7 @@ at::Tensor int4r8_linear(const at::Tensor& x_in, const at::Tensor& packed, const
   const int64_t N8 = packed.size(0), Kp = packed.size(1) * 2, G = scales.size(1);
   TORCH_CHECK(N8 % 8 == 0, "int4r8_linear: rows must be a multiple of 8 (padded)");
   TORCH_CHECK(out_features > N8 - 8 && out_features <= N8, "int4r8_linear: out_features inconsistent with rows");
-  TORCH_CHECK(path == 0 || path == 1, "int4r8_linear: unknown path ", path);
+  TORCH_CHECK(path >= 0 && path <= 2, "int4r8_linear: unknown path ", path);
   const at::Tensor x = as_float_rows(x_in);
   const int64_t M = x.size(0);
   at::Tensor y = x.new_empty({M, out_features});
@@ -787,6 +881,8 @@ at::Tensor int4r8_linear(const at::Tensor& x_in, const at::Tensor& packed, const
            group_size};
   if (path == 1) {
     int4r8_gemv(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
+  } else if (path == 2 || M <= kR8SmallMaxM) {
+    int4r8_exact_small(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
   } else {
     int4r8_tiled(q, x, y);
   }

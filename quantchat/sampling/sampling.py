@@ -107,7 +107,7 @@ def draw_rows(probs: Tensor, generators: list[torch.Generator | None]) -> list[i
     the CDF at one uniform random number: exact, and ~10x cheaper than ``torch.multinomial`` on a 50k
     vocabulary (which spends over a millisecond per call generating random numbers). Zero-weight tokens
     are never drawn."""
-    cdf = probs.double().cumsum(-1)
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)  # not probs.double().cumsum(): 10x slower on [8, 50k]
     u = torch.cat([torch.rand((1,), dtype=torch.float64, generator=g, device=probs.device) for g in generators])
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].tolist()  # first cdf > u
     for b, idx in enumerate(picked):
@@ -130,7 +130,8 @@ def sample_rows(logits: Tensor, params: list[SamplingParams],
     hot = [i for i, p in enumerate(params) if plain(p) and not p.greedy and p.top_k == 0 and p.top_p >= 1.0]
     if hot:
         temps = torch.tensor([max(params[i].temperature, 1e-5) for i in hot], device=logits.device)
-        probs = torch.softmax(logits[hot].float() / temps[:, None], dim=-1)
+        rows = logits if len(hot) == len(params) else logits[hot]  # no copy when every row is hot
+        probs = torch.softmax(rows.float() / temps[:, None], dim=-1)
         for i, t in zip(hot, draw_rows(probs, [generators[i] for i in hot])):
             out[i] = t
     return out
