@@ -271,22 +271,24 @@ class Scheduler:
         """Prefill short prompts together, in as few padded forwards as pay: sorted by the tokens each
         still has to compute (after prefix reuse), then split where padding the short ones up to the long
         ones would cost more than another forward (``split_padded``)."""
-        new = [len(s.prompt) - self._cached_prefix(s) for s in group]
+        new = [len(s.prompt) - self._cached_prefix(s)[0] for s in group]
         order = sorted(range(len(group)), key=lambda i: new[i])
         for lo, hi in split_padded([new[i] for i in order]):
             self._prefill_rows([group[i] for i in order[lo:hi]])
 
-    def _cached_prefix(self, seq: Sequence) -> int:
-        """How many leading prompt tokens some slot holds now (what ``_reuse_prefix`` would find)."""
-        if seq.prompt_logprobs:
-            return 0
-        prompt, limit, best = seq.prompt, len(seq.prompt) - 1, 0
-        for toks in self.engine.slot_tokens:
-            n, top = 0, min(limit, len(toks))
-            while n < top and toks[n] == prompt[n]:
-                n += 1
-            best = max(best, n)
-        return best
+    def _cached_prefix(self, seq: Sequence, slot: int = -1) -> tuple[int, int]:
+        """The longest prefix of ``seq.prompt`` (at most all but its last token) some slot holds now, and
+        that slot (``slot`` itself on a tie); (0, slot) for sequences that want prompt logprobs."""
+        best, src = 0, slot
+        if not seq.prompt_logprobs:
+            prompt, limit = seq.prompt, len(seq.prompt) - 1
+            for i, toks in enumerate(self.engine.slot_tokens):
+                n, top = 0, min(limit, len(toks))
+                while n < top and toks[n] == prompt[n]:
+                    n += 1
+                if n > best or (n == best and i == slot):
+                    best, src = n, i
+        return best, src
 
     @torch.inference_mode()
     def _prefill_rows(self, group: list[Sequence]) -> None:
@@ -424,15 +426,7 @@ class Scheduler:
     def _reuse_prefix(self, seq: Sequence, slot: int) -> int:
         """Put the longest cached prefix of ``seq.prompt`` (at most all but its last token) into ``slot``;
         returns its length (prefill starts there). Sequences that want prompt logprobs compute all."""
-        best, src = 0, slot
-        if not seq.prompt_logprobs:
-            prompt, limit = seq.prompt, len(seq.prompt) - 1
-            for i, toks in enumerate(self.engine.slot_tokens):
-                n, top = 0, min(limit, len(toks))
-                while n < top and toks[n] == prompt[n]:
-                    n += 1
-                if n > best or (n == best and i == slot):
-                    best, src = n, i
+        best, src = self._cached_prefix(seq, slot)
         if best and src > slot:  # a free slot: swap, so what ``slot`` cached moves there instead of being lost
             self._swap_slots(src, slot)
         elif best and src != slot:  # a running (or just assigned) slot: copy the prefix
