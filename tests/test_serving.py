@@ -318,17 +318,30 @@ def test_concurrent_streams_equal_solo_runs(client, worker):
     assert worker.scheduler.decode_steps - steps0 < sum(lengths) * 0.7
 
 
-def test_disconnect_frees_slot(server, worker):
+def test_disconnect_frees_slot(server, worker, monkeypatch):
+    """A client that goes away mid-stream frees its slot: decode steps are slowed to 20 ms here, so the
+    240 tokens asked for would take 4.8 s; the sequence must end long before, with fewer tokens."""
+    sch = worker.scheduler
     wait_idle(worker)
+    real_step = sch._decode_step
+
+    def slow_step():
+        time.sleep(0.02)
+        real_step()
+
+    monkeypatch.setattr(sch, "_decode_step", slow_step)
+    before = sch.generation_tokens_total
+    t0 = time.time()
     with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"prompt": "go", "max_tokens": 240, "stream": True, "ignore_eos": True},
                       timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break
-        assert worker.scheduler.running_batch == 1
-    wait_idle(worker, timeout=10)  # the slot is freed long before 240 tokens
-    assert worker.scheduler.running_batch == 0
+        assert sch.running_batch == 1
+    wait_idle(worker, timeout=30)
+    assert sch.running_batch == 0
+    assert sch.generation_tokens_total - before < 240 and time.time() - t0 < 4.8
 
 
 def test_scheduler_kv_compaction_mixed_lengths(worker):
