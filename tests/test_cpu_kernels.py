@@ -291,19 +291,6 @@ def test_int4r8_exact_small_kernel(n, k, gs, sym, m):
     assert_matches(cpu.int4r8_linear(x, pi, si, zi, n, gs, k, cpu.R8_EXACT_SMALL), x, ref_w)
 
 
-def test_int4r8_exact_rows_do_not_depend_on_the_batch_up_to_16(threads):
-    """Short prompts prefill through the small-M kernel: a row's result is bitwise the same alone or with
-    up to 15 others, on any thread count (a prompt prefilled in a group gives what it gives alone)."""
-    n, k, gs = 960, 576, 32
-    pi, si, zi, _ = r8_weight(n, k, gs, False)
-    x = activations(16, k)
-    want = torch.cat([cpu.int4r8_linear(x[i:i + 1], pi, si, zi, n, gs, k, cpu.R8_EXACT) for i in range(16)])
-    for t in (1, 2, 3):
-        torch.set_num_threads(t)
-        for m in (2, 6, 7, 13, 16):
-            assert torch.equal(cpu.int4r8_linear(x[:m], pi, si, zi, n, gs, k, cpu.R8_EXACT), want[:m])
-
-
 @pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 8, 13))
 @pytest.mark.parametrize("n,k,gs,sym", R8_CASES)
 def test_int4r8_q8_path_equals_its_reference(n, k, gs, sym, m):
@@ -322,19 +309,22 @@ def test_int4r8_q8_path_equals_its_reference(n, k, gs, sym, m):
     assert ((y.double() - x.double() @ ref_w.t()).abs() <= bound).all()
 
 
-def test_int4r8_q8_rows_do_not_depend_on_the_batch(threads):
-    """Each row's result is the same alone or among others, on any thread count: batched decode gives
-    the tokens single-sequence decode gives."""
+@pytest.mark.parametrize("path,rows,ms", [(cpu.R8_Q8, 11, (2, 4, 5, 11)), (cpu.R8_EXACT, 16, (2, 6, 7, 13, 16))])
+def test_int4r8_rows_do_not_depend_on_the_batch(threads, path, rows, ms):
+    """Each row's result is the same alone or among others, on any thread count: batched decode (Q8) gives
+    the tokens single-sequence decode gives, and a short prompt prefilled in a group (EXACT up to 16 rows:
+    the small-M kernel) gives what it gives alone."""
     n, k, gs = 3072, 576, 32
     pi, si, zi, _ = r8_weight(n, k, gs, False)
-    x = activations(11, k)
-    want = torch.cat([cpu.int4r8_linear(x[i:i + 1], pi, si, zi, n, gs, k, cpu.R8_Q8) for i in range(11)])
+    x = activations(rows, k)
+    want = torch.cat([cpu.int4r8_linear(x[i:i + 1], pi, si, zi, n, gs, k, path) for i in range(rows)])
     for t in (1, 2, 3):
         torch.set_num_threads(t)
-        for m in (2, 4, 5, 11):
-            assert torch.equal(cpu.int4r8_linear(x[:m], pi, si, zi, n, gs, k, cpu.R8_Q8), want[:m])
-        assert torch.equal(cpu.int4r8_linear(x[:70], pi, si, zi, n, gs, k, cpu.R8_EXACT),
-                           cpu.int4r8_linear(x[:70], pi, si, zi, n, gs, k, cpu.R8_EXACT))
+        for m in ms:
+            assert torch.equal(cpu.int4r8_linear(x[:m], pi, si, zi, n, gs, k, path), want[:m])
+        x70 = activations(70, k)
+        assert torch.equal(cpu.int4r8_linear(x70, pi, si, zi, n, gs, k, cpu.R8_EXACT),
+                           cpu.int4r8_linear(x70, pi, si, zi, n, gs, k, cpu.R8_EXACT))
 
 
 def test_int4r8_bad_arguments_raise():
