@@ -49,10 +49,10 @@ def python_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, slo
     return model(tokens[:, None], pos[:, None], kv_len=int(pos.max()) + 1, slot=slot)[:, -1]
 
 
-def check_steps(model: Transformer, lengths: list[int], steps: int = 3) -> None:
+def check_steps(model: Transformer, lengths: list[int], steps: int = 3, kv_dtype: torch.dtype | None = None) -> None:
     """Batched fused steps == the model's own batched forward; the caches stay equal too."""
     B = len(lengths)
-    model.setup_caches(B, 256)
+    model.setup_caches(B, 256, kv_dtype)
     fused = FusedDecoder(model)
     for m in model.modules():  # int4 linears were re-laid for the step's int8-activation kernel: the
         if isinstance(m, QuantizedLinear) and m.r8:  # Python path runs it too, to compare
@@ -75,9 +75,11 @@ def check_steps(model: Transformer, lengths: list[int], steps: int = 3) -> None:
             want = python_step(model, tok, pos)
             assert got.shape == want.shape
             assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item())
+            rtol = 2e-3 if kv_dtype == torch.float16 else 1e-5  # float16: a float32 difference may flip an ulp
             for lay, (k, v) in zip(model.layers, fused_caches):
-                assert torch.allclose(lay.attention.kv_cache.k_cache, k, atol=1e-5)
-                assert torch.allclose(lay.attention.kv_cache.v_cache, v, atol=1e-5)
+                assert k.dtype == (kv_dtype or torch.float32)
+                assert torch.allclose(lay.attention.kv_cache.k_cache.float(), k.float(), atol=1e-5, rtol=rtol)
+                assert torch.allclose(lay.attention.kv_cache.v_cache.float(), v.float(), atol=1e-5, rtol=rtol)
             caches = fused_caches
             pos = pos + 1
 
@@ -91,6 +93,25 @@ def check_steps(model: Transformer, lengths: list[int], steps: int = 3) -> None:
 ], ids=["gqa", "mha", "mqa", "tied", "bias", "window", "hd16", "hd64", "hd128"])
 def test_float_fused_matches_python_path(kw):
     check_steps(random_model(**kw), [5, 17, 9, 30])
+
+
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 6, "model_type": "mistral"},
+                                {"dim": 192, "n_head": 3, "n_kv_head": 1, "head_dim": 64, "intermediate_size": 128}],
+                         ids=["gqa-hd18", "window", "hd64"])
+def test_float16_cache_fused_matches_python_path(kw):
+    """A float16 KV cache: the step writes the same rounded keys / values as the Python path and
+    attends over them (the generic and the 8-wide head-dim kernels)."""
+    check_steps(random_model(**kw), [5, 17, 9, 30], kv_dtype=torch.float16)
+
+
+def test_float16_cache_is_half_the_size_and_bfloat16_falls_back():
+    model = random_model()
+    model.setup_caches(2, 64)
+    full = model.layers[0].attention.kv_cache.k_cache.nbytes
+    eng = Engine(model, IdsOnlyTokenizer(), max_seq_len=64, max_batch=2, kv_dtype=torch.float16)
+    assert model.layers[0].attention.kv_cache.k_cache.nbytes * 2 == full and eng.fused is not None
+    assert Engine(model, IdsOnlyTokenizer(), max_seq_len=64, max_batch=2, kv_dtype=torch.bfloat16).fused is None
+    assert "float16 KV cache" in fused_decode.unsupported_reason(model)
 
 
 @pytest.mark.parametrize("method,group", [("int4-asym", 32), ("int4-sym", 64), ("int8", None)])

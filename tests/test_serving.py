@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import json
 import os
 import socket
@@ -159,11 +160,14 @@ def test_completion_echo_logprobs_token_ids(client, worker):
     assert lp.tokens[: len(prompt)] == [chr(b) for b in prompt]
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert len(lp.token_logprobs) == len(prompt) + 1 and lp.text_offset == list(range(len(prompt) + 1))
-    # reference: log-softmax of the model's own logits
-    with torch.no_grad():
-        logits = worker.engine.model(torch.tensor([prompt + [ord(ch.text[-1])]]))[0]
-    ref = torch.log_softmax(logits.double(), -1)
+    # reference: log-softmax of the model's own logits, its keys and values rounded as the worker's cache
+    # stores them (a private copy of the model with a cache of that dtype)
     full = prompt + [ord(ch.text[-1])]
+    ref_model = copy.deepcopy(worker.engine.model)
+    ref_model.setup_caches(1, len(full), worker.engine.model.layers[0].attention.kv_cache.k_cache.dtype)
+    with torch.no_grad():
+        logits = ref_model(torch.tensor([full]), torch.arange(len(full))[None], kv_len=len(full))[0]
+    ref = torch.log_softmax(logits.double(), -1)
     for i in range(1, len(full)):
         assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, full[i]]), abs=1e-4)
         top = lp.top_logprobs[i]

@@ -59,7 +59,7 @@ def run_quantchat(job: dict) -> dict:
     t0 = time.perf_counter()
     loaded = load_engine(job["model"], device=device, dtype=job["dtype"], max_seq_len=int(job["max_seq_len"]),
                          progress=log, compile=bool(job.get("compile")), quant=job.get("quant"),
-                         group_size=job.get("group_size"))
+                         group_size=job.get("group_size"), kv_cache_dtype=job.get("kv_cache_dtype", "auto"))
     if cuda:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0

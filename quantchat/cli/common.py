@@ -15,6 +15,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_kv_cache_arg(g)
     g.add_argument("--max-seq-len", type=int, default=4096,
                    help="KV cache length in tokens, capped by the model's context (default: 4096)")
     g.add_argument("--quant", default=None, choices=["none", "int8", "int4-sym", "int4-asym"],
@@ -24,6 +25,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="decode through torch.compile instead of the fused C++ step (which is faster on CPU; "
                         "for CUDA, or models the fused step does not cover)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def add_kv_cache_arg(g) -> None:
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="KV cache element type (default auto: float16 for a float32 model, as llama.cpp: half "
+                        "the memory and faster batched decode at long contexts; float32: exact float32)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -86,7 +93,7 @@ def load_from_args(args: argparse.Namespace):
         raise QuantchatError("--max-seq-len must be at least 2")
     loaded = load_engine(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                          progress=status, compile=args.compile,
-                         quant=args.quant, group_size=args.group_size)
+                         quant=args.quant, group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype)
     e = loaded.engine
     q = f", {args.quant}" if args.quant and args.quant != "none" else ""
     status(f"loaded {loaded.source.name} ({e.model.config.n_params / 1e6:.0f}M params, {args.dtype}{q}, "

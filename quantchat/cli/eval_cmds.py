@@ -12,7 +12,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from quantchat.cli.common import add_model_args, add_sampling_args, load_from_args, sampling_from_args, status
+from quantchat.cli.common import (add_kv_cache_arg, add_model_args, add_sampling_args, load_from_args,
+                                  sampling_from_args, status)
 from quantchat.errors import QuantchatError
 from quantchat.quant.calibration import EVAL_TOKENS
 
@@ -440,6 +441,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length (default 4096)")
+    add_kv_cache_arg(g)
     g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add_sampling_args(q, temperature=0.0)

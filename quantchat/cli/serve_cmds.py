@@ -74,7 +74,7 @@ def build_worker(args: argparse.Namespace, progress=status):
     quant = args.quant
     loaded = load_engine(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                          max_batch=args.max_batch, progress=progress, compile=args.compile,
-                         quant=quant, group_size=args.group_size)
+                         quant=quant, group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype)
     template = args.template
     if template is not None and Path(template).is_file():
         template = Path(template).read_text(encoding="utf-8")

@@ -77,8 +77,8 @@ def _precondition(model: nn.Module) -> str | None:
         return "needs a float32 model on CPU"
     if not model.layers or model.layers[0].attention.kv_cache is None:
         return "KV cache not set up"
-    if model.layers[0].attention.kv_cache.k_cache.dtype != torch.float32:
-        return "needs a float32 KV cache"
+    if model.layers[0].attention.kv_cache.k_cache.dtype not in (torch.float32, torch.float16):
+        return "needs a float32 or float16 KV cache"
     from quantchat.kernels import cpu
 
     if not cpu.available():

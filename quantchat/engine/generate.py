@@ -59,7 +59,8 @@ class GenerationChunk:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, max_seq_len: int | None = None, max_batch: int = 1,
-                 compile: bool = False, fused: bool = True) -> None:
+                 compile: bool = False, fused: bool = True, kv_dtype: torch.dtype | None = None) -> None:
+        """``kv_dtype``: the KV cache's element type (default: the model's; see quantchat/kvcache)."""
         self.model = model
         self.tokenizer = tokenizer
         if model.device.type == "cpu":
@@ -68,7 +69,7 @@ class Engine:
         limit = cfg.max_position_embeddings
         self.max_seq_len = min(max_seq_len or limit, limit)
         self.max_batch = max_batch
-        model.setup_caches(max_batch, self.max_seq_len)
+        model.setup_caches(max_batch, self.max_seq_len, kv_dtype)
         self.device = model.device
         self.eos_ids: set[int] = set(getattr(tokenizer, "eos_ids", set()) or set()) | set(cfg.eos_token_ids)
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # token ids whose KV is in each slot

@@ -11,7 +11,8 @@
 //   logits = head(rmsnorm(h))
 // Registered as the custom class torch.classes.quantchat.DecodePlan (built once per model and KV
 // cache by quantchat/engine/fused_decode.py, which documents the tensor order).
-// Float32 only (activations, norms, KV cache); linears: float ([N, K] or transposed [K, N]),
+// Float32 activations and norms; the KV cache float32 or float16 (read and written with F16C: half the
+// bytes each step reads, which bound batched decode at long contexts); linears: float ([N, K] or transposed [K, N]),
 // quantchat's int4 (packed, scales, mins) and int8 (qweight, scales) formats, optional bias.
 
 #include <ATen/Parallel.h>
@@ -139,10 +140,44 @@ inline float softmax_unnormalized(float* sc, int64_t n) {
   return 1.0f / sum;
 }
 
+// 8 cached values as floats (float32 or float16 storage)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+
+// dst[0, n) = src as the cache's element type (float16: round to nearest even)
+inline void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void store_row(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+// sum_i q[i] * k[i] and y[i] += a * v[i] over a cached row (the order of quantchat_kernels::dot / axpy)
+template <typename T>
+inline float dot_cached(const float* q, const T* k, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += q[i] * load1(k + i);
+  return s;
+}
+
+template <typename T>
+inline void axpy_cached(float a, const T* v, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(v + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * load1(v + i);
+}
+
 // one query head over n cached keys / values (rows of hd floats): o = softmax(q K^T * scale) V.
 // NV = hd / 8 > 0: scores 8 keys at a time, the output kept in registers; NV = 0: any hd.
-template <int NV>
-void attend_head(const float* q, const float* kr, const float* vr, int64_t n, int64_t hd, float scale, float* sc,
+template <int NV, typename T>
+void attend_head(const float* q, const T* kr, const T* vr, int64_t n, int64_t hd, float scale, float* sc,
                  float* o) {
   int64_t j = 0;
   if (NV > 0) {
@@ -154,12 +189,12 @@ void attend_head(const float* q, const float* kr, const float* vr, int64_t n, in
       for (int c = 0; c < NV; ++c) {
         const __m256 qv = _mm256_loadu_ps(q + 8 * c);
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + (j + i) * hd + 8 * c), a[i]);
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, load8(kr + (j + i) * hd + 8 * c), a[i]);
       }
       _mm256_storeu_ps(sc + j, _mm256_mul_ps(reduce8(a), _mm256_set1_ps(scale)));
     }
   }
-  for (; j < n; ++j) sc[j] = dot(q, kr + j * hd, hd) * scale;
+  for (; j < n; ++j) sc[j] = dot_cached(q, kr + j * hd, hd) * scale;
   const float inv = softmax_unnormalized(sc, n);
   if (NV > 0) {
     __m256 acc[NV > 0 ? NV : 1];
@@ -168,7 +203,7 @@ void attend_head(const float* q, const float* kr, const float* vr, int64_t n, in
     for (int64_t jj = 0; jj < n; ++jj) {
       const __m256 pv = _mm256_set1_ps(sc[jj]);
 #pragma GCC unroll 16
-      for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + jj * hd + 8 * c), acc[c]);
+      for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(pv, load8(vr + jj * hd + 8 * c), acc[c]);
     }
     const __m256 iv = _mm256_set1_ps(inv);
 #pragma GCC unroll 16
@@ -176,7 +211,7 @@ void attend_head(const float* q, const float* kr, const float* vr, int64_t n, in
     return;
   }
   std::fill(o, o + hd, 0.0f);
-  for (int64_t jj = 0; jj < n; ++jj) axpy(sc[jj], vr + jj * hd, o, hd);
+  for (int64_t jj = 0; jj < n; ++jj) axpy_cached(sc[jj], vr + jj * hd, o, hd);
   for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
 }
 
@@ -270,8 +305,11 @@ struct DecodePlan : torch::CustomClassHolder {
       L.v_cache = t[ti++];
       check_float(L.attn_norm, "a norm weight");
       check_float(L.ffn_norm, "a norm weight");
-      check_float(L.k_cache, "the key cache");
-      check_float(L.v_cache, "the value cache");
+      const at::ScalarType ct = layers.empty() ? L.k_cache.scalar_type() : layers[0].k_cache.scalar_type();
+      for (const at::Tensor* c : {&L.k_cache, &L.v_cache})
+        TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->scalar_type() == ct &&
+                        (ct == at::kFloat || ct == at::kHalf),
+                    "DecodePlan: the KV cache must be contiguous float32 or float16 CPU tensors, one dtype in all layers");
       TORCH_CHECK(L.k_cache.dim() == 4 && L.k_cache.size(1) == n_kv && L.k_cache.size(3) == hd &&
                       L.v_cache.sizes() == L.k_cache.sizes(),
                   "DecodePlan: KV cache must be [max_batch, n_kv_head, max_seq_len, head_dim]");
@@ -290,12 +328,14 @@ struct DecodePlan : torch::CustomClassHolder {
     max_seq = std::min(layers[0].k_cache.size(2), rope_cos.size(0));
   }
 
-  // attention of one token per row over its slot's cache; q [B, n_head * hd] (roped) -> out [B, n_head * hd]
+  // attention of one token per row over its slot's cache (T: the cache's element type);
+  // q [B, n_head * hd] (roped) -> out [B, n_head * hd]
+  template <typename T>
   void attention(const float* q, int64_t ldq, float* out, const Layer& L, const int64_t* pos, int64_t first_slot,
                  int64_t B) const {
     const int64_t rep = n_head / n_kv, S = L.k_cache.size(2);
-    const float* kc = L.k_cache.data_ptr<float>();
-    const float* vc = L.v_cache.data_ptr<float>();
+    const T* kc = static_cast<const T*>(L.k_cache.data_ptr());
+    const T* vc = static_cast<const T*>(L.v_cache.data_ptr());
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     at::parallel_for(0, B * n_kv, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> sc;
@@ -305,8 +345,8 @@ struct DecodePlan : torch::CustomClassHolder {
         const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
         const int64_t n = len - start;
         const size_t off = static_cast<size_t>(((first_slot + b) * n_kv + g) * S + start) * hd;
-        const float* kr = kc + off;
-        const float* vr = vc + off;
+        const T* kr = kc + off;
+        const T* vr = vc + off;
         sc.resize(static_cast<size_t>(n + 8));
         for (int64_t r = 0; r < rep; ++r) {
           const int64_t h = g * rep + r;
@@ -322,6 +362,16 @@ struct DecodePlan : torch::CustomClassHolder {
         }
       }
     });
+  }
+
+  // one token's keys and values (n_kv heads of hd floats each) into the cache at kc / vc (group 0;
+  // groups S * hd apart)
+  template <typename T>
+  void write_kv(const float* k, const float* v, T* kc, T* vc, int64_t S) const {
+    for (int64_t g = 0; g < n_kv; ++g) {
+      store_row(k + g * hd, kc + g * S * hd, hd);
+      store_row(v + g * hd, vc + g * S * hd, hd);
+    }
   }
 
   at::Tensor run(const at::Tensor& x_in, const at::Tensor& pos_in, int64_t first_slot) {
@@ -345,26 +395,25 @@ struct DecodePlan : torch::CustomClassHolder {
     const int64_t qs = n_head * hd, kvs = n_kv * hd;
     const float* cos = rope_cos.data_ptr<float>();
     const float* sin = rope_sin.data_ptr<float>();
+    const bool half_cache = layers[0].k_cache.scalar_type() == at::kHalf;
     for (const Layer& L : layers) {
       rmsnorm(hp, L.attn_norm.data_ptr<float>(), ap, B, dim, e);
       at::Tensor qkv = L.wqkv(a);  // [B, qs + 2 kvs]
       float* qp = qkv.data_ptr<float>();
       const int64_t ld = qkv.stride(0);
       const int64_t S = L.k_cache.size(2);
-      float* kc = L.k_cache.data_ptr<float>();
-      float* vc = L.v_cache.data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) {
         float* row = qp + b * ld;
         const int64_t p = pos[b];
         rope(row, n_head, hd, cos + p * hd, sin + p * hd);
         rope(row + qs, n_kv, hd, cos + p * hd, sin + p * hd);
-        for (int64_t g = 0; g < n_kv; ++g) {
-          const size_t off = static_cast<size_t>(((first_slot + b) * n_kv + g) * S + p) * hd;
-          std::copy(row + qs + g * hd, row + qs + (g + 1) * hd, kc + off);
-          std::copy(row + qs + kvs + g * hd, row + qs + kvs + (g + 1) * hd, vc + off);
-        }
+        const int64_t off = ((first_slot + b) * n_kv * S + p) * hd;  // (slot, group 0, position p)
+        if (half_cache) write_kv(row + qs, row + qs + kvs, static_cast<uint16_t*>(L.k_cache.data_ptr()) + off,
+                                 static_cast<uint16_t*>(L.v_cache.data_ptr()) + off, S);
+        else write_kv(row + qs, row + qs + kvs, L.k_cache.data_ptr<float>() + off, L.v_cache.data_ptr<float>() + off, S);
       }
-      attention(qp, ld, att.data_ptr<float>(), L, pos, first_slot, B);
+      if (half_cache) attention<uint16_t>(qp, ld, att.data_ptr<float>(), L, pos, first_slot, B);
+      else attention<float>(qp, ld, att.data_ptr<float>(), L, pos, first_slot, B);
       add_rows(hp, L.wo(att), B, dim);
       rmsnorm(hp, L.ffn_norm.data_ptr<float>(), ap, B, dim, e);
       silu_mul(L.w13(a), act.data_ptr<float>(), B, hidden);

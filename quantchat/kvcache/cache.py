@@ -3,6 +3,11 @@
 Keys and values are written in place at each token's position (no concatenation, no growth).
 Rows of the cache are sequence slots: one slot can be prefilled alone (``slot=i``) while a batched
 decode step writes every slot at its own position.
+
+The cache's dtype may be narrower than the activations' (float16 keys and values for a float32 model,
+as llama.cpp's default): writes round to it, and attention reads the rounded values back in the
+activations' dtype, so every path (prefill, prefix reuse, decode) attends over the same numbers.
+Half the bytes per cached token: batched decode at long contexts reads the cache at memory speed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class KVCache(nn.Module):
         """Write k/v [B, H, T, D] at ``input_pos`` [B, T]; return the cached k/v of positions [0, kv_len)."""
         B, _, T, _ = k.shape
         kc, vc = self.k_cache, self.v_cache
+        compute = k.dtype
+        k, v = k.to(kc.dtype), v.to(kc.dtype)
         if slot is not None:  # rows slot .. slot + B - 1
             kc, vc = kc[slot:slot + B], vc[slot:slot + B]
         else:
@@ -39,7 +46,12 @@ class KVCache(nn.Module):
             rows = torch.arange(B, device=k.device).unsqueeze(1)
             kc[rows, :, input_pos] = k.transpose(1, 2)
             vc[rows, :, input_pos] = v.transpose(1, 2)
-        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+        return kc[:, :, :kv_len].to(compute), vc[:, :, :kv_len].to(compute)
+
+    def round_like_cache(self, x: Tensor) -> Tensor:
+        """``x`` as it reads back after a write (rounded to the cache's dtype)."""
+        dt = self.k_cache.dtype
+        return x if x.dtype == dt else x.to(dt).to(x.dtype)
 
 
 def attention_mask(input_pos: Tensor, kv_len: int, sliding_window: int | None = None) -> Tensor:

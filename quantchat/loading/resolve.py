@@ -73,6 +73,20 @@ def pick_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+KV_CACHE_DTYPES = ("auto", *DTYPES)
+
+
+def pick_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: as named, or for ``auto`` float16 under a float32 model (as llama.cpp: half
+    the memory and the bytes each decode step reads, keys and values rounded to 11 significant bits)
+    and the model's own dtype otherwise."""
+    if kv_cache_dtype == "auto":
+        return torch.float16 if model_dtype == torch.float32 else model_dtype
+    if kv_cache_dtype not in DTYPES:
+        raise QuantchatError(f"unknown KV cache dtype '{kv_cache_dtype}' (use {', '.join(KV_CACHE_DTYPES)})")
+    return DTYPES[kv_cache_dtype]
+
+
 @dataclass
 class LoadedModel:
     source: ModelSource
@@ -83,9 +97,10 @@ class LoadedModel:
 def load_engine(
     spec: str | None, device: str = "auto", dtype: str = "float32", max_seq_len: int | None = None,
     max_batch: int = 1, progress: Callable[[str], None] | None = None, compile: bool = False,
-    quant: str | None = None, group_size: int | None = None,
+    quant: str | None = None, group_size: int | None = None, kv_cache_dtype: str = "auto",
 ) -> LoadedModel:
-    """Resolve, load weights and tokenizer, and allocate the KV cache."""
+    """Resolve, load weights and tokenizer, and allocate the KV cache (``kv_cache_dtype``: see
+    ``pick_kv_dtype``)."""
     from quantchat.engine.generate import Engine
     from quantchat.loading.hf_loader import load_model
     from quantchat.tokenizer.tokenizer import Tokenizer
@@ -122,7 +137,8 @@ def load_engine(
         model = load_model(source.hf_dir, device=dev, dtype=dt, cpu_layout=False)
         quantize_model(model, spec)
     tokenizer = Tokenizer.from_dir(source.hf_dir)
-    engine = Engine(model, tokenizer, max_seq_len=max_seq_len, max_batch=max_batch, compile=compile)
+    engine = Engine(model, tokenizer, max_seq_len=max_seq_len, max_batch=max_batch, compile=compile,
+                    kv_dtype=pick_kv_dtype(kv_cache_dtype, model.dtype))
     if compile:
         if progress:
             progress("compiling the decode step with torch.compile (once per process; cached on disk after)...")

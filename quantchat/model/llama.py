@@ -123,6 +123,8 @@ class Attention(nn.Module):
             ck, cv = self.kv_cache.update(input_pos, k, v, kv_len, slot)
             if not fresh:
                 k, v = ck, cv
+            else:  # the same rounded keys and values a later step reads from the cache
+                k, v = self.kv_cache.round_like_cache(k), self.kv_cache.round_like_cache(v)
         gqa = self.n_head != self.n_kv_head
         if mask is None and fresh and T > 1:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -190,10 +192,13 @@ class Transformer(nn.Module):
             self.rope_len = length
 
     def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate the KV cache once: ``max_batch`` sequence slots of ``max_seq_len`` positions."""
-        if max_batch == self.max_batch and max_seq_len == self.max_seq_len:
-            return
+        """Allocate the KV cache once: ``max_batch`` sequence slots of ``max_seq_len`` positions, of
+        ``dtype`` (default: the model's)."""
         dtype = dtype or self.dtype
+        cache = self.layers[0].attention.kv_cache if self.layers else None
+        if (max_batch == self.max_batch and max_seq_len == self.max_seq_len and cache is not None
+                and cache.k_cache.dtype == dtype):
+            return
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
                 max_batch, max_seq_len, self.config.n_kv_head, self.config.head_dim, dtype, self.device,

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quantchat.cli.common import add_kv_cache_arg
 from quantchat.errors import QuantchatError
 from quantchat.serving.loadtest import run_load, wait_healthy
 
@@ -43,7 +44,8 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 def model_args(a: argparse.Namespace) -> list[str]:
-    out = ["--quant", a.quant, "--max-batch", str(a.max_batch), "--max-seq-len", str(a.max_seq_len)]
+    out = ["--quant", a.quant, "--max-batch", str(a.max_batch), "--max-seq-len", str(a.max_seq_len),
+           "--kv-cache-dtype", a.kv_cache_dtype]
     if a.group_size:
         out += ["--group-size", str(a.group_size)]
     return (["--model", a.model] if a.model else []) + out
@@ -205,6 +207,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=1024)
+    add_kv_cache_arg(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads in total (split between workers)")
     p.add_argument("--clients", type=int_list, default=[1, 4, 8], help="concurrent clients (default 1,4,8)")
     p.add_argument("--workers", type=int_list, default=[1, 2],
