@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from quantchat.sampling.sampling import SamplingParams, draw, make_generator, sample_token, sampling_probs
+from quantchat.kernels import cpu
+from quantchat.sampling.sampling import (SamplingParams, _invert_cdf, draw, draw_logits, make_generator, sample_token,
+                                         sampling_probs)
 
 
 def test_draw_follows_the_distribution():
@@ -58,6 +61,39 @@ def test_sample_rows_equals_one_by_one():
     assert got[2] is None and got[3] is None  # top-k and penalties: row by row
     want = [sample_token(logits[i], params[i], None, make_generator(i)) for i in range(5)]
     assert [got[i] for i in (0, 1, 4)] == [want[i] for i in (0, 1, 4)]
+
+
+@pytest.mark.skipif(not cpu.available(), reason="quantchat's CPU kernels unavailable")
+@pytest.mark.parametrize("V,temp", [(49152, 0.7), (1003, 1.0), (5, 0.3), (1, 1.0)])
+def test_logits_kernel_draws_what_softmax_and_the_cdf_draw(V, temp):
+    """The one-pass C++ draw against torch: softmax at the temperature, float64 cumsum, first cdf > u."""
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(8, V, generator=g) * 4
+    if V > 1:
+        logits[1, ::3] = float("-inf")  # masked tokens
+    for trial in range(25):
+        u = torch.rand(8, dtype=torch.float64, generator=g)
+        if trial == 0:
+            u[0], u[1] = 0.0, 1.0 - 1e-16  # the ends
+        got = cpu.sample_logits(logits, torch.full((8,), 1.0 / temp), u).tolist()
+        want = _invert_cdf(torch.softmax(logits / temp, -1), u)
+        assert got == want
+        assert all(torch.isfinite(logits[b, t]) for b, t in enumerate(got))
+
+
+@pytest.mark.skipif(not cpu.available(), reason="quantchat's CPU kernels unavailable")
+def test_logits_draw_follows_the_distribution_and_falls_back_on_nan():
+    logits = torch.tensor([[2.0, float("-inf"), 0.5, 1.0, -1.0, float("-inf"), 0.0, 3.0, -0.5]])
+    g = make_generator(5)
+    n = 20000
+    picks = torch.tensor([draw_logits(logits, [0.8], [g])[0] for _ in range(n)])
+    counts = torch.bincount(picks, minlength=9).double()
+    probs = torch.softmax(logits[0].double() / 0.8, -1)
+    assert counts[1] == counts[5] == 0
+    expected = probs * n
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - probs)).sqrt() + 1e-9).all(), counts
+    assert cpu.sample_logits(torch.full((1, 4), float("nan")), torch.ones(1), torch.zeros(1, dtype=torch.float64)).item() == -1
+    assert draw_logits(torch.tensor([[0.0, float("nan")]]), [1.0], [g])[0] in (0, 1)  # torch's rule decides
 
 
 def test_keep_freed_memory_applies_once_and_can_be_turned_off():

@@ -46,13 +46,13 @@ from quantchat.paths import quantchat_home
 
 __all__ = [
     "KernelsUnavailable", "available", "load", "unavailable_reason", "build_info",
-    "int4_linear", "int8_linear", "int4r8_linear", "R8_EXACT", "R8_Q8", "R8_EXACT_SMALL",
+    "int4_linear", "int8_linear", "int4r8_linear", "sample_logits", "R8_EXACT", "R8_Q8", "R8_EXACT_SMALL",
     "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16", "PATH_AUTO_I16",
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # every file of the library (compiled together into one .so; the header is part of the cache key)
-SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"))
+SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"), SOURCE.with_name("sampling.cpp"))
 HEADERS = (SOURCE.with_name("cpu_kernels.h"),)
 CXX_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG",
              "-fvisibility=hidden", "-w"]
@@ -367,3 +367,10 @@ def int4r8_linear(
     x2, shape, dtype = _as_float_2d(x, in_features)
     y = op(x2, packed, scales, mins, out_features, group_size, in_features, path)
     return _restore(y, shape, dtype)
+
+
+def sample_logits(logits: Tensor, inv_temp: Tensor, u: Tensor) -> Tensor:
+    """Token ids [B] drawn from logits [B, V] (float32) at temperatures 1 / inv_temp [B] (float32) with the
+    uniform numbers u [B] (float64, in [0, 1)): the inverse CDF of softmax(logits * inv_temp) at u, as
+    ``quantchat.sampling.sampling.draw_rows`` (see sampling.cpp); -1 for a row with no finite logit."""
+    return load().sample_logits(logits, inv_temp, u)

@@ -94,6 +94,8 @@ def sample_token(
         logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
+    if params.top_k == 0 and params.top_p >= 1.0:  # temperature only: the batched rows' draw
+        return draw_logits(logits[None], [params.temperature], [generator])[0]
     return draw(sampling_probs(logits, params), generator)
 
 
@@ -102,13 +104,46 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> int:
     return draw_rows(probs[None], [generator])[0]
 
 
+def uniforms(generators: list[torch.Generator | None], device: torch.device | str = "cpu") -> Tensor:
+    """One float64 uniform number in [0, 1) per row, each from its generator (None: torch's global one)."""
+    return torch.cat([torch.rand((1,), dtype=torch.float64, generator=g, device=device) for g in generators])
+
+
+def _cpu_kernels():
+    """quantchat's CPU kernels when they load here, else None."""
+    from quantchat.kernels import cpu
+
+    return cpu if cpu.available() else None
+
+
+def draw_logits(logits: Tensor, temperatures: list[float], generators: list[torch.Generator | None]) -> list[int]:
+    """A token id per row of logits [B, V] at its temperature (temperature only: no top-k / top-p): the
+    inverse CDF of softmax(logits / t) at one uniform number per row, as ``draw_rows``. Float32 rows on
+    CPU take quantchat's one-pass kernel (no [B, V] temporaries; ~5x faster for 8 rows of a 49k
+    vocabulary); the rest softmax + ``draw_rows``, the same rule."""
+    u = uniforms(generators, logits.device)
+    temps = [max(t, 1e-5) for t in temperatures]
+    cpu = _cpu_kernels() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if cpu is not None:
+        picked = cpu.sample_logits(logits, torch.tensor([1.0 / t for t in temps]), u).tolist()
+        if min(picked) >= 0:
+            return picked
+    temps_t = torch.tensor(temps, device=logits.device)
+    probs = torch.softmax(logits.float() / temps_t[:, None], dim=-1)
+    return _invert_cdf(probs, u)
+
+
 def draw_rows(probs: Tensor, generators: list[torch.Generator | None]) -> list[int]:
     """A token id per row of ``probs`` [B, V] (non-negative weights), each with its generator, by inverting
     the CDF at one uniform random number: exact, and ~10x cheaper than ``torch.multinomial`` on a 50k
     vocabulary (which spends over a millisecond per call generating random numbers). Zero-weight tokens
     are never drawn."""
+    return _invert_cdf(probs, uniforms(generators, probs.device))
+
+
+def _invert_cdf(probs: Tensor, u: Tensor) -> list[int]:
+    """Per row of ``probs`` [B, V]: the first token whose running sum of weights exceeds u * total."""
     cdf = torch.cumsum(probs, -1, dtype=torch.float64)  # one pass: no float64 copy of probs first
-    u = torch.cat([torch.rand((1,), dtype=torch.float64, generator=g, device=probs.device) for g in generators])
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].tolist()  # first cdf > u
     for b, idx in enumerate(picked):
         if idx >= probs.shape[-1]:  # u rounded up to the total: the last token with weight
@@ -119,7 +154,7 @@ def draw_rows(probs: Tensor, generators: list[torch.Generator | None]) -> list[i
 def sample_rows(logits: Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> list[int | None]:
     """Next tokens for the rows of logits [B, V] that need nothing row-specific: greedy rows, and plain
-    temperature rows (no top-k / top-p / penalties) drawn together by ``draw_rows``, each with its own
+    temperature rows (no top-k / top-p / penalties) drawn together by ``draw_logits``, each with its own
     generator (the same draw as ``sample_token``). Other rows get None: sample them with ``sample_token``."""
     out: list[int | None] = [None] * len(params)
     plain = lambda p: p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty  # noqa: E731
@@ -129,9 +164,8 @@ def sample_rows(logits: Tensor, params: list[SamplingParams],
             out[i] = t
     hot = [i for i, p in enumerate(params) if plain(p) and not p.greedy and p.top_k == 0 and p.top_p >= 1.0]
     if hot:
-        temps = torch.tensor([max(params[i].temperature, 1e-5) for i in hot], device=logits.device)
         rows = logits if len(hot) == len(params) else logits[hot]  # no copy when every row is hot
-        probs = torch.softmax(rows.float() / temps[:, None], dim=-1)
-        for i, t in zip(hot, draw_rows(probs, [generators[i] for i in hot])):
+        drawn = draw_logits(rows, [params[i].temperature for i in hot], [generators[i] for i in hot])
+        for i, t in zip(hot, drawn):
             out[i] = t
     return out
