@@ -583,6 +583,12 @@ def test_metrics(server, client):
                  "quantchat_kv_cache_usage_ratio", "quantchat_prompt_tokens_cached_total"):
         assert f"\n{name}" in "\n" + text, name
     assert 'route="/v1/completions",status="200"' in text
+    # the loop's time: decode steps by batch size (the 1-token answer: one step of 1 sequence at least)
+    steps = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+             if line.startswith(("quantchat_decode_steps_total{", "quantchat_decode_seconds_total{"))}
+    assert steps['quantchat_decode_steps_total{batch="1"}'] >= 1
+    assert 0 < steps['quantchat_decode_seconds_total{batch="1"}'] < 60
+    assert float(text.split("\nquantchat_prefill_seconds_total ")[1].split()[0]) > 0
 
 
 def test_serve_command_subprocess(tiny_dir, tmp_path):
@@ -648,6 +654,10 @@ def test_bench_serve_against_running_server(server, tmp_path, capsys):
     assert all(len(r["tokens_per_s_rounds"]) == 2 and r["tokens_per_s"] in r["tokens_per_s_rounds"] for r in rows)
     assert [r["requests"] for r in rows] == [1, 3] and rows[1]["generated_tokens"] == 12
     assert rows[1]["tokens_per_s"] > 0 and set(rows[1]["ttft_s"]) >= {"p50", "p90", "p99"}
+    # the server's own step timers, from /metrics around each run: one client decodes in steps of 1
+    one = rows[0]["decode_step_ms"]["1"]
+    assert one["steps"] >= 3 and 0 < one["ms"] < 10_000  # 4 tokens: the first from the prefill
+    assert all(0 < r["prefill_share"] < 1 for r in rows)
     assert KEY not in (tmp_path / "result.json").read_text()
     assert "total tok/s" in (tmp_path / "result.md").read_text()
     assert matplotlib.image.imread(tmp_path / "throughput.png").shape[0] > 100
@@ -661,3 +671,18 @@ def test_bench_serve_scaling_is_the_median_of_per_round_ratios():
     med, each = scaling(rows, 1, 8)
     assert each == [3.0, 4.0, 2.5] and med == 3.0
     assert scaling(rows, 1, 4) is None
+
+
+def test_bench_serve_reports_the_batching_gain_of_decode_steps():
+    from quantchat.serving.bench_serve import batching_gain, time_split
+
+    before = {"steps": {1: [10, 0.1]}, "prefill_s": 1.0}
+    after = {"steps": {1: [12, 0.12], 8: [100, 2.0]}, "prefill_s": 1.5}
+    split = time_split(before, after, wall=5.0)
+    assert split["decode_step_ms"][8] == {"steps": 100, "ms": 20.0} and split["prefill_share"] == 0.1
+    assert split["decode_step_ms"][1]["steps"] == 2 and abs(split["decode_step_ms"][1]["ms"] - 10.0) < 1e-9
+    rows = [{"clients": 1, "decode_step_ms": {1: {"steps": 50, "ms": 8.0}}, "prefill_share": 0.08},
+            {"clients": 8, **split}]
+    line = batching_gain(rows, 1, 8)
+    assert "3.20x" in line and "8% of the wall time with 1 client(s), 10% with 8" in line
+    assert batching_gain(rows[:1], 1, 8) == "" and time_split(None, after, 5.0) == {}

@@ -151,6 +151,10 @@ class Scheduler:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.decode_steps = 0
+        # where the loop's time goes: decode steps by batch size ([steps, seconds]; model, sampling and
+        # events) and prompt prefill; the ratio of step times shows what batching gains (bench serve)
+        self.decode_time: dict[int, list[float]] = {}
+        self.prefill_seconds = 0.0
         self.prompt_tokens_cached_total = 0  # prompt tokens whose KV was reused, not computed
         self.started_at = time.time()
 
@@ -203,6 +207,8 @@ class Scheduler:
             "max_batch": self.max_batch,
             "kv_cache_usage": self.kv_usage(),
             "decode_steps": self.decode_steps,
+            "decode_time_by_batch": {b: list(v) for b, v in list(self.decode_time.items())},  # a snapshot
+            "prefill_seconds_total": self.prefill_seconds,
             "prompt_tokens_cached_total": self.prompt_tokens_cached_total,
         }
 
@@ -212,12 +218,19 @@ class Scheduler:
         (Tests and profilers drive a scheduler that was not started with this.)"""
         self._drop_cancelled()
         group = self._admit()
+        t0 = time.perf_counter()
         if group:
             self._prefill_group(group)
         if self.prefilling is not None:
             self._prefill_step()
+        t1 = time.perf_counter()
+        self.prefill_seconds += t1 - t0
         if self.decoding:
+            b = len(self.decoding)
             self._decode_step()
+            entry = self.decode_time.setdefault(b, [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - t1
 
     def _loop(self) -> None:
         try:

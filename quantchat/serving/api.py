@@ -229,8 +229,18 @@ class Metrics:
                 backend_stats["prompt_tokens_cached_total"])
         if "workers" in backend_stats:
             gauges["quantchat_workers"] = ("gauge", "live workers", backend_stats["workers"])
+        if "prefill_seconds_total" in backend_stats:
+            gauges["quantchat_prefill_seconds_total"] = ("counter", "seconds the worker spent prefilling prompts",
+                                                         backend_stats["prefill_seconds_total"])
         for name, (kind, help_, value) in gauges.items():
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {float(value):g}"]
+        by_batch = sorted((int(b), v) for b, v in (backend_stats.get("decode_time_by_batch") or {}).items())
+        if by_batch:
+            for name, help_, i in (("quantchat_decode_steps_total", "decode steps by running batch size", 0),
+                                   ("quantchat_decode_seconds_total",
+                                    "seconds in decode steps (model, sampling, events) by batch size", 1)):
+                lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+                lines += [f'{name}{{batch="{b}"}} {float(v[i]):g}' for b, v in by_batch]
         return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,59 @@ def model_args(a: argparse.Namespace) -> list[str]:
     return (["--model", a.model] if a.model else []) + out
 
 
+def engine_time(url: str, api_key: str | None) -> dict[str, Any] | None:
+    """The worker's loop time from ``/metrics``: decode steps and seconds by batch size, prefill seconds
+    (None when the server does not report them, e.g. behind a controller)."""
+    import httpx
+
+    try:
+        r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=10)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    steps: dict[int, list[float]] = {}
+    prefill = None
+    for line in r.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith(("quantchat_decode_steps_total{batch=", "quantchat_decode_seconds_total{batch=")):
+            b = int(name.split('"')[1])
+            steps.setdefault(b, [0.0, 0.0])[0 if "steps" in name else 1] = float(value)
+        elif name == "quantchat_prefill_seconds_total":
+            prefill = float(value)
+    return None if prefill is None else {"steps": steps, "prefill_s": prefill}
+
+
+def time_split(before: dict[str, Any] | None, after: dict[str, Any] | None, wall: float) -> dict[str, Any]:
+    """What the worker did during one load run: mean decode step ms by batch size, prefill share of the wall."""
+    if before is None or after is None or wall <= 0:
+        return {}
+    step_ms = {}
+    for b, (n, s) in after["steps"].items():
+        n0, s0 = before["steps"].get(b, [0.0, 0.0])
+        if n - n0 > 0:
+            step_ms[b] = {"steps": int(n - n0), "ms": 1000 * (s - s0) / (n - n0)}
+    return {"decode_step_ms": step_ms, "prefill_share": (after["prefill_s"] - before["prefill_s"]) / wall}
+
+
+def batching_gain(rows: list[dict[str, Any]], low: int, high: int) -> str:
+    """The model-step side of scaling: how many times more tokens per second of decode step a batch of
+    ``high`` sequences yields than one of ``low`` (from the server's own step timers), and the prefill share."""
+    def step(clients: int) -> tuple[float, float] | None:
+        row = next((r for r in rows if r["clients"] == clients and r.get("decode_step_ms")), None)
+        if row is None:
+            return None
+        ms = row["decode_step_ms"].get(clients) or row["decode_step_ms"].get(str(clients))
+        return (ms["ms"], row["prefill_share"]) if ms else None
+
+    lo, hi = step(low), step(high)
+    if lo is None or hi is None:
+        return ""
+    return (f"decode steps: {low} sequence(s) {lo[0]:.1f} ms, {high} sequences {hi[0]:.1f} ms: "
+            f"{high * lo[0] / (low * hi[0]):.2f}x the tokens per second of stepping; prefill took "
+            f"{100 * lo[1]:.0f}% of the wall time with {low} client(s), {100 * hi[1]:.0f}% with {high}\n")
+
+
 def sweep(url: str, a: argparse.Namespace, setup: str, clients: list[int], progress) -> list[dict[str, Any]]:
     """Run the client counts ``a.rounds`` times, interleaved (this host's speed drifts over minutes, so each
     round measures every client count side by side); one row per client count: the round with the median
@@ -60,8 +113,10 @@ def sweep(url: str, a: argparse.Namespace, setup: str, clients: list[int], progr
     run_load(url, 1, 1, 4, api_key=a.api_key)  # warm-up
     for i in range(rounds):
         for c in clients:
+            before = engine_time(url, a.api_key)
             r = run_load(url, c, a.requests, a.max_tokens, api_key=a.api_key)
-            runs[c].append({"setup": setup, **r.as_dict()})
+            split = time_split(before, engine_time(url, a.api_key), r.wall_s)
+            runs[c].append({"setup": setup, **r.as_dict(), **split})
             tag = f" (round {i + 1}/{rounds})" if rounds > 1 else ""
             progress(f"{setup}, {c} clients{tag}: {r.tokens_per_s:.1f} tok/s total, {r.errors} errors")
     rows = []
@@ -181,7 +236,8 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     if ratio is not None:
         each = ", ".join(f"{x:.2f}x" for x in ratio[1])
         summary = (f"\n{max(clients)} clients / {min(clients)} client total tokens/s: {ratio[0]:.2f}x"
-                   + (f" (median of rounds: {each})" if len(ratio[1]) > 1 else "") + "\n")
+                   + (f" (median of rounds: {each})" if len(ratio[1]) > 1 else "") + "\n"
+                   + batching_gain(first, min(clients), max(clients)))
     print(table + summary)
     write_results(out, "quantchat bench serve", {"options": {k: v for k, v in vars(a).items() if k != "func"
                                                              and k != "api_key"}, "rows": rows},
