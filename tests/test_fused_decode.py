@@ -255,3 +255,17 @@ def test_no_q8_keeps_float_activations(monkeypatch):
     quantize_model(model, QuantSpec.for_method("int4-asym", 32))
     check_steps(model, [3, 9], steps=2)  # the exact Python path: float32 rounding apart
     assert not any(m.r8 for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def test_kv_cache_dtype_choice():
+    import torch
+
+    from quantchat.errors import QuantchatError
+    from quantchat.loading.resolve import pick_kv_dtype
+
+    assert pick_kv_dtype("auto", torch.float32, torch.device("cpu")) == torch.float16
+    assert pick_kv_dtype("auto", torch.float32, torch.device("cuda")) == torch.float32  # SDPA would convert per step
+    assert pick_kv_dtype("auto", torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+    assert pick_kv_dtype("float32", torch.float32, torch.device("cpu")) == torch.float32
+    with pytest.raises(QuantchatError, match="KV cache dtype"):
+        pick_kv_dtype("int3", torch.float32)

@@ -29,8 +29,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_kv_cache_arg(g) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="KV cache element type (default auto: float16 for a float32 model, as llama.cpp: half "
-                        "the memory and faster batched decode at long contexts; float32: exact float32)")
+                   help="KV cache element type (default auto: float16 for a float32 model on CPU, as llama.cpp: "
+                        "half the memory and faster batched decode at long contexts; else the model's dtype; "
+                        "float32: exact float32)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:

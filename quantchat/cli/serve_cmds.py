@@ -82,8 +82,13 @@ def build_worker(args: argparse.Namespace, progress=status):
     if quant and quant != "none" and not args.served_model_name:
         name = f"{name}-{quant}"
     worker = Worker(loaded.engine, name, max_queue=args.max_queue, template=template)
+    from quantchat.benchmark.measure import kv_cache_bytes
+
+    model = loaded.engine.model
+    kv_dtype = next((str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers() if "k_cache" in n), "?")
     progress(f"loaded {loaded.source.name} as '{name}' ({quant or 'as stored'}, {loaded.engine.device}) "
-             f"in {loaded.load_s:.1f} s; {args.max_batch} slots x {loaded.engine.max_seq_len} tokens")
+             f"in {loaded.load_s:.1f} s; {args.max_batch} slots x {loaded.engine.max_seq_len} tokens "
+             f"(KV cache {kv_dtype}, {kv_cache_bytes(model) / 2**20:.0f} MiB)")
     return worker
 
 

@@ -76,12 +76,13 @@ def pick_dtype(dtype: str) -> torch.dtype:
 KV_CACHE_DTYPES = ("auto", *DTYPES)
 
 
-def pick_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's dtype: as named, or for ``auto`` float16 under a float32 model (as llama.cpp: half
-    the memory and the bytes each decode step reads, keys and values rounded to 11 significant bits)
-    and the model's own dtype otherwise."""
+def pick_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """The KV cache's dtype: as named, or for ``auto`` float16 under a float32 model on CPU (as llama.cpp:
+    half the memory and the bytes each decode step reads, keys and values rounded to 11 significant bits;
+    the fused CPU step reads it natively) and the model's own dtype otherwise."""
     if kv_cache_dtype == "auto":
-        return torch.float16 if model_dtype == torch.float32 else model_dtype
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        return torch.float16 if model_dtype == torch.float32 and on_cpu else model_dtype
     if kv_cache_dtype not in DTYPES:
         raise QuantchatError(f"unknown KV cache dtype '{kv_cache_dtype}' (use {', '.join(KV_CACHE_DTYPES)})")
     return DTYPES[kv_cache_dtype]
@@ -138,7 +139,7 @@ def load_engine(
         quantize_model(model, spec)
     tokenizer = Tokenizer.from_dir(source.hf_dir)
     engine = Engine(model, tokenizer, max_seq_len=max_seq_len, max_batch=max_batch, compile=compile,
-                    kv_dtype=pick_kv_dtype(kv_cache_dtype, model.dtype))
+                    kv_dtype=pick_kv_dtype(kv_cache_dtype, model.dtype, dev))
     if compile:
         if progress:
             progress("compiling the decode step with torch.compile (once per process; cached on disk after)...")
