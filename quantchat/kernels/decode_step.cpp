@@ -201,7 +201,14 @@ void rope(float* x, int64_t n_heads, int64_t hd, const float* cos, const float* 
   const int64_t half = hd / 2;
   for (int64_t h = 0; h < n_heads; ++h) {
     float* v = x + h * hd;
-    for (int64_t i = 0; i < half; ++i) {
+    int64_t i = 0;
+    for (; i + 8 <= half; i += 8) {
+      const __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + i + half);
+      _mm256_storeu_ps(v + i, _mm256_fmsub_ps(a, _mm256_loadu_ps(cos + i), _mm256_mul_ps(b, _mm256_loadu_ps(sin + i))));
+      _mm256_storeu_ps(v + i + half, _mm256_fmadd_ps(b, _mm256_loadu_ps(cos + i + half),
+                                                     _mm256_mul_ps(a, _mm256_loadu_ps(sin + i + half))));
+    }
+    for (; i < half; ++i) {
       const float a = v[i], b = v[i + half];
       v[i] = a * cos[i] - b * sin[i];
       v[i + half] = b * cos[i + half] + a * sin[i + half];
