@@ -446,16 +446,52 @@ def test_cached_and_new_prompts_prefill_in_separate_forwards(tiny_dir, monkeypat
     sch = Scheduler(eng)
     cached = [list(b"the same old prompt " * 2 + bytes([65 + i])) for i in range(3)]
     fresh = list(b"an entirely new and rather long prompt here")
+    follow = [p + list(b"??") for p in cached]  # the cached prompts plus two new tokens
     lims = [5, 6, 7, 8]
-    solo = [eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))[0]
-            for p, n in zip(cached + [fresh], lims)]
+    greedy = lambda p, n: eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n,  # noqa: E731
+                                                                 ignore_eos=True))[0]
+    solo = [greedy(p, n) for p, n in zip(cached + [fresh], lims)]
+    solo_follow = [greedy(p, n) for p, n in zip(follow, lims)]
     first = run_scheduled_inline(sch, cached, lims[:3])  # now their KV sits in the slots
     assert first == solo[:3]
     forwards: list[int] = []
     real = sch._prefill_rows
     monkeypatch.setattr(sch, "_prefill_rows", lambda g: forwards.append(len(g)) or real(g))
-    assert run_scheduled_inline(sch, [fresh] + cached, [lims[3]] + lims[:3]) == [solo[3]] + solo[:3]
+    assert run_scheduled_inline(sch, [fresh] + follow, [lims[3]] + lims[:3]) == [solo[3]] + solo_follow
     assert sorted(forwards) == [1, 3]
+
+
+def test_repeated_prompt_starts_without_a_forward(tiny_dir, monkeypatch):
+    """A prompt seen before whose whole KV a slot still holds (a regenerated answer, the n choices of a
+    request) starts from the kept first-token logits: no prefill forward, the same answers."""
+    from quantchat.engine.scheduler import PROMPT_LOGITS_KEPT, Scheduler, Sequence
+
+    eng = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=4).engine
+    sch = Scheduler(eng)
+    prompts = [list(b"tell me a story about " + w) for w in (b"cats", b"dogs")]
+    solo = [eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))[0]
+            for p in prompts]
+    assert run_scheduled_inline(sch, prompts, [6, 6]) == solo
+    forwards: list[int] = []
+    real = sch._prefill_rows
+    monkeypatch.setattr(sch, "_prefill_rows", lambda g: forwards.append(len(g)) or real(g))
+    cached0 = sch.prompt_tokens_cached_total
+    assert run_scheduled_inline(sch, prompts + prompts[:1], [6, 6, 6]) == solo + solo[:1]
+    assert forwards == [] and sch.prompt_tokens_cached_total - cached0 == 2 * len(prompts[0]) + len(prompts[1])
+
+    def sampled(seed: int) -> list[int]:  # a seeded sampled answer: the same draws from the kept logits
+        out: list[int] = []
+        sch.submit(Sequence(prompts[1], SamplingParams(temperature=0.9, max_new_tokens=8, ignore_eos=True, seed=seed),
+                            lambda ev: out.extend(ev.token_ids)))
+        while sch.waiting or sch.decoding or sch.prefilling:
+            sch.step()
+        return out
+
+    assert sampled(3) == sampled(3) != sampled(4)
+    assert forwards == [] and len(sch.prompt_logits) <= PROMPT_LOGITS_KEPT
+    # its KV gone from every slot: computed again
+    eng.slot_tokens = [[] for _ in eng.slot_tokens]
+    assert run_scheduled_inline(sch, prompts[:1], [6]) == solo[:1] and forwards == [1]
 
 
 def run_scheduled_inline(sch, prompts, lims) -> list[list[int]]:

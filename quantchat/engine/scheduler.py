@@ -15,7 +15,10 @@ from the longest such prefix found in any slot (swapped into its own slot from a
 from a running one): a shared system prompt, or a chat's earlier turns, are not computed again.
 When a sequence finishes (or its client goes away) the last decoding slot swaps places with it, so
 the finished conversation stays cached in a free slot for its next turn. KV slots are allocated
-once (``Engine(max_batch=...)``), never per request.
+once (``Engine(max_batch=...)``), never per request. The first-token logits of the last
+``PROMPT_LOGITS_KEPT`` prompts are kept too: a prompt seen again whose KV some slot still holds whole
+(a regenerated answer, a retried or repeated request, the n choices of one request) starts decoding at once,
+with no forward at all.
 
 Each ``Sequence`` carries its own sampling parameters, stop strings, token limit and seed; its
 events (text, token ids, log-probabilities, finish reason) go to a callback, usually an asyncio
@@ -47,6 +50,7 @@ from quantchat.sampling.sampling import (
 
 PREFILL_STEP = 256  # prompt tokens prefilled between two decode steps
 GROUP_PREFILL_TOKENS = 2048  # rows x padded length of one grouped prefill of short prompts
+PROMPT_LOGITS_KEPT = 16  # prompts whose first-token logits are kept (3 MB for a 49k vocabulary)
 FORWARD_COST_ROWS = 16  # the fixed cost of a prefill forward, in token rows (about 30 ms vs 2 ms a row here)
 
 
@@ -156,6 +160,7 @@ class Scheduler:
         self.decode_time: dict[int, list[float]] = {}
         self.prefill_seconds = 0.0
         self.prompt_tokens_cached_total = 0  # prompt tokens whose KV was reused, not computed
+        self.prompt_logits: collections.OrderedDict[tuple[int, ...], Tensor] = collections.OrderedDict()
         self.started_at = time.time()
 
     # -- public, any thread -------------------------------------------------------------------
@@ -284,17 +289,25 @@ class Scheduler:
         """Prefill short prompts together, in as few padded forwards as pay: sorted by the tokens each
         still has to compute (after prefix reuse), then split where padding the short ones up to the long
         ones would cost more than another forward (``split_padded``)."""
+        rest = []
+        for seq in group:  # a repeated prompt whose whole KV is cached: no forward
+            if tuple(seq.prompt) in self.prompt_logits and self._cached_prefix(seq, whole=True)[0] == len(seq.prompt):
+                self._start_cached(seq)
+            else:
+                rest.append(seq)
+        group = rest
         new = [len(s.prompt) - self._cached_prefix(s)[0] for s in group]
         order = sorted(range(len(group)), key=lambda i: new[i])
         for lo, hi in split_padded([new[i] for i in order]):
             self._prefill_rows([group[i] for i in order[lo:hi]])
 
-    def _cached_prefix(self, seq: Sequence, slot: int = -1) -> tuple[int, int]:
-        """The longest prefix of ``seq.prompt`` (at most all but its last token) some slot holds now, and
-        that slot (``slot`` itself on a tie); (0, slot) for sequences that want prompt logprobs."""
+    def _cached_prefix(self, seq: Sequence, slot: int = -1, whole: bool = False) -> tuple[int, int]:
+        """The longest prefix of ``seq.prompt`` (at most all but its last token, or all of it with ``whole``)
+        some slot holds now, and that slot (``slot`` itself on a tie); (0, slot) for sequences that want
+        prompt logprobs."""
         best, src = 0, slot
         if not seq.prompt_logprobs:
-            prompt, limit = seq.prompt, len(seq.prompt) - 1
+            prompt, limit = seq.prompt, len(seq.prompt) - (0 if whole else 1)
             for i, toks in enumerate(self.engine.slot_tokens):
                 n, top = 0, min(limit, len(toks))
                 while n < top and toks[n] == prompt[n]:
@@ -302,6 +315,29 @@ class Scheduler:
                 if n > best or (n == best and i == slot):
                     best, src = n, i
         return best, src
+
+    def _remember(self, seq: Sequence, logits: Tensor) -> None:
+        """Keep the first-token logits [V] of ``seq.prompt`` (the last ``PROMPT_LOGITS_KEPT`` prompts)."""
+        key = tuple(seq.prompt)
+        self.prompt_logits[key] = logits.detach().clone()
+        self.prompt_logits.move_to_end(key)
+        while len(self.prompt_logits) > PROMPT_LOGITS_KEPT:
+            self.prompt_logits.popitem(last=False)
+
+    def _start_cached(self, seq: Sequence) -> None:
+        """Start ``seq`` in slot d from a slot holding its whole prompt and its kept first-token logits."""
+        d = len(self.decoding)
+        self._reuse_prefix(seq, d, whole=True)
+        logits = self.prompt_logits[tuple(seq.prompt)]
+        self.prompt_logits.move_to_end(tuple(seq.prompt))
+        self.decoding.append(seq)
+        first = SeqEvent(prompt_tokens=len(seq.prompt))
+        if seq.params.max_new_tokens == 0:
+            first.finish_reason = "length"
+            self._emit_final(seq, first)
+            self._remove([d])
+        elif self._sample(seq, logits[None], first):
+            self._remove([d])
 
     @torch.inference_mode()
     def _prefill_rows(self, group: list[Sequence]) -> None:
@@ -322,6 +358,7 @@ class Scheduler:
         for i, seq in enumerate(group):
             seq.prefilled = len(seq.prompt)
             self.engine.slot_tokens[d + i] = list(seq.prompt)
+            self._remember(seq, logits[i])
             self.decoding.append(seq)
             first = SeqEvent(prompt_tokens=len(seq.prompt))
             if seq.params.max_new_tokens == 0:
@@ -368,6 +405,7 @@ class Scheduler:
         if seq.prefilled < len(seq.prompt):
             return
         self.engine.slot_tokens[slot] = list(seq.prompt)
+        self._remember(seq, logits[-1])
         self.prefilling = None
         first = SeqEvent(prompt_logprobs=seq._prompt_lp if seq.prompt_logprobs else None,
                          prompt_tokens=len(seq.prompt))
@@ -436,10 +474,11 @@ class Scheduler:
         self._emit_final(seq, event)
         return True
 
-    def _reuse_prefix(self, seq: Sequence, slot: int) -> int:
-        """Put the longest cached prefix of ``seq.prompt`` (at most all but its last token) into ``slot``;
-        returns its length (prefill starts there). Sequences that want prompt logprobs compute all."""
-        best, src = self._cached_prefix(seq, slot)
+    def _reuse_prefix(self, seq: Sequence, slot: int, whole: bool = False) -> int:
+        """Put the longest cached prefix of ``seq.prompt`` (at most all but its last token, or all of it
+        with ``whole``) into ``slot``; returns its length (prefill starts there). Sequences that want prompt
+        logprobs compute all."""
+        best, src = self._cached_prefix(seq, slot, whole)
         if best and src > slot:  # a free slot: swap, so what ``slot`` cached moves there instead of being lost
             self._swap_slots(src, slot)
         elif best and src != slot:  # a running (or just assigned) slot: copy the prefix
