@@ -489,9 +489,9 @@ def test_repeated_prompt_starts_without_a_forward(tiny_dir, monkeypatch):
 
     assert sampled(3) == sampled(3) != sampled(4)
     assert forwards == [] and len(sch.prompt_logits) <= PROMPT_LOGITS_KEPT
-    # its KV gone from every slot: computed again
+    # its KV gone from every slot: computed again, once for two copies arriving together
     eng.slot_tokens = [[] for _ in eng.slot_tokens]
-    assert run_scheduled_inline(sch, prompts[:1], [6]) == solo[:1] and forwards == [1]
+    assert run_scheduled_inline(sch, prompts[:1] * 2, [6, 4]) == [solo[0], solo[0][:4]] and forwards == [1]
 
 
 def run_scheduled_inline(sch, prompts, lims) -> list[list[int]]:

@@ -289,17 +289,31 @@ class Scheduler:
         """Prefill short prompts together, in as few padded forwards as pay: sorted by the tokens each
         still has to compute (after prefix reuse), then split where padding the short ones up to the long
         ones would cost more than another forward (``split_padded``)."""
-        rest = []
+        rest, repeats, seen = [], [], set()
         for seq in group:  # a repeated prompt whose whole KV is cached: no forward
-            if tuple(seq.prompt) in self.prompt_logits and self._cached_prefix(seq, whole=True)[0] == len(seq.prompt):
+            key = tuple(seq.prompt)
+            if self._whole_prompt_cached(seq):
                 self._start_cached(seq)
+            elif key in seen:  # the same prompt twice in the group (n choices): computed once
+                repeats.append(seq)
             else:
+                seen.add(key)
                 rest.append(seq)
-        group = rest
-        new = [len(s.prompt) - self._cached_prefix(s)[0] for s in group]
-        order = sorted(range(len(group)), key=lambda i: new[i])
+        new = [len(s.prompt) - self._cached_prefix(s)[0] for s in rest]
+        order = sorted(range(len(rest)), key=lambda i: new[i])
         for lo, hi in split_padded([new[i] for i in order]):
-            self._prefill_rows([group[i] for i in order[lo:hi]])
+            self._prefill_rows([rest[i] for i in order[lo:hi]])
+        for seq in repeats:
+            if self._whole_prompt_cached(seq):
+                self._start_cached(seq)
+            else:  # its twin finished at once and its slot was taken again
+                self._prefill_rows([seq])
+
+    def _whole_prompt_cached(self, seq: Sequence) -> bool:
+        """Whether ``seq`` can start with no forward: its first-token logits are kept and a slot holds
+        its whole prompt's KV."""
+        return (tuple(seq.prompt) in self.prompt_logits
+                and self._cached_prefix(seq, whole=True)[0] == len(seq.prompt))
 
     def _cached_prefix(self, seq: Sequence, slot: int = -1, whole: bool = False) -> tuple[int, int]:
         """The longest prefix of ``seq.prompt`` (at most all but its last token, or all of it with ``whole``)
