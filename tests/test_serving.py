@@ -494,6 +494,30 @@ def test_repeated_prompt_starts_without_a_forward(tiny_dir, monkeypatch):
     assert run_scheduled_inline(sch, prompts[:1] * 2, [6, 4]) == [solo[0], solo[0][:4]] and forwards == [1]
 
 
+@pytest.mark.parametrize("parking", [1, 0])
+def test_parking_slots_keep_finished_conversations_at_full_load(tiny_dir, parking):
+    """With every batch slot taken by new prompts, the conversations that just finished move to the parking
+    slots (past the scheduler's max_batch) instead of being overwritten: their next turn reuses them."""
+    from quantchat.engine.scheduler import Scheduler
+
+    eng = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=2 + parking).engine
+    sch = Scheduler(eng, max_batch=2)
+    greedy = lambda p, n: eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n,  # noqa: E731
+                                                                 ignore_eos=True))[0]
+    a, b = list(b"<s>user: first chat</s>"), list(b"<s>user: second one</s>")
+    c, d = list(b"[other] what now?"), list(b"[other] and then")
+    eng.slot_tokens = [[] for _ in eng.slot_tokens]
+    answers = run_scheduled_inline(sch, [a, b], [5, 6])
+    assert run_scheduled_inline(sch, [c, d], [4, 4]) == [greedy(c, 4), greedy(d, 4)]  # both batch slots reused
+    turn = b + answers[1] + list(b"<s>user: more</s>")
+    cached0 = sch.prompt_tokens_cached_total
+    assert run_scheduled_inline(sch, [turn], [5]) == [greedy(turn, 5)]
+    reused = sch.prompt_tokens_cached_total - cached0
+    # one parking slot keeps the more recent of the two finished chats (b's: it finished last)
+    assert reused == (len(b) + len(answers[1]) - 1 if parking else 0)
+    assert len(sch.decoding) == 0 and sch.max_batch == 2 and eng.max_batch == 2 + parking
+
+
 def run_scheduled_inline(sch, prompts, lims) -> list[list[int]]:
     """Submit greedy sequences together and run the scheduler's loop body here until all finished."""
     from quantchat.engine.scheduler import Sequence

@@ -55,6 +55,10 @@ def add_server_args(p: argparse.ArgumentParser, port: int) -> None:
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV slots, default 8)")
+    g.add_argument("--cache-slots", type=int, default=None,
+                   help="extra KV slots that only keep finished conversations for prefix reuse, so their next "
+                        "turn (or a repeated prompt) starts from the cache even when every batch slot is busy "
+                        "(default: as many as --max-batch; 0: none)")
     g.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (429 above)")
     g.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
     g.add_argument("--template", default=None, help="chat template: built-in name or jinja file")
@@ -67,13 +71,14 @@ def build_worker(args: argparse.Namespace, progress=status):
     from quantchat.loading.resolve import load_engine
     from quantchat.serving.worker import Worker
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise QuantchatError("--max-batch must be >= 1 and --max-queue >= 0")
+    cache_slots = args.max_batch if args.cache_slots is None else args.cache_slots
+    if args.max_batch < 1 or args.max_queue < 0 or cache_slots < 0:
+        raise QuantchatError("--max-batch must be >= 1, --max-queue and --cache-slots >= 0")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     quant = args.quant
     loaded = load_engine(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                         max_batch=args.max_batch, progress=progress, compile=args.compile,
+                         max_batch=args.max_batch + cache_slots, progress=progress, compile=args.compile,
                          quant=quant, group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype)
     template = args.template
     if template is not None and Path(template).is_file():
@@ -81,13 +86,14 @@ def build_worker(args: argparse.Namespace, progress=status):
     name = args.served_model_name or loaded.source.name
     if quant and quant != "none" and not args.served_model_name:
         name = f"{name}-{quant}"
-    worker = Worker(loaded.engine, name, max_queue=args.max_queue, template=template)
+    worker = Worker(loaded.engine, name, max_queue=args.max_queue, template=template, max_batch=args.max_batch)
     from quantchat.benchmark.measure import kv_cache_bytes
 
     model = loaded.engine.model
     kv_dtype = next((str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers() if "k_cache" in n), "?")
     progress(f"loaded {loaded.source.name} as '{name}' ({quant or 'as stored'}, {loaded.engine.device}) "
-             f"in {loaded.load_s:.1f} s; {args.max_batch} slots x {loaded.engine.max_seq_len} tokens "
+             f"in {loaded.load_s:.1f} s; {args.max_batch} batch + {cache_slots} cache slots x "
+             f"{loaded.engine.max_seq_len} tokens "
              f"(KV cache {kv_dtype}, {kv_cache_bytes(model) / 2**20:.0f} MiB)")
     return worker
 

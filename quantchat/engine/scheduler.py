@@ -14,8 +14,11 @@ keep what their last sequence left, a finished sequence's answer included). A ne
 from the longest such prefix found in any slot (swapped into its own slot from a free one, copied
 from a running one): a shared system prompt, or a chat's earlier turns, are not computed again.
 When a sequence finishes (or its client goes away) the last decoding slot swaps places with it, so
-the finished conversation stays cached in a free slot for its next turn. KV slots are allocated
-once (``Engine(max_batch=...)``), never per request. The first-token logits of the last
+the finished conversation stays cached in a free slot for its next turn. Slots past the scheduler's
+``max_batch`` (an engine with more slots than the batch) only park such conversations: a slot about to be
+overwritten first moves what it caches into the least recently used parking slot, so at full load (every
+batch slot busy) the conversations that just finished are still there for their next turn. KV slots are
+allocated once (``Engine(max_batch=...)``), never per request. The first-token logits of the last
 ``PROMPT_LOGITS_KEPT`` prompts are kept too: a prompt seen again whose KV some slot still holds whole
 (a regenerated answer, a retried or repeated request, the n choices of one request) starts decoding at once,
 with no forward at all.
@@ -138,9 +141,15 @@ def token_logprobs(logits: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]
 class Scheduler:
     """Runs an ``Engine``'s slots as a continuously batched server loop on a background thread."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64) -> None:
+    def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int | None = None) -> None:
+        """``max_batch``: sequences decoded together (default: every slot of the engine); the engine's
+        other slots park finished conversations for prefix reuse."""
         self.engine = engine
-        self.max_batch = engine.max_batch
+        self.max_batch = max_batch or engine.max_batch
+        if not 1 <= self.max_batch <= engine.max_batch:
+            raise ValueError(f"max_batch {self.max_batch} outside the engine's 1..{engine.max_batch} slots")
+        self.slot_stamp = [0] * engine.max_batch  # when each slot's content was last written or reused
+        self._tick = 0
         self.max_queue = max_queue
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.decoding: list[Sequence] = []  # slot i holds decoding[i]
@@ -495,8 +504,12 @@ class Scheduler:
         best, src = self._cached_prefix(seq, slot, whole)
         if best and src > slot:  # a free slot: swap, so what ``slot`` cached moves there instead of being lost
             self._swap_slots(src, slot)
-        elif best and src != slot:  # a running (or just assigned) slot: copy the prefix
-            self._copy_kv(src, slot, best)
+        elif not (best and src == slot):  # ``slot`` gets overwritten: park what it caches first
+            self._park(slot)
+            if best:  # from a running (or just assigned) slot: copy the prefix
+                self._copy_kv(src, slot, best)
+                self._touch(src)
+        self._touch(slot)
         self.engine.slot_tokens[slot] = seq.prompt[:best]
         seq.prefilled = best
         self.prompt_tokens_cached_total += best
@@ -513,6 +526,7 @@ class Scheduler:
             # its KV stays cached, answer included (a later turn may reuse it): in place when it is the last
             # row, else swapped with the last row, which moves into the hole
             self.engine.slot_tokens[i] = seq.prompt + seq.generated[:-1]
+            self._touch(i)
             if i != last:
                 moved = self.decoding[last]
                 self.engine.slot_tokens[last] = (moved.prompt + moved.generated)[:moved.length]
@@ -524,8 +538,24 @@ class Scheduler:
             self.engine.slot_tokens[old_d] = self.prefilling.prompt[:self.prefilling.prefilled]
             self._swap_slots(old_d, new_d)
 
+    def _touch(self, slot: int) -> None:
+        self._tick += 1
+        self.slot_stamp[slot] = self._tick
+
+    def _park(self, slot: int) -> None:
+        """Move what ``slot`` caches into the least recently used parking slot (past ``max_batch``), unless
+        that one holds something more recent."""
+        toks, stamp = self.engine.slot_tokens, self.slot_stamp
+        parking = range(self.max_batch, self.engine.max_batch)
+        if not parking or not toks[slot]:
+            return
+        j = min(parking, key=lambda i: stamp[i] if toks[i] else -1)
+        if not toks[j] or stamp[j] < stamp[slot]:
+            self._swap_slots(slot, j)
+
     def _swap_slots(self, a: int, b: int) -> None:
-        """Exchange the KV (and ``slot_tokens``) of slots ``a`` and ``b``."""
+        """Exchange the KV (and ``slot_tokens``, and when each was last used) of slots ``a`` and ``b``."""
+        self.slot_stamp[a], self.slot_stamp[b] = self.slot_stamp[b], self.slot_stamp[a]
         toks = self.engine.slot_tokens
         n = max(len(toks[a]), len(toks[b]))
         if n:

@@ -21,12 +21,15 @@ from quantchat.serving.protocol import GenerateRequest
 
 
 class Worker:
-    def __init__(self, engine: Engine, model_name: str, max_queue: int = 64, template: str | None = None) -> None:
+    def __init__(self, engine: Engine, model_name: str, max_queue: int = 64, template: str | None = None,
+                 max_batch: int | None = None) -> None:
+        """``max_batch``: sequences decoded together (default: every KV slot of ``engine``; its other slots
+        park finished conversations for prefix reuse, see quantchat/engine/scheduler.py)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.template = template
-        self.scheduler = Scheduler(engine, max_queue=max_queue).start()
+        self.scheduler = Scheduler(engine, max_queue=max_queue, max_batch=max_batch).start()
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
         # events from the scheduler thread, per event loop, handed over in one wake-up per decode step
