@@ -651,6 +651,14 @@ def test_metrics(server, client):
     assert float(text.split("\nquantchat_prefill_seconds_total ")[1].split()[0]) > 0
 
 
+@pytest.mark.parametrize("flags", [["--cache-slots", "-1"], ["--max-batch", "0"], ["--max-queue", "-2"]])
+def test_serve_refuses_bad_batching_options_before_starting(flags, capsys):
+    from quantchat.cli.main import main
+
+    assert main(["serve", "--port", str(free_port()), *flags]) == 2  # no server started, no model loaded
+    assert "--cache-slots >= 0" in capsys.readouterr().err
+
+
 def test_serve_command_subprocess(tiny_dir, tmp_path):
     """`quantchat serve` as a user runs it: prints the URL, /health turns 200, answers with the key."""
     port = free_port()

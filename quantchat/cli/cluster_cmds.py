@@ -15,7 +15,7 @@ from pathlib import Path
 
 from quantchat.cli.common import add_model_args, status
 from quantchat.cli.serve_cmds import (DEFAULT_SERVE_GROUP, DEFAULT_SERVE_QUANT, add_server_args, add_worker_args,
-                                      build_worker, is_loopback, read_api_keys, run_uvicorn)
+                                      build_worker, check_worker_args, is_loopback, read_api_keys, run_uvicorn)
 from quantchat.errors import QuantchatError
 
 SECRET_ENV = "QUANTCHAT_SECRET"
@@ -93,6 +93,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     secret = read_secret(args)
     controller = check_url(args.controller, "--controller")
+    check_worker_args(args)
     if args.worker_address:
         address = check_url(args.worker_address, "--worker-address")
     elif args.host in ("0.0.0.0", "::", ""):

@@ -64,6 +64,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", default=None, help="chat template: built-in name or jinja file")
 
 
+def check_worker_args(args: argparse.Namespace) -> int:
+    """Refuse bad batching options before anything starts; returns the number of cache slots."""
+    cache_slots = args.max_batch if args.cache_slots is None else args.cache_slots
+    if args.max_batch < 1 or args.max_queue < 0 or cache_slots < 0:
+        raise QuantchatError("--max-batch must be >= 1, --max-queue and --cache-slots >= 0")
+    return cache_slots
+
+
 def build_worker(args: argparse.Namespace, progress=status):
     """Load the model of ``args`` and wrap it in a ``Worker``."""
     import torch
@@ -71,9 +79,7 @@ def build_worker(args: argparse.Namespace, progress=status):
     from quantchat.loading.resolve import load_engine
     from quantchat.serving.worker import Worker
 
-    cache_slots = args.max_batch if args.cache_slots is None else args.cache_slots
-    if args.max_batch < 1 or args.max_queue < 0 or cache_slots < 0:
-        raise QuantchatError("--max-batch must be >= 1, --max-queue and --cache-slots >= 0")
+    cache_slots = check_worker_args(args)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     quant = args.quant
@@ -108,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from quantchat.serving.api import LocalBackend, create_app
 
     keys = read_api_keys(args)
+    check_worker_args(args)
     if not is_loopback(args.host) and not keys:
         status(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
                "(set --api-key or --api-key-file)")
