@@ -125,7 +125,7 @@ def draw_logits(logits: Tensor, temperatures: list[float], generators: list[torc
     temps = [max(t, 1e-5) for t in temperatures]
     cpu = _cpu_kernels() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
     if cpu is not None:
-        picked = cpu.sample_logits(logits, torch.tensor([1.0 / t for t in temps]), u).tolist()
+        picked = cpu.sample_logits(logits, torch.tensor([1.0 / t for t in temps], dtype=torch.float32), u).tolist()
         if min(picked) >= 0:
             return picked
     temps_t = torch.tensor(temps, device=logits.device)
