@@ -76,6 +76,7 @@ def build_worker(args: argparse.Namespace, progress=status):
     """Load the model of ``args`` and wrap it in a ``Worker``."""
     import torch
 
+    from quantchat.benchmark.measure import kv_cache_bytes
     from quantchat.loading.resolve import load_engine
     from quantchat.serving.worker import Worker
 
@@ -93,8 +94,6 @@ def build_worker(args: argparse.Namespace, progress=status):
     if quant and quant != "none" and not args.served_model_name:
         name = f"{name}-{quant}"
     worker = Worker(loaded.engine, name, max_queue=args.max_queue, template=template, max_batch=args.max_batch)
-    from quantchat.benchmark.measure import kv_cache_bytes
-
     model = loaded.engine.model
     kv_dtype = next((str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers() if "k_cache" in n), "?")
     progress(f"loaded {loaded.source.name} as '{name}' ({quant or 'as stored'}, {loaded.engine.device}) "

@@ -349,17 +349,11 @@ class Scheduler:
 
     def _start_cached(self, seq: Sequence) -> None:
         """Start ``seq`` in slot d from a slot holding its whole prompt and its kept first-token logits."""
-        d = len(self.decoding)
+        d, key = len(self.decoding), tuple(seq.prompt)
         self._reuse_prefix(seq, d, whole=True)
-        logits = self.prompt_logits[tuple(seq.prompt)]
-        self.prompt_logits.move_to_end(tuple(seq.prompt))
+        self.prompt_logits.move_to_end(key)
         self.decoding.append(seq)
-        first = SeqEvent(prompt_tokens=len(seq.prompt))
-        if seq.params.max_new_tokens == 0:
-            first.finish_reason = "length"
-            self._emit_final(seq, first)
-            self._remove([d])
-        elif self._sample(seq, logits[None], first):
+        if self._first_token(seq, self.prompt_logits[key][None], SeqEvent(prompt_tokens=len(seq.prompt))):
             self._remove([d])
 
     @torch.inference_mode()
@@ -383,14 +377,18 @@ class Scheduler:
             self.engine.slot_tokens[d + i] = list(seq.prompt)
             self._remember(seq, logits[i])
             self.decoding.append(seq)
-            first = SeqEvent(prompt_tokens=len(seq.prompt))
-            if seq.params.max_new_tokens == 0:
-                first.finish_reason = "length"
-                self._emit_final(seq, first)
-                done.append(d + i)
-            elif self._sample(seq, logits[i:i + 1], first):
+            if self._first_token(seq, logits[i:i + 1], SeqEvent(prompt_tokens=len(seq.prompt))):
                 done.append(d + i)
         self._remove(done)
+
+    def _first_token(self, seq: Sequence, logits: Tensor, first: SeqEvent) -> bool:
+        """Emit ``seq``'s first event (its first token from logits [1, V], unless it wants none); return
+        whether it already finished."""
+        if seq.params.max_new_tokens == 0:
+            first.finish_reason = "length"
+            self._emit_final(seq, first)
+            return True
+        return self._sample(seq, logits, first)
 
     def _drop_cancelled(self) -> None:
         with self.cond:
@@ -433,13 +431,8 @@ class Scheduler:
         first = SeqEvent(prompt_logprobs=seq._prompt_lp if seq.prompt_logprobs else None,
                          prompt_tokens=len(seq.prompt))
         seq._prompt_lp = []
-        if seq.params.max_new_tokens == 0:
-            first.finish_reason = "length"
-            self._emit_final(seq, first)
-            return
         self.decoding.append(seq)
-        finished = self._sample(seq, logits[-1:], first)
-        if finished:
+        if self._first_token(seq, logits[-1:], first):
             self._remove([len(self.decoding) - 1])
 
     @torch.inference_mode()

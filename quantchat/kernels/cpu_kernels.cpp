@@ -644,6 +644,17 @@ void prep_x_q8(const Int4R8& q, const float* x, int64_t ldx, int64_t M, int8_t* 
   }
 }
 
+// the first ``n`` (1..8) lanes of v to y (the last 8-row block of an output may be partial)
+inline void store_lanes(float* y, __m256 v, int64_t n) {
+  if (n == 8) {
+    _mm256_storeu_ps(y, v);
+    return;
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  std::copy(t, t + n, y);
+}
+
 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -690,16 +701,7 @@ __attribute__((noinline)) void int4r8_q8_kernel(const Int4R8& q, const int8_t* x
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[(m0 + m) * G + g]), acc[m]);
   }
   const int64_t n0 = b * 8, rows = std::min<int64_t>(8, q.N - n0);
-  for (int m = 0; m < MB; ++m) {
-    float* yr = y + (m0 + m) * ldy + n0;
-    if (rows == 8) {
-      _mm256_storeu_ps(yr, acc[m]);
-    } else {
-      alignas(32) float t[8];
-      _mm256_store_ps(t, acc[m]);
-      for (int64_t r = 0; r < rows; ++r) yr[r] = t[r];
-    }
-  }
+  for (int m = 0; m < MB; ++m) store_lanes(y + (m0 + m) * ldy + n0, acc[m], rows);
 }
 
 void int4r8_gemv(const Int4R8& q, const float* x, int64_t ldx, int64_t M, float* y) {
@@ -812,16 +814,7 @@ __attribute__((noinline)) void int4r8_exact_rows(const float* wb, int64_t K, con
   }
   const __m256 sums[6] = {_mm256_add_ps(a0_0, a1_0), _mm256_add_ps(a0_1, a1_1), _mm256_add_ps(a0_2, a1_2),
                           _mm256_add_ps(a0_3, a1_3), _mm256_add_ps(a0_4, a1_4), _mm256_add_ps(a0_5, a1_5)};
-  for (int m = 0; m < MB; ++m) {
-    float* yr = y + m * ldy + n0;
-    if (rows == 8) {
-      _mm256_storeu_ps(yr, sums[m]);
-    } else {
-      alignas(32) float t[8];
-      _mm256_store_ps(t, sums[m]);
-      for (int64_t i = 0; i < rows; ++i) yr[i] = t[i];
-    }
-  }
+  for (int m = 0; m < MB; ++m) store_lanes(y + m * ldy + n0, sums[m], rows);
 }
 #undef QC_R8_ROWS
 

@@ -35,6 +35,8 @@ namespace {
 using quantchat_kernels::dot;
 using quantchat_kernels::exp8;
 using quantchat_kernels::hsum;
+using quantchat_kernels::load1;
+using quantchat_kernels::load8;
 
 // ------------------------------------------------------------------------------------------------
 // vector math
@@ -45,12 +47,13 @@ inline float exp1(float x) {
   return v[0];
 }
 
-// y[i] += a * x[i]
-inline void axpy(float a, const float* x, float* y, int64_t n) {
+// y[i] += a * x[i] (x float32 or float16)
+template <typename T>
+inline void axpy(float a, const T* x, float* y, int64_t n) {
   const __m256 av = _mm256_set1_ps(a);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * load1(x + i);
 }
 
 // out = x * rsqrt(mean(x^2) + eps) * w, row by row ([B, D])
@@ -121,12 +124,6 @@ inline float softmax_unnormalized(float* sc, int64_t n) {
   return 1.0f / sum;
 }
 
-// 8 cached values as floats (float32 or float16 storage)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline float load1(const float* p) { return *p; }
-inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
-
 // dst[0, n) = src as the cache's element type (float16: round to nearest even)
 inline void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 inline void store_row(const float* src, uint16_t* dst, int64_t n) {
@@ -134,25 +131,6 @@ inline void store_row(const float* src, uint16_t* dst, int64_t n) {
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
   for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
-}
-
-// sum_i q[i] * k[i] and y[i] += a * v[i] over a cached row (the order of quantchat_kernels::dot / axpy)
-template <typename T>
-inline float dot_cached(const float* q, const T* k, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += q[i] * load1(k + i);
-  return s;
-}
-
-template <typename T>
-inline void axpy_cached(float a, const T* v, float* y, int64_t n) {
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(v + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * load1(v + i);
 }
 
 // one query head over n cached keys / values (rows of hd floats): o = softmax(q K^T * scale) V.
@@ -175,7 +153,7 @@ void attend_head(const float* q, const T* kr, const T* vr, int64_t n, int64_t hd
       _mm256_storeu_ps(sc + j, _mm256_mul_ps(reduce8(a), _mm256_set1_ps(scale)));
     }
   }
-  for (; j < n; ++j) sc[j] = dot_cached(q, kr + j * hd, hd) * scale;
+  for (; j < n; ++j) sc[j] = dot(q, kr + j * hd, hd) * scale;
   const float inv = softmax_unnormalized(sc, n);
   if (NV > 0) {
     __m256 acc[NV > 0 ? NV : 1];
@@ -192,7 +170,7 @@ void attend_head(const float* q, const T* kr, const T* vr, int64_t n, int64_t hd
     return;
   }
   std::fill(o, o + hd, 0.0f);
-  for (int64_t jj = 0; jj < n; ++jj) axpy_cached(sc[jj], vr + jj * hd, o, hd);
+  for (int64_t jj = 0; jj < n; ++jj) axpy(sc[jj], vr + jj * hd, o, hd);
   for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
 }
 
@@ -316,14 +294,22 @@ struct DecodePlan : torch::CustomClassHolder {
     max_seq = std::min(layers[0].k_cache.size(2), rope_cos.size(0));
   }
 
-  // attention of one token per row over its slot's cache (T: the cache's element type);
-  // q [B, n_head * hd] (roped) -> out [B, n_head * hd]
+  // each row's keys and values into its slot's cache at its position, then its attention over that
+  // cache (T: the cache's element type); qkv [B, (n_head + 2 n_kv) * hd] (roped) -> out [B, n_head * hd]
   template <typename T>
-  void attention(const float* q, int64_t ldq, float* out, const Layer& L, const int64_t* pos, int64_t first_slot,
-                 int64_t B) const {
-    const int64_t rep = n_head / n_kv, S = L.k_cache.size(2);
-    const T* kc = static_cast<const T*>(L.k_cache.data_ptr());
-    const T* vc = static_cast<const T*>(L.v_cache.data_ptr());
+  void cache_and_attend(const float* q, int64_t ldq, float* out, const Layer& L, const int64_t* pos,
+                        int64_t first_slot, int64_t B) const {
+    const int64_t rep = n_head / n_kv, S = L.k_cache.size(2), qs = n_head * hd, kvs = n_kv * hd;
+    T* kc = static_cast<T*>(L.k_cache.data_ptr());
+    T* vc = static_cast<T*>(L.v_cache.data_ptr());
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = q + b * ldq;
+      for (int64_t g = 0; g < n_kv; ++g) {
+        const int64_t off = (((first_slot + b) * n_kv + g) * S + pos[b]) * hd;
+        store_row(row + qs + g * hd, kc + off, hd);
+        store_row(row + qs + kvs + g * hd, vc + off, hd);
+      }
+    }
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     at::parallel_for(0, B * n_kv, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> sc;
@@ -352,16 +338,6 @@ struct DecodePlan : torch::CustomClassHolder {
     });
   }
 
-  // one token's keys and values (n_kv heads of hd floats each) into the cache at kc / vc (group 0;
-  // groups S * hd apart)
-  template <typename T>
-  void write_kv(const float* k, const float* v, T* kc, T* vc, int64_t S) const {
-    for (int64_t g = 0; g < n_kv; ++g) {
-      store_row(k + g * hd, kc + g * S * hd, hd);
-      store_row(v + g * hd, vc + g * S * hd, hd);
-    }
-  }
-
   at::Tensor run(const at::Tensor& x_in, const at::Tensor& pos_in, int64_t first_slot) {
     TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == dim, "DecodePlan.run: x must be [B, ", dim, "]");
     TORCH_CHECK(pos_in.dim() == 1 && pos_in.size(0) == x_in.size(0), "DecodePlan.run: pos must be [B]");
@@ -380,28 +356,23 @@ struct DecodePlan : torch::CustomClassHolder {
     float* hp = h.data_ptr<float>();
     float* ap = a.data_ptr<float>();
     const float e = static_cast<float>(eps);
-    const int64_t qs = n_head * hd, kvs = n_kv * hd;
+    const int64_t qs = n_head * hd;
     const float* cos = rope_cos.data_ptr<float>();
     const float* sin = rope_sin.data_ptr<float>();
     const bool half_cache = layers[0].k_cache.scalar_type() == at::kHalf;
     for (const Layer& L : layers) {
       rmsnorm(hp, L.attn_norm.data_ptr<float>(), ap, B, dim, e);
-      at::Tensor qkv = L.wqkv(a);  // [B, qs + 2 kvs]
+      at::Tensor qkv = L.wqkv(a);  // [B, (n_head + 2 n_kv) * hd]
       float* qp = qkv.data_ptr<float>();
       const int64_t ld = qkv.stride(0);
-      const int64_t S = L.k_cache.size(2);
       for (int64_t b = 0; b < B; ++b) {
         float* row = qp + b * ld;
         const int64_t p = pos[b];
         rope(row, n_head, hd, cos + p * hd, sin + p * hd);
         rope(row + qs, n_kv, hd, cos + p * hd, sin + p * hd);
-        const int64_t off = ((first_slot + b) * n_kv * S + p) * hd;  // (slot, group 0, position p)
-        if (half_cache) write_kv(row + qs, row + qs + kvs, static_cast<uint16_t*>(L.k_cache.data_ptr()) + off,
-                                 static_cast<uint16_t*>(L.v_cache.data_ptr()) + off, S);
-        else write_kv(row + qs, row + qs + kvs, L.k_cache.data_ptr<float>() + off, L.v_cache.data_ptr<float>() + off, S);
       }
-      if (half_cache) attention<uint16_t>(qp, ld, att.data_ptr<float>(), L, pos, first_slot, B);
-      else attention<float>(qp, ld, att.data_ptr<float>(), L, pos, first_slot, B);
+      if (half_cache) cache_and_attend<uint16_t>(qp, ld, att.data_ptr<float>(), L, pos, first_slot, B);
+      else cache_and_attend<float>(qp, ld, att.data_ptr<float>(), L, pos, first_slot, B);
       add_rows(hp, L.wo(att), B, dim);
       rmsnorm(hp, L.ffn_norm.data_ptr<float>(), ap, B, dim, e);
       silu_mul(L.w13(a), act.data_ptr<float>(), B, hidden);

@@ -93,7 +93,7 @@ def batching_gain(rows: list[dict[str, Any]], low: int, high: int) -> str:
         row = next((r for r in rows if r["clients"] == clients and r.get("decode_step_ms")), None)
         if row is None:
             return None
-        ms = row["decode_step_ms"].get(clients) or row["decode_step_ms"].get(str(clients))
+        ms = row["decode_step_ms"].get(clients)
         return (ms["ms"], row["prefill_share"]) if ms else None
 
     lo, hi = step(low), step(high)
