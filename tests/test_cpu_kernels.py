@@ -245,6 +245,50 @@ def test_int8_forced_paths_and_odd_shapes(n, k, m, path):
     assert_matches(cpu.int8_linear(x, q, s, path=PATHS[path]), x, ref_w)
 
 
+@pytest.mark.parametrize("path", tuple(I16_PATHS))
+@pytest.mark.parametrize("n,k,m", [(n, k, m) for n, k in [(960, 576), (37, 100), (5, 7), (11, 33), (9, 4100)]
+                                   for m in (1, 2, 3, 4, 5, 8, 9, 12, 13)] + [(49152, 576, 1), (49152, 576, 8)])
+def test_int8_int16_activation_gemv(n, k, m, path):
+    """int16-rounded activations (one step per row): within half a step per element of the exact result;
+    M > 12 on the auto path takes the exact tiles. K > 2048 flushes the integer sums on the way."""
+    q, s, ref_w = int8_weight(n, k, seed=7)
+    x = activations(m, k, seed=8)
+    x[0, k // 2] = 40.0  # an outlier: the other columns of row 0 get coarser steps
+    y = cpu.int8_linear(x, q, s, path=I16_PATHS[path])
+    if path == "auto_i16" and m > 12:
+        assert_matches(y, x, ref_w)
+    else:
+        assert_matches_i16(y, x, ref_w, k)
+
+
+def test_int8_int16_gemv_rows_do_not_depend_on_the_batch():
+    """Exact integer sums: a row's output is bit-identical alone or with 1..11 others."""
+    q, s, _ = int8_weight(960, 576, seed=9)
+    x = activations(12, 576, seed=10)
+    alone = torch.cat([cpu.int8_linear(x[i:i + 1], q, s, path=cpu.PATH_GEMV_I16) for i in range(12)])
+    for m in (2, 5, 8, 12):
+        assert torch.equal(cpu.int8_linear(x[:m], q, s, path=cpu.PATH_GEMV_I16), alone[:m])
+
+
+def test_int8_int16_gemv_extremes():
+    """Full-scale int8 weights against full-scale activations over 8192 columns (integer sums near their
+    bounds), zero rows, and a row of one huge value."""
+    k = 8192
+    q = torch.full((4, k), 127, dtype=torch.int8)
+    q[1] = -127
+    q[2, ::2] = -128
+    s = torch.full((4,), 0.01)
+    x = torch.full((3, k), 3.0)
+    x[1] = 0.0
+    x[2] = -3.0
+    x[2, 5] = 1e30
+    y = cpu.int8_linear(x, q, s, path=cpu.PATH_GEMV_I16).double()
+    ref = x.double() @ (q.double() * 0.01).t()
+    torch.testing.assert_close(y[:2], ref[:2], rtol=1e-5, atol=1e-3)
+    assert torch.isfinite(y).all() and torch.equal(y[1], torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(y[2], ref[2], rtol=1e-4, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # int4, rows interleaved by 8 (r8): exact tiles and the int8-activation decode GEMV
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +402,7 @@ def test_multithreaded_equals_single_threaded(m, threads):
     for t in (1, 2, 3):
         torch.set_num_threads(t)
         out[t] = [cpu.int4_linear(x, packed, s, z, 32, k, path=p) for p in (*PATHS.values(), *I16_PATHS.values())] + \
-                 [cpu.int8_linear(x, q8, s8, path=p) for p in PATHS.values()]
+                 [cpu.int8_linear(x, q8, s8, path=p) for p in (*PATHS.values(), *I16_PATHS.values())]
     for t in (2, 3):
         for a, b in zip(out[1], out[t]):
             # each output is computed by one thread with the same summation order: bit-identical

@@ -731,6 +731,17 @@ def test_bench_serve_against_running_server(server, tmp_path, capsys):
     assert matplotlib.image.imread(tmp_path / "throughput.png").shape[0] > 100
 
 
+def test_load_generator_counts_refused_requests_as_errors(server):
+    """The load generator (aiohttp): a wrong key gives errors, not an exception; the right one tokens."""
+    from quantchat.serving.loadtest import run_load
+
+    bad = run_load(server.url, clients=2, requests_per_client=2, max_tokens=3, api_key="wrong")
+    assert bad.errors == 4 and bad.requests == 0 and bad.generated_tokens == 0
+    good = run_load(server.url, clients=2, requests_per_client=1, max_tokens=3, api_key=KEY)
+    assert good.errors == 0 and good.requests == 2 and good.generated_tokens == 6
+    assert good.ttft_s["p50"] <= good.latency_s["p50"]
+
+
 def test_bench_serve_scaling_is_the_median_of_per_round_ratios():
     from quantchat.serving.bench_serve import scaling
 

@@ -18,7 +18,7 @@ Small M (decode, M <= 12) runs a float32 GEMV straight from the packed codes (AV
 threads split the output rows); larger M (prefill) dequantizes tiles of rows into an L2-sized
 float32 buffer per thread and runs sgemm on them. Results match dequantize-then-matmul to float32
 rounding (the activations are not quantized). Threads: torch's pool (``torch.get_num_threads()``).
-Opt-in for int4 (``path=PATH_AUTO_I16``): a faster GEMV on int16-rounded activations (see below).
+Opt-in (``path=PATH_AUTO_I16``): a faster GEMV on int16-rounded activations (see below).
 
 The C++ source (``cpu_kernels.cpp``) is compiled with the system C++ compiler (``$CXX``, else g++ /
 c++; no ninja or setuptools needed) into ``quantchat_home()/kernels`` (``$QUANTCHAT_KERNELS_DIR``
@@ -61,10 +61,11 @@ BUILD_TIMEOUT_S = 600
 KEEP_BUILDS = 4  # cached builds kept in kernels_dir() (one per source version / torch / compiler)
 
 # kernel choice (the ``path`` argument): AUTO = float GEMV for M <= 12, tiles + sgemm above; GEMV / TILED
-# force one (tests, benchmarks). int4 only, opt-in: GEMV_I16 = GEMV with the activations rounded to
-# int16 per weight group (exact integer products; ~1.2-1.7x faster than the float GEMV, output error
-# ~2e-5 of its magnitude: far below bfloat16 rounding, but not float32-exact); AUTO_I16 = that GEMV
-# for M <= 12, tiles above.
+# force one (tests, benchmarks). Opt-in: GEMV_I16 = GEMV with the activations rounded to int16 (int4: per
+# weight group, int8: per row; exact integer products; int4 ~1.2-1.7x, int8 ~1.1x faster than the float
+# GEMV; output error ~2e-5 of its magnitude: far below bfloat16 rounding, but not float32-exact; int8
+# rows come out the same in any batch); AUTO_I16 = that GEMV for M <= 12, tiles above. The fused decode
+# step runs int8 layers (the LM head) on AUTO_I16.
 PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
 # int4r8_linear's paths: EXACT = float32 activations (up to 16 rows: one 8-row block dequantized into L1 at
 # a time and multiplied with up to 6 rows at once, each row's sums in a fixed order; above: dequantized

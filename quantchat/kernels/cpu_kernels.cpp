@@ -5,7 +5,7 @@
 //   torch.ops.quantchat.int4_linear(x, packed, scales, mins, group_size, in_features, path=0)
 //   torch.ops.quantchat.int8_linear(x, qweight, scales, path=0)
 // path: 0 = auto (float GEMV for M <= 12 (int8: 12), dequantized tiles + sgemm above), 1 = float GEMV,
-// 2 = tiles, int4 only: 3 = GEMV with int16 activations, 4 = auto with the int16 GEMV for M <= 12.
+// 2 = tiles, 3 = GEMV with int16 activations, 4 = auto with the int16 GEMV for M <= 12.
 //
 // int4 format (quantchat.quant.rtn, stored as is): packed uint8 [N, Kp/2], byte j of a row holds
 // column 2j in its low nibble and 2j+1 in its high nibble; scales float16 [N, G]; mins float16 [N, G];
@@ -1001,6 +1001,123 @@ void int8_dequant_rows(const int8_t* w, int64_t K, const float* s, int64_t n0, i
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// int8 GEMV with int16 activations (path 3, and path 4 for M <= kMaxGemvM8): x is rounded per call
+// and row to int16, x ~= dx[m] * xq (dx = absmax / 32767, error <= dx / 2 per element: about 1e-5 of
+// the output, far below bfloat16 rounding), and the products are exact integer sums (vpmaddwd on the
+// sign-extended weights): y = s[n] dx[m] sum_k q xq. Half the instructions per multiply-add of the
+// float GEMV, and a row's result does not depend on the batch it is in. The int32 lanes are flushed to
+// float every kI16Chunk columns (at most 2 * kI16Chunk / 16 products of |q| <= 128, |xq| <= 32767 per
+// lane: < 2^31).
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kI16Chunk = 2048;
+
+// x [M, K] (row stride ldx) -> xq int16 [M, Kp] (Kp = K rounded up to 16; zeros past K), dx [M]
+void prep_x_i16_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int16_t* xq, float* dx) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    __m256 vmax = _mm256_setzero_ps();
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(xr + k), absmask));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h);
+    for (; k < K; ++k) amax = std::max(amax, std::abs(xr[k]));
+    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    dx[m] = amax / 32767.0f;
+    int16_t* o = xq + m * Kp;
+    const __m256 iv = _mm256_set1_ps(inv);
+    k = 0;
+    for (; k + 16 <= K; k += 16) {  // round to nearest even (the MXCSR default), as std::nearbyint
+      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), iv));
+      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), iv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    }
+    for (; k < K; ++k) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(xr[k] * inv));
+      o[k] = static_cast<int16_t>(std::max(-32767, std::min(32767, v)));
+    }
+    for (; k < Kp; ++k) o[k] = 0;
+  }
+}
+
+// y[m0 + m, n0 + r] for R weight rows x MB activation rows
+template <int R, int MB>
+__attribute__((noinline)) void int8_gemv_i16_kernel(const int8_t* w, int64_t K, const float* s, const int16_t* xq,
+                                                    int64_t Kp, const float* dx, float* y, int64_t ldy, int64_t n0,
+                                                    int64_t m0, bool pf) {
+  const int8_t* wr = w + n0 * K;
+  const int16_t* xb = xq + m0 * Kp;
+  const int8_t* pfp = wr + R * K;  // the next rows, prefetched at the pace these are read
+  const int64_t K16 = K / 16 * 16;
+  float tot[R][MB] = {};
+  for (int64_t c0 = 0; c0 < K16; c0 += kI16Chunk) {
+    const int64_t c1 = std::min(K16, c0 + kI16Chunk);
+    __m256i acc[R][MB];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_si256();
+    for (int64_t k = c0; k < c1; k += 16) {
+      if (pf && (k & 63) == 0) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pfp + r * K + k), _MM_HINT_T0);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + r * K + k)));
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m)
+          acc[r][m] = _mm256_add_epi32(
+              acc[r][m],
+              _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * Kp + k))));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) tot[r][m] += hsum(_mm256_cvtepi32_ps(acc[r][m]));
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      int32_t t = 0;  // the last K % 16 columns
+      for (int64_t k = K16; k < K; ++k) t += static_cast<int32_t>(wr[r * K + k]) * xb[m * Kp + k];
+      y[(m0 + m) * ldy + n0 + r] = (tot[r][m] + static_cast<float>(t)) * (dx[m0 + m] * s[n0 + r]);
+    }
+}
+
+void int8_gemv_i16_rows(const int8_t* w, int64_t K, const float* s, const int16_t* xq, int64_t Kp, const float* dx,
+                        int64_t M, float* y, int64_t ldy, int64_t nb, int64_t ne) {
+  for (int64_t n = nb; n < ne; n += 4) {
+    const int64_t rows = std::min<int64_t>(4, ne - n);
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t left = M - m0;
+      const int64_t mb = left <= 8 ? left : (left >= 12 ? 8 : left - 4);  // passes of at most 8 rows
+      const bool pf = m0 == 0;
+      if (mb == 1 && rows == 4) {
+        int8_gemv_i16_kernel<4, 1>(w, K, s, xq, Kp, dx, y, ldy, n, m0, pf);
+      } else if (mb == 2 && rows == 4) {
+        int8_gemv_i16_kernel<2, 2>(w, K, s, xq, Kp, dx, y, ldy, n, m0, pf);
+        int8_gemv_i16_kernel<2, 2>(w, K, s, xq, Kp, dx, y, ldy, n + 2, m0, pf);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) {
+          switch (mb) {
+            case 1: int8_gemv_i16_kernel<1, 1>(w, K, s, xq, Kp, dx, y, ldy, n + r, m0, pf); break;
+            case 2: int8_gemv_i16_kernel<1, 2>(w, K, s, xq, Kp, dx, y, ldy, n + r, m0, pf); break;
+            case 3: int8_gemv_i16_kernel<1, 3>(w, K, s, xq, Kp, dx, y, ldy, n + r, m0, pf); break;
+            case 4: int8_gemv_i16_kernel<1, 4>(w, K, s, xq, Kp, dx, y, ldy, n + r, m0, pf); break;
+            case 5: int8_gemv_i16_kernel<1, 5>(w, K, s, xq, Kp, dx, y, ldy, n + r, m0, pf); break;
+            case 6: int8_gemv_i16_kernel<1, 6>(w, K, s, xq, Kp, dx, y, ldy, n + r, m0, pf); break;
+            case 7: int8_gemv_i16_kernel<1, 7>(w, K, s, xq, Kp, dx, y, ldy, n + r, m0, pf); break;
+            default: int8_gemv_i16_kernel<1, 8>(w, K, s, xq, Kp, dx, y, ldy, n + r, m0, pf); break;
+          }
+        }
+      }
+      m0 += mb;
+    }
+  }
+}
+
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t path) {
   TORCH_CHECK(x_in.dim() == 2, "int8_linear: x must be 2-D [M, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int8_linear: x must be float32");
@@ -1022,9 +1139,20 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
   float* yp = y.data_ptr<float>();
-  TORCH_CHECK(path >= 0 && path <= 2, "int8_linear: unknown path ", path);
-  const bool gemv = path == 1 || (path == 0 && M <= kMaxGemvM8);
-  if (gemv) {
+  TORCH_CHECK(path >= 0 && path <= 4, "int8_linear: unknown path ", path);
+  const bool small = M <= kMaxGemvM8;
+  if (path == 3 || (path == 4 && small)) {
+    const int64_t Kp = (K + 15) / 16 * 16;
+    std::vector<int16_t> xq(static_cast<size_t>(M * Kp));
+    std::vector<float> dx(static_cast<size_t>(M));
+    prep_x_i16_rows(xp, ldx, M, K, Kp, xq.data(), dx.data());
+    const int16_t* xqp = xq.data();
+    const float* dxp = dx.data();
+    const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / K);
+    at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
+      int8_gemv_i16_rows(w, K, s, xqp, Kp, dxp, M, yp, N, nb, ne);
+    });
+  } else if (path == 1 || (path == 0 && small)) {
     const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / K);
     at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
       int8_gemv_rows(w, K, s, xp, ldx, M, yp, N, nb, ne);

@@ -211,7 +211,9 @@ struct Linear {
       case kInt4R8:  // int8-rounded activations (the decode GEMV; see int4r8_linear)
         y = quantchat_kernels::int4r8_linear(x, a, b, c, out_features, group_size, in_features, 1);
         break;
-      case kInt8: y = quantchat_kernels::int8_linear(x, a, b, 0); break;
+      case kInt8:  // int16-rounded activations (int8_linear's path 4: exact integer sums, KL ~2e-8 on the LM head)
+        y = quantchat_kernels::int8_linear(x, a, b, 4);
+        break;
       case kFloatT: y = x.matmul(a); break;
       default: y = x.matmul(a.t()); break;
     }

@@ -129,6 +129,9 @@ class QuantizedLinear(nn.Module):
         self.codes: dict[str, Tensor] | None = None  # portable format, kept only on request
         self.r8 = False  # int4 rows interleaved for the int8-activation decode GEMV (see interleave_rows_)
         self.r8_path = 0  # forward's kernel path in that layout: cpu.R8_EXACT (0) or cpu.R8_Q8 (1)
+        # int8 forward's kernel path: cpu.PATH_AUTO (0, float activations) or cpu.PATH_AUTO_I16 (4, int16
+        # activations: the fused decode step's)
+        self.i8_path = 0
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -228,7 +231,7 @@ class QuantizedLinear(nn.Module):
                 y = cpu.int4r8_linear(x, self.qweight, self.scales, self.mins, self.out_features,
                                       self.group_size, self.in_features, self.r8_path)
             elif self.bits == 8:
-                y = cpu.int8_linear(x, self.qweight, self.scales)
+                y = cpu.int8_linear(x, self.qweight, self.scales, self.i8_path)
             else:
                 y = cpu.int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, self.in_features)
             return y if self.bias is None else y + self.bias
