@@ -26,6 +26,7 @@ worker, streams ``/worker/generate`` from it, and when the worker fails before t
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import ipaddress
 import json
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
@@ -392,6 +394,23 @@ ERRORS_BY_KIND: dict[str, type[QuantchatError]] = {
     "UnknownModelError": UnknownModelError, "QueueFullError": QueueFullError, "UnavailableError": UnavailableError,
 }
 REFUSALS = (400, 404, 413, 422, 429)  # the request's fault (or a full queue): no retry elsewhere
+# a worker that cannot be reached, drops the connection, or stalls past the read timeout
+STREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+async def stream_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The lines of a streamed body, of any length (aiohttp's own line iterator refuses lines over 128 KiB:
+    an echoed long prompt's logprobs make one); a last line without its newline comes out as it is."""
+    parts: list[bytes] = []
+    async for chunk in content.iter_any():
+        while (i := chunk.find(b"\n")) >= 0:
+            parts.append(chunk[:i])
+            yield b"".join(parts)
+            parts, chunk = [], chunk[i + 1:]
+        if chunk:
+            parts.append(chunk)
+    if parts:
+        yield b"".join(parts)
 
 
 def refusal(status: int, body: bytes) -> QuantchatError:
@@ -434,6 +453,8 @@ class ControllerBackend:
         self.headers = {"Authorization": f"Bearer {secret}"}
         self._client = None
         self._client_loop = None
+        self._session = None  # aiohttp, for the token streams from workers
+        self._session_loop = None
         self._workers: list[dict[str, Any]] = []
         self._seen_at = 0.0
         self._stop = threading.Event()
@@ -441,8 +462,6 @@ class ControllerBackend:
 
     # -- plumbing ---------------------------------------------------------------------------
     def client(self):
-        import asyncio
-
         import httpx
 
         loop = asyncio.get_running_loop()
@@ -455,10 +474,26 @@ class ControllerBackend:
             self._client_loop = loop
         return self._client
 
+    def stream_session(self) -> aiohttp.ClientSession:
+        """The aiohttp session the token streams from workers go through: per streamed token it takes
+        about a third of httpx's CPU time, which on a small machine the workers share."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session_loop is not loop:
+            self._session = aiohttp.ClientSession(
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout,
+                                              sock_read=self.read_timeout),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0))
+            self._session_loop = loop
+        return self._session
+
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def _controller(self, method: str, path: str, **kw) -> Any:
         import httpx
@@ -554,9 +589,7 @@ class ControllerBackend:
 
     async def _open(self, model: str | None, payload: dict[str, Any], tried: list[str]):
         """A worker's 200 response to /worker/generate (streaming), retrying elsewhere on failures."""
-        import httpx
-
-        client = self.client()
+        session = self.stream_session()
         params = {"model": model} if model else None
         last = "no worker tried"
         while len(tried) < self.retries:
@@ -568,20 +601,23 @@ class ControllerBackend:
                 raise e
             tried.append(address)
             try:
-                req = client.build_request("POST", address + "/worker/generate", json=payload, params=params)
-                resp = await client.send(req, stream=True)
-            except httpx.HTTPError as e:
+                resp = await session.post(address + "/worker/generate", json=payload, params=params)
+            except STREAM_ERRORS as e:
                 last = f"{address}: {type(e).__name__}: {e}"
                 await self._report(address, f"{type(e).__name__}: {e}")
                 continue
-            if resp.status_code == 200:
+            if resp.status == 200:
                 return resp, address
-            body = await resp.aread()
-            await resp.aclose()
-            if resp.status_code in REFUSALS:
-                raise refusal(resp.status_code, body)
-            last = f"{address}: HTTP {resp.status_code} {body[:200].decode('utf-8', 'replace')}"
-            await self._report(address, f"HTTP {resp.status_code}")
+            try:
+                body = await resp.read()
+            except STREAM_ERRORS:
+                body = b""
+            finally:
+                resp.close()
+            if resp.status in REFUSALS:
+                raise refusal(resp.status, body)
+            last = f"{address}: HTTP {resp.status} {body[:200].decode('utf-8', 'replace')}"
+            await self._report(address, f"HTTP {resp.status}")
         raise UnavailableError(f"no worker could take the request after {self.retries} tries (last failure: {last})")
 
     async def generate(self, model: str | None, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
@@ -652,16 +688,14 @@ class WorkerStream:
         except RuntimeError:  # being iterated by a task that is being cancelled
             pass
         finally:
-            await self.resp.aclose()
+            self.resp.close()  # drops the connection: the worker cancels the sequence
 
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
-        import httpx
-
         started = False
         try:
             while True:
                 try:
-                    async for line in self.resp.aiter_lines():
+                    async for line in stream_lines(self.resp.content):  # one JSON event per line
                         if not line.strip():
                             continue
                         ev = json.loads(line)
@@ -671,12 +705,12 @@ class WorkerStream:
                         yield ev
                         if ev.get("finish_reason"):
                             return
-                    raise httpx.RemoteProtocolError("the worker ended the stream before the last event")
-                except (httpx.HTTPError, ValueError, WorkerBroken) as e:
-                    await self.resp.aclose()
+                    raise aiohttp.ClientPayloadError("the worker ended the stream before the last event")
+                except (*STREAM_ERRORS, ValueError, WorkerBroken) as e:
+                    self.resp.close()
                     why = f"{type(e).__name__}: {e}"
                     retry = not started and len(self.tried) < self.backend.retries
-                    if isinstance(e, httpx.TransportError) or retry:  # gone: the controller drops it now
+                    if not isinstance(e, (ValueError, WorkerBroken)) or retry:  # gone: the controller drops it now
                         await self.backend._report(self.address, why, retrying=retry)
                     if not retry:
                         yield error_event(f"the worker {self.address} failed during generation ({why})")
@@ -687,4 +721,4 @@ class WorkerStream:
                         yield error_event(str(e2))
                         return
         finally:
-            await self.resp.aclose()
+            self.resp.close()
