@@ -353,11 +353,23 @@ def test_int4r8_q8_path_equals_its_reference(n, k, gs, sym, m):
     assert ((y.double() - x.double() @ ref_w.t()).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("path,rows,ms", [(cpu.R8_Q8, 11, (2, 4, 5, 11)), (cpu.R8_EXACT, 16, (2, 6, 7, 13, 16))])
+@pytest.mark.parametrize("m", (1, 2, 5, 6, 7, 13, 64, 130))
+@pytest.mark.parametrize("n,k,gs,sym", R8_CASES + [(24, 64, 32, False)])
+def test_int4r8_i16_path(n, k, gs, sym, m):
+    """The prefill GEMM on int16 activations (one step per row and weight group): within half a step per
+    element of the exact result. Row blocks come in pairs (an odd count leaves half a panel empty)."""
+    pi, si, zi, ref_w = r8_weight(n, k, gs, sym, seed=10)
+    x = activations(m, k, seed=11)
+    x[:, 1] *= 30  # an outlier channel: only its own group's step grows
+    assert_matches_i16(cpu.int4r8_linear(x, pi, si, zi, n, gs, k, cpu.R8_I16), x, ref_w, gs)
+
+
+@pytest.mark.parametrize("path,rows,ms", [(cpu.R8_Q8, 11, (2, 4, 5, 11)), (cpu.R8_EXACT, 16, (2, 6, 7, 13, 16)),
+                                          (cpu.R8_I16, 70, (2, 6, 7, 13, 16, 70))])
 def test_int4r8_rows_do_not_depend_on_the_batch(threads, path, rows, ms):
     """Each row's result is the same alone or among others, on any thread count: batched decode (Q8) gives
-    the tokens single-sequence decode gives, and a short prompt prefilled in a group (EXACT up to 16 rows:
-    the small-M kernel) gives what it gives alone."""
+    the tokens single-sequence decode gives, and a prompt prefilled in a group (EXACT up to 16 rows: the
+    small-M kernel; I16 at any size) gives what it gives alone."""
     n, k, gs = 3072, 576, 32
     pi, si, zi, _ = r8_weight(n, k, gs, False)
     x = activations(rows, k)

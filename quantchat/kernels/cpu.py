@@ -12,7 +12,8 @@ slower than a float32 matmul on AVX2-only CPUs. These kernels read the portable 
 * ``int4r8_linear(x, packed, scales, mins, out_features, group_size, in_features, path)``: the same int4
   weights with rows interleaved in blocks of 8 (``rtn.interleave_rows8``, made at load), for the decode
   GEMV on int8-rounded activations (``R8_Q8``: vpmaddubsw over 8 rows at once; what the fused decode
-  step runs) or dequantized tiles + sgemm on the float activations (``R8_EXACT``).
+  step runs), a GEMM on int16-rounded activations (``R8_I16``: vpmaddwd; what prefill runs) or dequantized
+  tiles + sgemm on the float activations (``R8_EXACT``).
 
 Small M (decode, M <= 12) runs a float32 GEMV straight from the packed codes (AVX2 unpack + FMA,
 threads split the output rows); larger M (prefill) dequantizes tiles of rows into an L2-sized
@@ -46,7 +47,7 @@ from quantchat.paths import quantchat_home
 
 __all__ = [
     "KernelsUnavailable", "available", "load", "unavailable_reason", "build_info",
-    "int4_linear", "int8_linear", "int4r8_linear", "sample_logits", "R8_EXACT", "R8_Q8", "R8_EXACT_SMALL",
+    "int4_linear", "int8_linear", "int4r8_linear", "sample_logits", "R8_EXACT", "R8_Q8", "R8_EXACT_SMALL", "R8_I16",
     "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16", "PATH_AUTO_I16",
 ]
 
@@ -70,8 +71,11 @@ PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
 # int4r8_linear's paths: EXACT = float32 activations (up to 16 rows: one 8-row block dequantized into L1 at
 # a time and multiplied with up to 6 rows at once, each row's sums in a fixed order; above: dequantized
 # tiles + sgemm); Q8 = GEMV on int8 activations (per 32 columns, as llama.cpp's Q8_0): the decode path,
-# 2-3x the float GEMV's speed; EXACT_SMALL = EXACT's small-M kernel at any M (tests, benchmarks)
-R8_EXACT, R8_Q8, R8_EXACT_SMALL = 0, 1, 2
+# 2-3x the float GEMV's speed; EXACT_SMALL = EXACT's small-M kernel at any M (tests, benchmarks); I16 =
+# GEMM on int16 activations (per row and weight group; vpmaddwd on 16 rows unpacked at a time, a 6 x 16
+# register block): the prefill path (QuantizedLinear's default), 1.2-2x EXACT at every M, output error
+# ~3e-5 of its magnitude, each row's result independent of the other rows
+R8_EXACT, R8_Q8, R8_EXACT_SMALL, R8_I16 = 0, 1, 2, 3
 
 
 class KernelsUnavailable(RuntimeError):
@@ -360,7 +364,8 @@ def int4r8_linear(
 ) -> Tensor:
     """``int4_linear`` on weights in the row-interleaved layout of ``rtn.interleave_rows8`` (packed uint8
     [N8, Kp/2], scales / mins float16 [N8, G]); output [..., out_features]. ``R8_EXACT`` (default):
-    float32 activations, dequantized tiles; ``R8_Q8``: activations rounded to int8 per 32 columns."""
+    float32 activations, dequantized tiles; ``R8_Q8``: activations rounded to int8 per 32 columns;
+    ``R8_I16``: rounded to int16 per row and weight group (the prefill GEMM)."""
     op = _int4r8_op
     if op is None:
         load()
