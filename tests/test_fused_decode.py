@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ def check_steps(model: Transformer, lengths: list[int], steps: int = 3, kv_dtype
         if isinstance(m, QuantizedLinear) and m.r8:  # run on int16 activations there: the Python path runs
             assert m.r8_path == cpu.R8_I16  # the same kernels, to compare
             m.r8_path = cpu.R8_Q8
-        elif isinstance(m, QuantizedLinear) and m.bits == 8 and m.own_kernel:
+        elif isinstance(m, QuantizedLinear) and m.bits == 8 and m.own_kernel and not os.environ.get("QUANTCHAT_NO_Q8"):
             assert m.i8_path == cpu.PATH_AUTO
             m.i8_path = cpu.PATH_AUTO_I16
     g = torch.Generator().manual_seed(5)
@@ -254,11 +256,13 @@ def test_plan_follows_quantization_after_engine_creation():
     assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item())
 
 
-def test_no_q8_keeps_float_activations(monkeypatch):
-    """QUANTCHAT_NO_Q8=1: int4 linears keep their layout and the step its float activations (exact)."""
+@pytest.mark.parametrize("method,group", [("int4-asym", 32), ("int8", None)])
+def test_no_q8_keeps_float_activations(monkeypatch, method, group):
+    """QUANTCHAT_NO_Q8=1: int4 linears keep their layout and the step (int8 linears too) its float
+    activations (exact)."""
     monkeypatch.setenv("QUANTCHAT_NO_Q8", "1")
     model = random_model(dim=128, head_dim=32, intermediate_size=192)
-    quantize_model(model, QuantSpec.for_method("int4-asym", 32))
+    quantize_model(model, QuantSpec.for_method(method, group))
     check_steps(model, [3, 9], steps=2)  # the exact Python path: float32 rounding apart
     assert not any(m.r8 for m in model.modules() if isinstance(m, QuantizedLinear))
 

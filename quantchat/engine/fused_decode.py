@@ -10,8 +10,10 @@ multiple of 32) in the row-interleaved layout (``QuantizedLinear.interleave_rows
 copy kept), whose kernel multiplies them with activations rounded to int8 per 32 columns (``cpu.R8_Q8``,
 as llama.cpp's Q4 x Q8_0 dot products) in the step: 2-4x faster batched decode for a rounding error of
 about 0.4 % of |x| per 32-column block. Integer sums make each row's result independent of the batch.
-Prefill (the model's own forward) keeps float activations: see ``interleave_rows_``.
-``QUANTCHAT_NO_Q8=1`` keeps the int4 layout and float activations (float32-exact).
+int8 linears (the LM head) run on activations rounded to int16 per row (``cpu.PATH_AUTO_I16``: exact
+integer sums, KL 2e-8 on the default model's head). Prefill (the model's own forward) rounds activations
+to int16 per weight group: see ``interleave_rows_``. ``QUANTCHAT_NO_Q8=1`` keeps the int4 layout and float
+activations everywhere (float32-exact).
 
 Used by ``Engine.decode`` when the model qualifies (``FusedDecoder.build`` returns None otherwise, with
 the reason in ``unsupported_reason``): CPU, float32 activations and cache, quantchat's kernels built,
@@ -49,7 +51,9 @@ def _linear_entry(m: nn.Module) -> tuple[list[int], list[Tensor]]:
         if m.bits == 4:
             return ([KIND_INT4, m.group_size, m.in_features, m.out_features],
                     [codes["qweight"], codes["scales"], codes["mins"], bias])
-        return [KIND_INT8, 0, m.in_features, m.out_features], [codes["qweight"], codes["scales"], _EMPTY, bias]
+        # int8: the second field is int8_linear's kernel path
+        path = 0 if _env_flag("QUANTCHAT_NO_Q8") else 4  # cpu.PATH_AUTO / cpu.PATH_AUTO_I16
+        return [KIND_INT8, path, m.in_features, m.out_features], [codes["qweight"], codes["scales"], _EMPTY, bias]
     if isinstance(m, TransposedLinear):
         w = m.weight_t.detach()
         kind = KIND_FLOAT_T

@@ -200,7 +200,7 @@ void rope(float* x, int64_t n_heads, int64_t hd, const float* cos, const float* 
 enum LinearKind : int64_t { kFloat = 0, kInt4 = 1, kInt8 = 2, kFloatT = 3, kInt4R8 = 4 };
 
 struct Linear {
-  int64_t kind = kFloat, group_size = 0, in_features = 0, out_features = 0;
+  int64_t kind = kFloat, group_size = 0, in_features = 0, out_features = 0;  // kInt8: group_size = kernel path
   // float: weight [N, K] (kFloatT: [K, N]); int4 (kInt4R8: rows interleaved): packed, scales, mins; int8: qweight, scales
   at::Tensor a, b, c, bias;
 
@@ -211,8 +211,8 @@ struct Linear {
       case kInt4R8:  // int8-rounded activations (the decode GEMV; see int4r8_linear)
         y = quantchat_kernels::int4r8_linear(x, a, b, c, out_features, group_size, in_features, 1);
         break;
-      case kInt8:  // int16-rounded activations (int8_linear's path 4: exact integer sums, KL ~2e-8 on the LM head)
-        y = quantchat_kernels::int8_linear(x, a, b, 4);
+      case kInt8:  // group_size holds int8_linear's path: 4 = int16-rounded activations (KL ~2e-8 on the LM head)
+        y = quantchat_kernels::int8_linear(x, a, b, group_size);
         break;
       case kFloatT: y = x.matmul(a); break;
       default: y = x.matmul(a.t()); break;
