@@ -494,6 +494,28 @@ def test_repeated_prompt_starts_without_a_forward(tiny_dir, monkeypatch):
     assert run_scheduled_inline(sch, prompts[:1] * 2, [6, 4]) == [solo[0], solo[0][:4]] and forwards == [1]
 
 
+def test_prompts_sharing_only_a_system_prompt_do_not_evict_each_other(tiny_dir, monkeypatch):
+    """One client, prompts one after another that share only their first tokens (a system prompt): each
+    new one used to overwrite the last conversation past the shared part in its slot. The last one is
+    parked first, so asking it again later starts with no forward at all."""
+    from quantchat.engine.scheduler import Scheduler
+
+    eng = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=4).engine
+    sch = Scheduler(eng, max_batch=2)
+    eng.slot_tokens = [[] for _ in eng.slot_tokens]
+    system = list(b"<s>system: be brief</s><s>user: ")
+    prompts = [system + list(w) for w in (b"cats?</s>", b"dogs?</s>", b"owls?</s>")]
+    first = [run_scheduled_inline(sch, [p], [5])[0] for p in prompts]  # one at a time, as one client sends
+    forwards: list[int] = []
+    real = sch._prefill_rows
+    monkeypatch.setattr(sch, "_prefill_rows", lambda g: forwards.append(len(g)) or real(g))
+    cached0 = sch.prompt_tokens_cached_total
+    again = [run_scheduled_inline(sch, [p], [5])[0] for p in prompts[:2]]  # 2 parking slots: the last two
+    assert again == first[:2] == [eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=5,
+                                                                          ignore_eos=True))[0] for p in prompts[:2]]
+    assert forwards == [] and sch.prompt_tokens_cached_total - cached0 == len(prompts[0]) + len(prompts[1])
+
+
 @pytest.mark.parametrize("parking", [1, 0])
 def test_parking_slots_keep_finished_conversations_at_full_load(tiny_dir, parking):
     """With every batch slot taken by new prompts, the conversations that just finished move to the parking
