@@ -174,7 +174,15 @@ except OSError:
     sys.exit(0)
 base = status()
 kind, path = sys.argv[1], sys.argv[2]
-model = load_quantized(path) if kind == "quant" else load_model(path)
+if kind == "quant":
+    model = load_quantized(path)
+elif kind == "rtn":  # as `--quant int4-asym` loads a float folder: each linear quantized as it is read
+    from quantchat.quant.quantize import QuantSpec, quantize_model, quantize_on_load
+    spec = QuantSpec.for_method("int4-asym", 32)
+    model = load_model(path, cpu_layout=False, stream_linear=quantize_on_load(spec, torch.device("cpu"), torch.float32))
+    quantize_model(model, spec)
+else:
+    model = load_model(path)
 gc.collect()
 end = status()
 seen, weights = set(), 0
@@ -209,3 +217,40 @@ def test_load_peak_within_1_3x_of_resident(dirs, kind):
     assert r["weights"] > 25e6, mb  # big enough for the ratio to mean something
     assert final >= 0.9 * r["weights"], mb  # the weights are resident, owned (nothing left lazily mapped)
     assert peak <= 1.3 * final, mb
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_quantizing_while_loading_never_holds_the_float_model(dirs):
+    """`--quant` on a float folder: each layer linear is quantized as soon as it is read (and the LM head
+    a few thousand rows at a time), so the peak stays well under the float weights' size."""
+    r = probe("rtn", dirs["float"])
+    float_bytes = (dirs["float"] / "model.safetensors").stat().st_size
+    peak, final = r["hwm"] - r["base_rss"], r["rss"] - r["base_rss"]
+    mb = {k: round(v / 2**20, 1) for k, v in dict(r, peak_growth=peak, final_growth=final, float=float_bytes).items()}
+    # loading it float first peaks at the whole float model or more; here: the quantized layers, the float
+    # embedding (until the end: it becomes the int8 head's rows), one float linear, what malloc keeps
+    assert final < 0.5 * float_bytes and peak < 0.75 * float_bytes, mb
+
+
+def test_quantizing_while_loading_equals_quantizing_after(dirs):
+    from quantchat.quant.quantize import quantize_on_load
+
+    spec = QuantSpec.for_method("int4-asym", 32)
+    after = load_model(dirs["float"], cpu_layout=False)
+    quantize_model(after, spec)
+    taken: list[str] = []
+    hook = quantize_on_load(spec, torch.device("cpu"), torch.float32)
+    streamed = load_model(dirs["float"], cpu_layout=False,
+                          stream_linear=lambda m, name, w: hook(m, name, w) and not taken.append(name))
+    assert sorted(taken) == sorted(linear_names(streamed))  # every layer linear, each once; not the head
+    quantize_model(streamed, spec)
+    for name in [*linear_names(after), "output"]:
+        a, b = after.get_submodule(name), streamed.get_submodule(name)
+        assert set(module_tensor_bytes(a)) == set(module_tensor_bytes(b))
+        for key in module_tensor_bytes(a):
+            assert torch.equal(getattr(a, key), getattr(b, key)), (name, key)
+    x = torch.randint(0, 8192, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(after(x), streamed(x))
+    assert not quantize_on_load(QuantSpec.for_method("awq", 128), torch.device("cpu"), torch.float32)(
+        streamed, "layers.0.attention.wqkv", torch.zeros(1, 1))  # calibrated methods take no part

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -282,12 +283,15 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def load_model(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    cpu_layout: bool = True,
+    cpu_layout: bool = True, stream_linear: Callable[[nn.Module, str, Tensor], bool] | None = None,
 ) -> Transformer:
     """Build the model described by ``model_dir/config.json`` and fill it from its safetensors.
 
     ``cpu_layout`` stores wide linears transposed on CPU (faster decode); pass False to get plain
-    ``nn.Linear`` modules (for quantization algorithms that edit weights).
+    ``nn.Linear`` modules (for quantization algorithms that edit weights). ``stream_linear(model, name,
+    weight)`` is offered each ``nn.Linear``'s float weight as soon as it is read whole; when it returns
+    True it has replaced the module (quantized it: ``quant.quantize.quantize_on_load``) and the float
+    weight is dropped at once, so the float model never exists whole in memory.
     """
     model_dir = Path(model_dir)
     config = ModelConfig.from_json_file(model_dir / "config.json")
@@ -306,6 +310,9 @@ def load_model(
     rows_of = fused_rows(config)
     dest: dict[str, Tensor] = {}  # our name -> its final tensor ([out, in] view of the transposed ones)
     filled: dict[str, set[int]] = {}
+    streamed: set[str] = set()  # weights stream_linear took (their modules replaced)
+    linear_weights = {f"{mname}.weight": mname for mname, mod in model.named_modules()
+                      if type(mod) is nn.Linear and mod.bias is None} if stream_linear is not None else {}
 
     def destination(ours: str) -> Tensor:
         if ours not in dest:
@@ -338,12 +345,18 @@ def load_model(
                     )
                 sf.read(name, out=target)
                 filled.setdefault(ours, set()).add(-1 if part is None else part)
+                if stream_linear is not None and ours in linear_weights and ours not in transposed:
+                    key = next((k for k in rows_of if f".{k}." in ours), None)
+                    if len(filled[ours]) == (len(rows_of[key]) if key else 1) and stream_linear(
+                            model, linear_weights[ours], dest[ours]):
+                        streamed.add(ours)
+                        del dest[ours]
     for ours, parts in filled.items():
         key = next((k for k in rows_of if f".{k}." in ours), None)
         need = len(rows_of[key]) if key else 1
         if key and len(parts) != need:
             raise ModelLoadError(f"{model_dir}: incomplete weights for {ours} ({len(parts)} of {need} parts)")
-    missing = sorted(set(expected) - set(dest))
+    missing = sorted(set(expected) - set(dest) - streamed)
     if missing:
         raise ModelLoadError(f"{model_dir}: weights missing for {len(missing)} tensors, e.g. {missing[0]}")
     model.load_state_dict({k: v for k, v in dest.items() if k not in transposed}, strict=False, assign=True)

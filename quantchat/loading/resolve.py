@@ -127,7 +127,7 @@ def load_engine(
     elif quant in (None, "none"):
         model = load_model(source.hf_dir, device=dev, dtype=dt)
     else:
-        from quantchat.quant.quantize import NEEDS_CALIBRATION, QuantSpec, quantize_model
+        from quantchat.quant.quantize import NEEDS_CALIBRATION, QuantSpec, quantize_model, quantize_on_load
 
         spec = QuantSpec.for_method(quant, group_size)
         if quant in NEEDS_CALIBRATION:
@@ -135,7 +135,8 @@ def load_engine(
                 f"--quant {quant} needs a calibration pass: run `quantchat quantize --method {quant}` once and "
                 "load the saved folder (--quant takes int8, int4-sym, int4-asym)"
             )
-        model = load_model(source.hf_dir, device=dev, dtype=dt, cpu_layout=False)
+        model = load_model(source.hf_dir, device=dev, dtype=dt, cpu_layout=False,
+                           stream_linear=quantize_on_load(spec, dev, dt))  # layer by layer, as read
         quantize_model(model, spec)
     tokenizer = Tokenizer.from_dir(source.hf_dir)
     engine = Engine(model, tokenizer, max_seq_len=max_seq_len, max_batch=max_batch, compile=compile,

@@ -60,14 +60,24 @@ def float_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     return module.weight.detach(), getattr(module, "bias", None)
 
 
+CHUNK_ROWS = 1024  # rows quantized at a time: the float temporaries stay a few MB whatever the weight's size
+
+
 def quantize_codes(weight: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> dict[str, Tensor]:
-    """Portable codes (as checkpoints store them) for one weight by round-to-nearest."""
-    w = weight.detach().float().cpu()
+    """Portable codes (as checkpoints store them) for one weight by round-to-nearest (rows are independent:
+    done ``CHUNK_ROWS`` at a time, the same codes)."""
+    w = weight.detach().cpu()
     if spec.bits == 8:
-        q, s = rtn.quantize_int8(w)
+        q, s = rtn.quantize_int8(w, CHUNK_ROWS)
         return {"qweight": q, "scales": s}
-    q, s, z = rtn.quantize_int4(w, spec.group_size, spec.symmetric, clip)
-    return {"qweight": rtn.pack_int4(q), "scales": s, "zeros": z}
+    packed, scales, zeros = [], [], []
+    for i in range(0, w.shape[0], CHUNK_ROWS):
+        q, s, z = rtn.quantize_int4(w[i:i + CHUNK_ROWS].float(), spec.group_size, spec.symmetric,
+                                    None if clip is None else clip[i:i + CHUNK_ROWS])
+        packed.append(rtn.pack_int4(q))
+        scales.append(s)
+        zeros.append(z)
+    return {"qweight": torch.cat(packed), "scales": torch.cat(scales), "zeros": torch.cat(zeros)}
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -94,6 +104,29 @@ def install_head(model: nn.Module, codes: dict[str, Tensor], tied: bool, act_dty
         model.tok_embeddings = QuantizedEmbedding(head.weight_int8, head.scales, act_dtype)
 
 
+def quantize_on_load(spec: QuantSpec, device: torch.device, act_dtype: torch.dtype
+                     ) -> Callable[[nn.Module, str, Tensor], bool]:
+    """A ``stream_linear`` hook for ``hf_loader.load_model``: each layer linear is quantized by
+    round-to-nearest as soon as its float weight is read, so loading never holds the float model whole
+    (the default model's peak RSS while loading: the float model's 540 MB less the quantized layers').
+    ``quantize_model`` afterwards leaves those modules as they are and does the rest (the LM head).
+    Methods that need calibration take no part."""
+
+    def take(model: nn.Module, name: str, weight: Tensor) -> bool:
+        parts = name.split(".")
+        if (spec.method in NEEDS_CALIBRATION or len(parts) < 3 or parts[0] != "layers"
+                or ".".join(parts[2:]) not in LAYER_LINEARS):
+            return False
+        module = model.get_submodule(name)
+        codes = quantize_codes(weight, spec)
+        set_module(model, name, QuantizedLinear.from_codes(
+            codes, module.in_features, module.out_features, spec.bits, spec.group_size, spec.symmetric, None,
+            device, act_dtype, False))
+        return True
+
+    return take
+
+
 def quantize_model(
     model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, keep_codes: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
@@ -118,6 +151,8 @@ def quantize_model(
     all_codes: dict[str, dict[str, Tensor]] = {}
     for i, name in enumerate(names):
         module = model.get_submodule(name)
+        if isinstance(module, QuantizedLinear):  # quantized while loading (quantize_on_load)
+            continue
         weight, bias = float_weight(module)
         codes = gptq_codes.get(name) or quantize_codes(weight, spec, clips.get(name))
         install_codes(model, name, codes, spec.bits, spec.group_size, spec.symmetric,

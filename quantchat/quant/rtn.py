@@ -38,11 +38,16 @@ import torch
 from torch import Tensor
 
 
-def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-output-channel int8: returns (codes int8 [N, K], scales float32 [N])."""
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+def quantize_int8(w: Tensor, chunk_rows: int = 4096) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: returns (codes int8 [N, K], scales float32 [N]). Rows are done
+    ``chunk_rows`` at a time (the same result): a 49k-row LM head needs no float temporaries its size."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], chunk_rows):
+        c = w[i:i + chunk_rows].float()
+        s = (c.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        q[i:i + chunk_rows] = torch.round(c / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[i:i + chunk_rows] = s
     return q, scale
 
 
