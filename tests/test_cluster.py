@@ -355,15 +355,16 @@ def test_worker_refusals_map_to_the_same_errors(cluster):
 
 def test_a_dropped_stream_frees_the_workers_slot(cluster):
     url = cluster.workers["w1"] + "/worker/generate"
-    body = {"prompt": "abc", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    before = cluster.worker_status("w1")["generation_tokens_total"]
+    body = {"prompt": "abc", "max_tokens": 250, "ignore_eos": True, "temperature": 0}  # the context: 256
     with httpx.stream("POST", url, json=body, headers=auth(), timeout=30) as r:
         assert r.status_code == 200
         lines = r.iter_lines()  # (a discarded iterator would close the response at once)
         assert '"finish_reason": null' in next(lines)
-        assert cluster.worker_status("w1")["running_batch"] == 1
-    # the API server (here: this client) went away: the sequence is cancelled long before 200 tokens
+    # the API server (here: this client) went away after one token: the sequence is cancelled long before
+    # its 250 tokens (whether the worker still ran it when the first token arrived is a race: not asked)
     cluster.wait_for("the slot to be freed", lambda: cluster.worker_status("w1")["running_batch"] == 0, 5)
-    assert cluster.worker_status("w1")["generation_tokens_total"] < 1000
+    assert cluster.worker_status("w1")["generation_tokens_total"] - before < 150
 
 
 def test_a_worker_that_fails_before_the_first_token_is_retried_around(cluster):

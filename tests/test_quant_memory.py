@@ -254,3 +254,22 @@ def test_quantizing_while_loading_equals_quantizing_after(dirs):
         assert torch.equal(after(x), streamed(x))
     assert not quantize_on_load(QuantSpec.for_method("awq", 128), torch.device("cpu"), torch.float32)(
         streamed, "layers.0.attention.wqkv", torch.zeros(1, 1))  # calibrated methods take no part
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
+def test_release_freed_memory_returns_the_heaps_free_pages():
+    """After loading, what loading freed goes back to the OS even though the engine keeps later freed
+    buffers in the heap (keep_freed_memory)."""
+    from quantchat.engine.allocator import keep_freed_memory, release_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("not glibc (or QUANTCHAT_KEEP_FREED_MEMORY=0)")
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+    x = torch.ones(24 << 20, dtype=torch.uint8)  # under the raised mmap threshold: from the heap
+    del x
+    kept = rss()
+    assert release_freed_memory()
+    assert kept - rss() > 16 << 20

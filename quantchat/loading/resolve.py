@@ -145,6 +145,10 @@ def load_engine(
         if progress:
             progress("compiling the decode step with torch.compile (once per process; cached on disk after)...")
         engine.warmup()
+    if dev.type == "cpu":
+        from quantchat.engine.allocator import release_freed_memory
+
+        release_freed_memory()  # what loading freed (floats quantized on the way) goes back to the OS
     return LoadedModel(source, engine, time.perf_counter() - t0)
 
 
