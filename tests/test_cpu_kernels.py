@@ -247,18 +247,28 @@ def test_int8_forced_paths_and_odd_shapes(n, k, m, path):
 
 @pytest.mark.parametrize("path", tuple(I16_PATHS))
 @pytest.mark.parametrize("n,k,m", [(n, k, m) for n, k in [(960, 576), (37, 100), (5, 7), (11, 33), (9, 4100)]
-                                   for m in (1, 2, 3, 4, 5, 8, 9, 12, 13)] + [(49152, 576, 1), (49152, 576, 8)])
+                                   for m in (1, 2, 3, 4, 5, 8, 9, 12, 13, 64)]
+                         + [(49152, 576, 1), (49152, 576, 8), (3072, 576, 130), (576, 1536, 70), (16, 16, 20)])
 def test_int8_int16_activation_gemv(n, k, m, path):
-    """int16-rounded activations (one step per row): within half a step per element of the exact result;
-    M > 12 on the auto path takes the exact tiles. K > 2048 flushes the integer sums on the way."""
+    """int16-rounded activations: the GEMV (path 3; auto up to 12 rows) rounds per row, within half a step
+    per element of the exact result (K > 2048 flushes the integer sums on the way); the auto path's GEMM
+    above 12 rows (prefill) rounds per 128 columns."""
     q, s, ref_w = int8_weight(n, k, seed=7)
     x = activations(m, k, seed=8)
-    x[0, k // 2] = 40.0  # an outlier: the other columns of row 0 get coarser steps
+    x[0, k // 2] = 40.0  # an outlier: the other columns of row 0 (or of its group) get coarser steps
     y = cpu.int8_linear(x, q, s, path=I16_PATHS[path])
-    if path == "auto_i16" and m > 12:
-        assert_matches(y, x, ref_w)
-    else:
-        assert_matches_i16(y, x, ref_w, k)
+    assert_matches_i16(y, x, ref_w, 128 if path == "auto_i16" and m > 12 else k)
+
+
+@pytest.mark.parametrize("m", (13, 70))
+def test_int8_int16_gemm_rows_do_not_depend_on_the_batch(threads, m):
+    q, s, _ = int8_weight(3072, 576, seed=12)
+    x = activations(m, 576, seed=13)
+    want = cpu.int8_linear(x, q, s, path=cpu.PATH_AUTO_I16)
+    for t in (1, 2, 3):
+        torch.set_num_threads(t)
+        assert torch.equal(cpu.int8_linear(x, q, s, path=cpu.PATH_AUTO_I16), want)
+        assert torch.equal(cpu.int8_linear(torch.cat([x, x[:7]]), q, s, path=cpu.PATH_AUTO_I16)[:m], want)
 
 
 def test_int8_int16_gemv_rows_do_not_depend_on_the_batch():

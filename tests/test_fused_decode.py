@@ -62,8 +62,8 @@ def check_steps(model: Transformer, lengths: list[int], steps: int = 3, kv_dtype
             assert m.r8_path == cpu.R8_I16  # the same kernels, to compare
             m.r8_path = cpu.R8_Q8
         elif isinstance(m, QuantizedLinear) and m.bits == 8 and m.own_kernel and not os.environ.get("QUANTCHAT_NO_Q8"):
-            assert m.i8_path == cpu.PATH_AUTO
-            m.i8_path = cpu.PATH_AUTO_I16
+            assert m.i8_path == cpu.PATH_AUTO_I16
+            m.i8_path = cpu.PATH_GEMV_I16
     g = torch.Generator().manual_seed(5)
     with torch.inference_mode():
         fill_slots(model, lengths)

@@ -10,7 +10,7 @@ multiple of 32) in the row-interleaved layout (``QuantizedLinear.interleave_rows
 copy kept), whose kernel multiplies them with activations rounded to int8 per 32 columns (``cpu.R8_Q8``,
 as llama.cpp's Q4 x Q8_0 dot products) in the step: 2-4x faster batched decode for a rounding error of
 about 0.4 % of |x| per 32-column block. Integer sums make each row's result independent of the batch.
-int8 linears (the LM head) run on activations rounded to int16 per row (``cpu.PATH_AUTO_I16``: exact
+int8 linears (the LM head) run on activations rounded to int16 per row (``cpu.PATH_GEMV_I16``: exact
 integer sums, KL 2e-8 on the default model's head). Prefill (the model's own forward) rounds activations
 to int16 per weight group: see ``interleave_rows_``. ``QUANTCHAT_NO_Q8=1`` keeps the int4 layout and float
 activations everywhere (float32-exact).
@@ -51,8 +51,9 @@ def _linear_entry(m: nn.Module) -> tuple[list[int], list[Tensor]]:
         if m.bits == 4:
             return ([KIND_INT4, m.group_size, m.in_features, m.out_features],
                     [codes["qweight"], codes["scales"], codes["mins"], bias])
-        # int8: the second field is int8_linear's kernel path
-        path = 0 if _env_flag("QUANTCHAT_NO_Q8") else 4  # cpu.PATH_AUTO / cpu.PATH_AUTO_I16
+        # int8: the second field is int8_linear's kernel path: the int16-activation GEMV at any batch size
+        # (rounding per row: a sequence gets the same logits in any batch), or float with QUANTCHAT_NO_Q8
+        path = 0 if _env_flag("QUANTCHAT_NO_Q8") else 3  # cpu.PATH_AUTO / cpu.PATH_GEMV_I16
         return [KIND_INT8, path, m.in_features, m.out_features], [codes["qweight"], codes["scales"], _EMPTY, bias]
     if isinstance(m, TransposedLinear):
         w = m.weight_t.detach()

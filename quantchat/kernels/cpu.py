@@ -65,8 +65,9 @@ KEEP_BUILDS = 4  # cached builds kept in kernels_dir() (one per source version /
 # force one (tests, benchmarks). Opt-in: GEMV_I16 = GEMV with the activations rounded to int16 (int4: per
 # weight group, int8: per row; exact integer products; int4 ~1.2-1.7x, int8 ~1.1x faster than the float
 # GEMV; output error ~2e-5 of its magnitude: far below bfloat16 rounding, but not float32-exact; int8
-# rows come out the same in any batch); AUTO_I16 = that GEMV for M <= 12, tiles above. The fused decode
-# step runs int8 layers (the LM head) on AUTO_I16.
+# rows come out the same in any batch); AUTO_I16 = that GEMV for M <= 12, above it tiles (int4) or a GEMM
+# on int16 activations per 128 columns (int8: QuantizedLinear's default, prefill). The fused decode step
+# runs int8 layers (the LM head) on GEMV_I16.
 PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
 # int4r8_linear's paths: EXACT = float32 activations (up to 16 rows: one 8-row block dequantized into L1 at
 # a time and multiplied with up to 6 rows at once, each row's sums in a fixed order; above: dequantized

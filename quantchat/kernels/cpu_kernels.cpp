@@ -5,7 +5,8 @@
 //   torch.ops.quantchat.int4_linear(x, packed, scales, mins, group_size, in_features, path=0)
 //   torch.ops.quantchat.int8_linear(x, qweight, scales, path=0)
 // path: 0 = auto (float GEMV for M <= 12 (int8: 12), dequantized tiles + sgemm above), 1 = float GEMV,
-// 2 = tiles, 3 = GEMV with int16 activations, 4 = auto with the int16 GEMV for M <= 12.
+// 2 = tiles, 3 = GEMV with int16 activations, 4 = auto with the int16 GEMV for M <= 12 (int4: tiles above,
+// int8: the int16-activation GEMM above).
 //
 // int4 format (quantchat.quant.rtn, stored as is): packed uint8 [N, Kp/2], byte j of a row holds
 // column 2j in its low nibble and 2j+1 in its high nibble; scales float16 [N, G]; mins float16 [N, G];
@@ -956,15 +957,16 @@ __attribute__((noinline)) void int4r8_i16_kernel(const int16_t* panel, const flo
 }
 #undef QC_I16_ROWS
 
-// x [M, K] -> xq int16 [M, Kp] (zeros past K), per row and weight group: dx [M, G] (absmax / 32767: an
-// outlier channel coarsens only its own group) and sx [M, G] = dx * (the group's sum of xq)
-void prep_x_i16_groups(const Int4R8& q, const float* x, int64_t ldx, int64_t M, int16_t* xq, float* dx, float* sx) {
-  const int64_t gs = q.gs, G = q.G;
-  std::vector<float> row(static_cast<size_t>(q.Kp), 0.0f);
+// x [M, K] -> xq int16 [M, Kp] (zeros past K), per row and group of gs columns: dx [M, G] (absmax / 32767:
+// an outlier channel coarsens only its own group) and sx [M, G] = dx * (the group's sum of xq)
+void prep_x_i16_groups(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int64_t gs, int16_t* xq,
+                       float* dx, float* sx) {
+  const int64_t G = Kp / gs;
+  std::vector<float> row(static_cast<size_t>(Kp), 0.0f);
   for (int64_t m = 0; m < M; ++m) {
-    std::copy(x + m * ldx, x + m * ldx + q.K, row.begin());  // zeros past K
+    std::copy(x + m * ldx, x + m * ldx + K, row.begin());  // zeros past K
     for (int64_t g = 0; g < G; ++g) {
-      int16_t* o = xq + m * q.Kp + g * gs;
+      int16_t* o = xq + m * Kp + g * gs;
       float d;
       prep_x_i16_rows(row.data() + g * gs, gs, 1, gs, gs, o, &d);
       int64_t s = 0;
@@ -975,35 +977,41 @@ void prep_x_i16_groups(const Int4R8& q, const float* x, int64_t ldx, int64_t M, 
   }
 }
 
-void int4r8_i16_gemm(const Int4R8& q, const float* x, int64_t ldx, int64_t M, float* y) {
-  const int64_t Kp = q.Kp, G = q.G, N = q.N;
+// The int16-activation GEMM over panels of 16 weight rows: y [M, N] = for each panel p (rows 16p..16p+15),
+// make_panel(p, panel, sf, mf) unpacks its codes (int16 pairs [Kp/2][16][2]) and per-group float scales
+// sf and mins mf [G][16] (mins: nullptr when the format has none); then, 6 activation rows at a time,
+// y = sum_g sf dx (integer sums) + sum_g mf sx.
+template <typename MakePanel>
+void i16_gemm(int64_t N, int64_t Kp, int64_t gs, const float* x, int64_t ldx, int64_t K, int64_t M, float* y,
+              bool has_mins, MakePanel make_panel) {
+  const int64_t G = Kp / gs;
   std::vector<int16_t> xq(static_cast<size_t>(M * Kp));
   std::vector<float> dx(static_cast<size_t>(M * G)), sx(static_cast<size_t>(M * G));
-  prep_x_i16_groups(q, x, ldx, M, xq.data(), dx.data(), sx.data());
-  const int64_t panels = (q.N8 / 8 + 1) / 2;
+  prep_x_i16_groups(x, ldx, M, K, Kp, gs, xq.data(), dx.data(), sx.data());
+  const int64_t panels = (N + 15) / 16;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     std::vector<int16_t> panel(static_cast<size_t>(Kp * 16));
     std::vector<float> sf(static_cast<size_t>(G * 16)), mf(static_cast<size_t>(G * 16));
     alignas(32) float C[kI16MR * 16];
     for (int64_t p = p0; p < p1; ++p) {
-      int4r8_panel_i16(q, 2 * p, panel.data(), sf.data(), mf.data());
+      make_panel(p, panel.data(), sf.data(), mf.data());
       const int64_t n0 = p * 16, cols = std::min<int64_t>(16, N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += kI16MR) {
         const int64_t mb = std::min<int64_t>(kI16MR, M - m0);
         const int16_t* xm = xq.data() + m0 * Kp;
         const float* dxm = dx.data() + m0 * G;
         switch (mb) {
-          case 1: int4r8_i16_kernel<1>(panel.data(), sf.data(), xm, dxm, Kp, G, q.gs, C); break;
-          case 2: int4r8_i16_kernel<2>(panel.data(), sf.data(), xm, dxm, Kp, G, q.gs, C); break;
-          case 3: int4r8_i16_kernel<3>(panel.data(), sf.data(), xm, dxm, Kp, G, q.gs, C); break;
-          case 4: int4r8_i16_kernel<4>(panel.data(), sf.data(), xm, dxm, Kp, G, q.gs, C); break;
-          case 5: int4r8_i16_kernel<5>(panel.data(), sf.data(), xm, dxm, Kp, G, q.gs, C); break;
-          default: int4r8_i16_kernel<6>(panel.data(), sf.data(), xm, dxm, Kp, G, q.gs, C); break;
+          case 1: int4r8_i16_kernel<1>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 2: int4r8_i16_kernel<2>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 3: int4r8_i16_kernel<3>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 4: int4r8_i16_kernel<4>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 5: int4r8_i16_kernel<5>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          default: int4r8_i16_kernel<6>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
         }
         for (int64_t m = 0; m < mb; ++m) {  // y = C + sum_g min * sx
           __m256 y0 = _mm256_load_ps(C + m * 16), y1 = _mm256_load_ps(C + m * 16 + 8);
           const float* sxm = sx.data() + (m0 + m) * G;
-          for (int64_t g = 0; g < G; ++g) {
+          for (int64_t g = 0; has_mins && g < G; ++g) {
             const __m256 s = _mm256_set1_ps(sxm[g]);
             y0 = _mm256_fmadd_ps(_mm256_loadu_ps(mf.data() + g * 16), s, y0);
             y1 = _mm256_fmadd_ps(_mm256_loadu_ps(mf.data() + g * 16 + 8), s, y1);
@@ -1019,6 +1027,12 @@ void int4r8_i16_gemm(const Int4R8& q, const float* x, int64_t ldx, int64_t M, fl
         }
       }
     }
+  });
+}
+
+void int4r8_i16_gemm(const Int4R8& q, const float* x, int64_t ldx, int64_t M, float* y) {
+  i16_gemm(q.N, q.Kp, q.gs, x, ldx, q.K, M, y, true, [&](int64_t p, int16_t* panel, float* sf, float* mf) {
+    int4r8_panel_i16(q, 2 * p, panel, sf, mf);
   });
 }
 
@@ -1285,6 +1299,52 @@ void int8_gemv_i16_rows(const int8_t* w, int64_t K, const float* s, const int16_
   }
 }
 
+// int8 weights in the int16-activation GEMM (path 4 above kMaxGemvM8 rows: prefill): groups of kI8Group
+// columns (the integer sums of a group stay below 2^31: 64 pairs x 2 x 128 x 32767), the row's scale for
+// every group, no mins. Panel rows 16p..16p+15: 8 rows x 16 columns at a time, sign-extended and
+// transposed (8 x 8 32-bit pairs) into [pair][row] order.
+constexpr int64_t kI8Group = 128;
+
+void int8_panel_i16(const int8_t* w, const float* s, int64_t N, int64_t K, int64_t Kp, int64_t p, int16_t* panel,
+                    float* sf) {
+  const int64_t G = Kp / kI8Group, K16 = K / 16 * 16;
+  int32_t* out = reinterpret_cast<int32_t*>(panel);  // [Kp/2][16] pairs
+  for (int64_t h = 0; h < 2; ++h) {
+    const int64_t r0 = p * 16 + h * 8;
+    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(8, N - r0));
+    for (int64_t k = 0; k < K16 && rows == 8; k += 16) {
+      __m256i r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (r0 + i) * K + k)));
+      const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+      const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+      const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+      const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+      const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+      const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+      const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+      const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+      const __m256i o[8] = {_mm256_permute2x128_si256(u0, u4, 0x20), _mm256_permute2x128_si256(u1, u5, 0x20),
+                            _mm256_permute2x128_si256(u2, u6, 0x20), _mm256_permute2x128_si256(u3, u7, 0x20),
+                            _mm256_permute2x128_si256(u0, u4, 0x31), _mm256_permute2x128_si256(u1, u5, 0x31),
+                            _mm256_permute2x128_si256(u2, u6, 0x31), _mm256_permute2x128_si256(u3, u7, 0x31)};
+      for (int j = 0; j < 8; ++j)  // pair k/2 + j of rows r0..r0+7
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k / 2 + j) * 16 + h * 8), o[j]);
+    }
+    for (int64_t i = 0; i < 8; ++i) {  // the rest: columns past K16 (all of them for a partial 8 rows), zeros
+      const int64_t n = r0 + i;
+      for (int64_t k = (rows == 8 ? K16 : 0); k < Kp; k += 2) {
+        int16_t pair[2] = {0, 0};
+        for (int j = 0; j < 2; ++j)
+          if (i < rows && k + j < K) pair[j] = w[n * K + k + j];
+        std::memcpy(out + (k / 2) * 16 + h * 8 + i, pair, 4);
+      }
+      const float sc = i < rows ? s[n] : 0.0f;
+      for (int64_t g = 0; g < G; ++g) sf[g * 16 + h * 8 + i] = sc;
+    }
+  }
+}
+
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t path) {
   TORCH_CHECK(x_in.dim() == 2, "int8_linear: x must be 2-D [M, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int8_linear: x must be float32");
@@ -1308,7 +1368,12 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
   float* yp = y.data_ptr<float>();
   TORCH_CHECK(path >= 0 && path <= 4, "int8_linear: unknown path ", path);
   const bool small = M <= kMaxGemvM8;
-  if (path == 3 || (path == 4 && small)) {
+  if (path == 4 && !small) {  // prefill: the int16-activation GEMM
+    const int64_t Kp = (K + kI8Group - 1) / kI8Group * kI8Group;
+    i16_gemm(N, Kp, kI8Group, xp, ldx, K, M, yp, false, [&](int64_t p, int16_t* panel, float* sf, float*) {
+      int8_panel_i16(w, s, N, K, Kp, p, panel, sf);
+    });
+  } else if (path == 3 || (path == 4 && small)) {
     const int64_t Kp = (K + 15) / 16 * 16;
     std::vector<int16_t> xq(static_cast<size_t>(M * Kp));
     std::vector<float> dx(static_cast<size_t>(M));

@@ -211,7 +211,7 @@ struct Linear {
       case kInt4R8:  // int8-rounded activations (the decode GEMV; see int4r8_linear)
         y = quantchat_kernels::int4r8_linear(x, a, b, c, out_features, group_size, in_features, 1);
         break;
-      case kInt8:  // group_size holds int8_linear's path: 4 = int16-rounded activations (KL ~2e-8 on the LM head)
+      case kInt8:  // group_size holds int8_linear's path: 3 = int16-rounded activations (KL ~2e-8 on the LM head)
         y = quantchat_kernels::int8_linear(x, a, b, group_size);
         break;
       case kFloatT: y = x.matmul(a); break;

@@ -25,6 +25,8 @@ float16, as checkpoint format 2 stores it); the caller's dict is kept only with 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -131,9 +133,10 @@ class QuantizedLinear(nn.Module):
         # forward's kernel path in that layout: cpu.R8_I16 (3, int16 activations per weight group: prefill),
         # cpu.R8_EXACT (0, float activations) or cpu.R8_Q8 (1, int8 activations: the fused decode step's)
         self.r8_path = 3
-        # int8 forward's kernel path: cpu.PATH_AUTO (0, float activations) or cpu.PATH_AUTO_I16 (4, int16
-        # activations: the fused decode step's)
-        self.i8_path = 0
+        # int8 forward's kernel path: cpu.PATH_AUTO_I16 (4, int16 activations: per row up to 12 rows, as the
+        # fused decode step; per 128 columns above, the prefill GEMM) or cpu.PATH_AUTO (0, float activations:
+        # with QUANTCHAT_NO_Q8=1, as everywhere)
+        self.i8_path = 0 if os.environ.get("QUANTCHAT_NO_Q8", "").strip() not in ("", "0") else 4
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
