@@ -74,7 +74,7 @@ PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
 # tiles + sgemm); Q8 = GEMV on int8 activations (per 32 columns, as llama.cpp's Q8_0): the decode path,
 # 2-3x the float GEMV's speed; EXACT_SMALL = EXACT's small-M kernel at any M (tests, benchmarks); I16 =
 # GEMM on int16 activations (per row and weight group; vpmaddwd on 16 rows unpacked at a time, a 6 x 16
-# register block): the prefill path (QuantizedLinear's default), 1.2-2x EXACT at every M, output error
+# register block): the prefill path (QuantizedLinear's default), 1.1-2.3x EXACT at every M, output error
 # ~3e-5 of its magnitude, each row's result independent of the other rows
 R8_EXACT, R8_Q8, R8_EXACT_SMALL, R8_I16 = 0, 1, 2, 3
 
