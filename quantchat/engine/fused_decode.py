@@ -23,11 +23,10 @@ embedding scale or other model-specific extras. ``QUANTCHAT_NO_FUSED=1`` turns i
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor, nn
 
+from quantchat.kernels.cpu import env_flag
 from quantchat.model.linear import TransposedLinear
 from quantchat.model.llama import Transformer
 from quantchat.quant.linear import QuantizedLinear
@@ -53,7 +52,7 @@ def _linear_entry(m: nn.Module) -> tuple[list[int], list[Tensor]]:
                     [codes["qweight"], codes["scales"], codes["mins"], bias])
         # int8: the second field is int8_linear's kernel path: the int16-activation GEMV at any batch size
         # (rounding per row: a sequence gets the same logits in any batch), or float with QUANTCHAT_NO_Q8
-        path = 0 if _env_flag("QUANTCHAT_NO_Q8") else 3  # cpu.PATH_AUTO / cpu.PATH_GEMV_I16
+        path = 0 if env_flag("QUANTCHAT_NO_Q8") else 3  # cpu.PATH_AUTO / cpu.PATH_GEMV_I16
         return [KIND_INT8, path, m.in_features, m.out_features], [codes["qweight"], codes["scales"], _EMPTY, bias]
     if isinstance(m, TransposedLinear):
         w = m.weight_t.detach()
@@ -68,13 +67,9 @@ def _linear_entry(m: nn.Module) -> tuple[list[int], list[Tensor]]:
     return [kind, 0, m.in_features, m.out_features], [w, _EMPTY, _EMPTY, bias]
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip() not in ("", "0")
-
-
 def _precondition(model: nn.Module) -> str | None:
     """Why the fused step cannot run this model, from everything but its linears (None: it may)."""
-    if _env_flag("QUANTCHAT_NO_FUSED"):
+    if env_flag("QUANTCHAT_NO_FUSED"):
         return "disabled by QUANTCHAT_NO_FUSED"
     if type(model) is not Transformer:
         return f"{type(model).__name__} is not quantchat's LLaMA-family Transformer"
@@ -150,7 +145,7 @@ class FusedDecoder:
             raise ValueError(f"fused decode unavailable: {reason}")
         try:
             _plan_inputs(model)  # every linear qualifies: only then re-lay the int4 ones
-            if not _env_flag("QUANTCHAT_NO_Q8"):
+            if not env_flag("QUANTCHAT_NO_Q8"):
                 for m in _linears(model):
                     if isinstance(m, QuantizedLinear):
                         m.interleave_rows_()

@@ -495,21 +495,13 @@ class Scheduler:
         with ``whole``) into ``slot``; returns its length (prefill starts there). Sequences that want prompt
         logprobs compute all."""
         best, src = self._cached_prefix(seq, slot, whole)
-        toks = self.engine.slot_tokens
-        if best and src == slot and len(toks[slot]) > best:
-            # ``slot`` holds more than the shared prefix (the last conversation, when prompts share only a
-            # system prompt): park that first, and take the prefix back from wherever it went
-            self._park(slot)
-            if toks[slot][:best] != seq.prompt[:best]:
-                best, src = self._cached_prefix(seq, slot, whole)
-                if best:
-                    self._copy_kv(src, slot, best)
-                    self._touch(src)
-        elif best and src > slot:  # a free slot: swap, so what ``slot`` cached moves there instead of being lost
+        in_place = best and src == slot and len(self.engine.slot_tokens[slot]) == best  # nothing else to lose
+        if best and src > slot:  # a free slot: swap, so what ``slot`` cached moves there instead of being lost
             self._swap_slots(src, slot)
-        elif not (best and src == slot):  # ``slot`` gets overwritten: park what it caches first
-            self._park(slot)
-            if best:  # from a running (or just assigned) slot: copy the prefix
+        elif not in_place:  # ``slot`` gets overwritten past the prefix: park what it caches first (also when
+            self._park(slot)  # it shares only a system prompt with ``seq``), then copy the prefix from where it is
+            best, src = self._cached_prefix(seq, slot, whole)
+            if best and src != slot:
                 self._copy_kv(src, slot, best)
                 self._touch(src)
         self._touch(slot)

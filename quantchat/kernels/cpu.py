@@ -229,8 +229,13 @@ def _registered() -> bool:
         return False
 
 
+def env_flag(name: str) -> bool:
+    """Whether the environment switch ``name`` is on (set to anything but empty or 0)."""
+    return os.environ.get(name, "").strip() not in ("", "0")
+
+
 def _load_impl():
-    if os.environ.get("QUANTCHAT_NO_KERNELS", "").strip() not in ("", "0"):
+    if env_flag("QUANTCHAT_NO_KERNELS"):
         raise KernelsUnavailable("disabled by QUANTCHAT_NO_KERNELS")
     _cpu_check()
     if not _registered():

@@ -912,9 +912,9 @@ void int4r8_panel_i16(const Int4R8& q, int64_t b0, int16_t* panel, float* sf, fl
 #define QC_I16_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 // C[m][0..15] = sum_g sf[g] dx[m, g] (sum_{k in g} q xq) for rows m < MB of xq (row stride Kp; dx [MB, G])
 template <int MB>
-__attribute__((noinline)) void int4r8_i16_kernel(const int16_t* panel, const float* sf, const int16_t* xq,
+__attribute__((noinline)) void i16_gemm_kernel(const int16_t* panel, const float* sf, const int16_t* xq,
                                                  const float* dx, int64_t Kp, int64_t G, int64_t gs, float* C) {
-  static_assert(MB >= 1 && MB <= 6, "int4r8_i16_kernel: 1..6 rows");
+  static_assert(MB >= 1 && MB <= 6, "i16_gemm_kernel: 1..6 rows");
   for (int i = 0; i < MB * 16; ++i) C[i] = 0.0f;
   const int64_t kpg = gs / 2;  // code pairs per group
   for (int64_t g = 0; g < G; ++g) {
@@ -962,13 +962,11 @@ __attribute__((noinline)) void int4r8_i16_kernel(const int16_t* panel, const flo
 void prep_x_i16_groups(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int64_t gs, int16_t* xq,
                        float* dx, float* sx) {
   const int64_t G = Kp / gs;
-  std::vector<float> row(static_cast<size_t>(Kp), 0.0f);
   for (int64_t m = 0; m < M; ++m) {
-    std::copy(x + m * ldx, x + m * ldx + K, row.begin());  // zeros past K
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = 0; g < G; ++g) {  // a group as a row of its columns below K (zeros after them)
       int16_t* o = xq + m * Kp + g * gs;
       float d;
-      prep_x_i16_rows(row.data() + g * gs, gs, 1, gs, gs, o, &d);
+      prep_x_i16_rows(x + m * ldx + g * gs, ldx, 1, std::clamp<int64_t>(K - g * gs, 0, gs), gs, o, &d);
       int64_t s = 0;
       for (int64_t k = 0; k < gs; ++k) s += o[k];
       dx[m * G + g] = d;
@@ -979,7 +977,7 @@ void prep_x_i16_groups(const float* x, int64_t ldx, int64_t M, int64_t K, int64_
 
 // The int16-activation GEMM over panels of 16 weight rows: y [M, N] = for each panel p (rows 16p..16p+15),
 // make_panel(p, panel, sf, mf) unpacks its codes (int16 pairs [Kp/2][16][2]) and per-group float scales
-// sf and mins mf [G][16] (mins: nullptr when the format has none); then, 6 activation rows at a time,
+// sf and mins mf [G][16] (mf left alone without has_mins); then, 6 activation rows at a time,
 // y = sum_g sf dx (integer sums) + sum_g mf sx.
 template <typename MakePanel>
 void i16_gemm(int64_t N, int64_t Kp, int64_t gs, const float* x, int64_t ldx, int64_t K, int64_t M, float* y,
@@ -1001,12 +999,12 @@ void i16_gemm(int64_t N, int64_t Kp, int64_t gs, const float* x, int64_t ldx, in
         const int16_t* xm = xq.data() + m0 * Kp;
         const float* dxm = dx.data() + m0 * G;
         switch (mb) {
-          case 1: int4r8_i16_kernel<1>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          case 2: int4r8_i16_kernel<2>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          case 3: int4r8_i16_kernel<3>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          case 4: int4r8_i16_kernel<4>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          case 5: int4r8_i16_kernel<5>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          default: int4r8_i16_kernel<6>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 1: i16_gemm_kernel<1>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 2: i16_gemm_kernel<2>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 3: i16_gemm_kernel<3>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 4: i16_gemm_kernel<4>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 5: i16_gemm_kernel<5>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          default: i16_gemm_kernel<6>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
         }
         for (int64_t m = 0; m < mb; ++m) {  // y = C + sum_g min * sx
           __m256 y0 = _mm256_load_ps(C + m * 16), y1 = _mm256_load_ps(C + m * 16 + 8);

@@ -25,12 +25,11 @@ float16, as checkpoint format 2 stores it); the caller's dict is kept only with 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantchat.kernels.cpu import env_flag
 from quantchat.quant import rtn
 
 
@@ -136,7 +135,7 @@ class QuantizedLinear(nn.Module):
         # int8 forward's kernel path: cpu.PATH_AUTO_I16 (4, int16 activations: per row up to 12 rows, as the
         # fused decode step; per 128 columns above, the prefill GEMM) or cpu.PATH_AUTO (0, float activations:
         # with QUANTCHAT_NO_Q8=1, as everywhere)
-        self.i8_path = 0 if os.environ.get("QUANTCHAT_NO_Q8", "").strip() not in ("", "0") else 4
+        self.i8_path = 0 if env_flag("QUANTCHAT_NO_Q8") else 4
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

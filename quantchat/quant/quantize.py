@@ -113,9 +113,7 @@ def quantize_on_load(spec: QuantSpec, device: torch.device, act_dtype: torch.dty
     Methods that need calibration take no part."""
 
     def take(model: nn.Module, name: str, weight: Tensor) -> bool:
-        parts = name.split(".")
-        if (spec.method in NEEDS_CALIBRATION or len(parts) < 3 or parts[0] != "layers"
-                or ".".join(parts[2:]) not in LAYER_LINEARS):
+        if spec.method in NEEDS_CALIBRATION or name not in linear_names(model):
             return False
         module = model.get_submodule(name)
         codes = quantize_codes(weight, spec)
