@@ -404,7 +404,7 @@ def test_int4r8_bad_arguments_raise():
     with pytest.raises(RuntimeError, match="multiple of 32"):
         cpu.int4r8_linear(x, *rtn.interleave_rows8(*int4_weight(8, 64, 16, False)[:3]), 8, 16, 64)
     with pytest.raises(RuntimeError, match="unknown path"):
-        cpu.int4r8_linear(x, pi, si, zi, 13, 32, 64, 7)
+        cpu.int4r8_linear(x, pi, si, zi, 13, 32, 64, 99)
     with pytest.raises((RuntimeError, ValueError)):
         cpu.int4r8_linear(activations(2, 60), pi, si, zi, 13, 32, 64)
     y = ops.int4r8_linear(torch.empty(5, 64, device="meta"), pi.to("meta"), si.to("meta"), zi.to("meta"), 13, 32, 64)

@@ -181,7 +181,7 @@ def test_quantized_linear_interleave_rows_in_place():
     before, codes = lin(x), {k: v.clone() for k, v in lin.resident_codes().items()}
     nbytes = lin.weight_bytes
     assert lin.interleave_rows_() and lin.r8 and lin.interleave_rows_()  # idempotent
-    assert lin.qweight.shape[0] == 48 and lin.r8_path == cpu.R8_I16  # prefill: int16 activations
+    assert lin.qweight.shape[0] == 48 and lin.r8_path == cpu.R8_PREFILL  # prefill: int16 activations (AMX: bf16 x 3)
     # x rounded per 32 columns to absmax / 32767 steps: at most half a step x sum |w| (~5e-3) off
     torch.testing.assert_close(lin(x), before, rtol=0, atol=5e-3)
     lin.r8_path = cpu.R8_EXACT
@@ -283,7 +283,7 @@ def test_kernels_build_where_they_can():
     from quantchat.kernels import cpu
 
     try:
-        cpu._cpu_check()
+        cpu.select_variant()
         cpu._compiler()
     except cpu.KernelsUnavailable as e:
         pytest.skip(str(e))

@@ -2,7 +2,7 @@
 
 ``Transformer.forward`` (quantchat/model/llama.py) is the reference; at decode its ~15 torch ops per
 layer cost more in dispatch than in arithmetic on a small model. ``FusedDecoder`` hands the same
-weights and KV cache to ``torch.classes.quantchat.DecodePlan`` (quantchat/kernels/decode_step.cpp),
+weights and KV cache to ``DecodePlan`` (quantchat/kernels/decode_step.cpp),
 which runs rmsnorm, the packed linears, rope, the cache write, grouped-query attention, SwiGLU and the
 LM head as plain loops between quantchat's linear kernels. Same results as the model's forward to
 float32 rounding (tests/test_fused_decode.py). Building the decoder re-lays every int4 linear (group size a
@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from quantchat.kernels import cpu
 from quantchat.kernels.cpu import env_flag
 from quantchat.model.linear import TransposedLinear
 from quantchat.model.llama import Transformer
@@ -155,7 +156,7 @@ class FusedDecoder:
         self.model = model
         self.cache = model.layers[0].attention.kv_cache.k_cache
         self.modules = _watched(model)
-        self.plan = torch.classes.quantchat.DecodePlan(meta, float(model.config.norm_eps), tensors)
+        self.plan = cpu.decode_plan_class()(meta, float(model.config.norm_eps), tensors)
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecoder | None":

@@ -31,6 +31,7 @@ compiler, no AVX2/FMA, not x86-64, ``QUANTCHAT_NO_KERNELS=1``) ``available()`` i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,18 +50,129 @@ from quantchat.paths import quantchat_home
 __all__ = [
     "KernelsUnavailable", "available", "load", "unavailable_reason", "build_info",
     "int4_linear", "int8_linear", "int4r8_linear", "sample_logits", "R8_EXACT", "R8_Q8", "R8_EXACT_SMALL", "R8_I16",
-    "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16", "PATH_AUTO_I16",
+    "R8_AMX_1", "R8_AMX_2", "R8_AMX_3", "R8_PREFILL", "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16",
+    "PATH_AUTO_I16", "PATH_AMX_1", "PATH_AMX_2", "PATH_AMX_3", "PATH_PREFILL", "VARIANTS", "load_variant",
+    "select_variant", "describe", "decode_plan_class",
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-# every file of the library (compiled together into one .so; the header is part of the cache key)
-SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"), SOURCE.with_name("sampling.cpp"))
-HEADERS = (SOURCE.with_name("cpu_kernels.h"),)
-CXX_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG",
-             "-fvisibility=hidden", "-w"]
-REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+# every file of the library (compiled together into one .so per ISA variant; the headers are part of the
+# cache key)
+SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"), SOURCE.with_name("sampling.cpp"),
+           SOURCE.parent / "x86" / "amx_gemm.cpp")
+HEADERS = (SOURCE.with_name("cpu_kernels.h"), SOURCE.parent / "x86" / "amx_gemm.h")
+CXX_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG", "-fvisibility=hidden", "-w"]
 BUILD_TIMEOUT_S = 600
-KEEP_BUILDS = 4  # cached builds kept in kernels_dir() (one per source version / torch / compiler)
+KEEP_BUILDS = 6  # cached builds kept in kernels_dir() (per ISA variant / source version / torch / compiler)
+VARIANT_ENV = "QUANTCHAT_CPU_VARIANT"  # forces a variant (a lower one than the CPU allows, for tests / comparing)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernels: the compiler flags and the CPU flags (``/proc/cpuinfo`` names) it needs.
+
+    Each variant is compiled from the same sources into its own library, with its ops in its own torch
+    namespace (``torch.ops.quantchat_<name>``), so that several can be loaded side by side (tests compare
+    them); the code paths a variant adds are chosen at compile time (``#ifdef __AVX512VNNI__``, ...).
+    """
+
+    name: str
+    cxx_flags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]
+    adds: str  # what it brings over the variant below it
+
+    @property
+    def namespace(self) -> str:
+        return f"quantchat_{self.name}"
+
+
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+_AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
+_AMX = ("-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16")
+# lowest first; select_variant() takes the highest the CPU has
+VARIANTS = (
+    Variant("avx2", _AVX2, ("avx2", "fma", "f16c"), "AVX2 + FMA + F16C: every kernel"),
+    Variant("avx512_vnni", _AVX2 + _AVX512,
+            ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+            "AVX-512 VNNI decode GEMVs (vpdpbusd / vpdpwssd: the same exact integer sums as AVX2)"),
+    Variant("amx", _AVX2 + _AVX512 + _AMX,
+            ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+             "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"),
+            "AMX-BF16 tiles for prefill-sized matrices (dequantized bf16 weight panels, float32 sums)"),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+REQUIRED_CPU_FLAGS = VARIANTS[0].cpu_flags
+
+
+def variant(name: str) -> Variant:
+    for v in VARIANTS:
+        if v.name == name:
+            return v
+    raise KernelsUnavailable(f"unknown CPU kernel variant {name!r} (choose from {', '.join(VARIANT_NAMES)})")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def missing_flags(v: Variant, flags: frozenset[str] | None = None) -> list[str]:
+    """The CPU flags ``v`` needs that this CPU lacks (without ``/proc/cpuinfo``: torch's dispatch level
+    vouches for AVX2 only)."""
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        cap = torch.backends.cpu.get_cpu_capability()
+        if v.name == "avx2" and cap in ("AVX2", "AVX512"):
+            return []
+        return [f"{v.name} (no /proc/cpuinfo; torch reports {cap})"]
+    return [f for f in v.cpu_flags if f not in flags]
+
+
+def select_variant(flags: frozenset[str] | None = None, forced: str | None = None) -> tuple[Variant, str]:
+    """The variant to use on this CPU and why: the highest whose flags the CPU has, or the one
+    ``$QUANTCHAT_CPU_VARIANT`` names (KernelsUnavailable if the CPU lacks what it needs)."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        raise KernelsUnavailable(f"not an x86-64 CPU ({platform.machine()})")
+    forced = os.environ.get(VARIANT_ENV, "").strip() if forced is None else forced
+    if forced:
+        v = variant(forced)
+        missing = missing_flags(v, flags)
+        if missing:
+            raise KernelsUnavailable(f"{VARIANT_ENV}={forced}: the CPU lacks {', '.join(missing)}")
+        return v, f"forced by {VARIANT_ENV}={forced}"
+    best, why_not = None, ""
+    for v in VARIANTS:
+        missing = missing_flags(v, flags)
+        if missing:
+            why_not = f"; not {v.name}: the CPU lacks {', '.join(missing)}"
+            break
+        best = v
+    if best is None:
+        raise KernelsUnavailable(f"CPU lacks {', '.join(missing_flags(VARIANTS[0], flags))}")
+    return best, f"the best this CPU supports{why_not}"
+
 
 # kernel choice (the ``path`` argument): AUTO = float GEMV for M <= 12, tiles + sgemm above; GEMV / TILED
 # force one (tests, benchmarks). Opt-in: GEMV_I16 = GEMV with the activations rounded to int16 (int4: per
@@ -69,6 +182,10 @@ KEEP_BUILDS = 4  # cached builds kept in kernels_dir() (one per source version /
 # on int16 activations per 128 columns (int8: QuantizedLinear's default, prefill). The fused decode step
 # runs int8 layers (the LM head) on GEMV_I16.
 PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
+# AMX_1/2/3: the AMX-BF16 GEMM (amx variant only) with 1, 2 or 3 bf16 products per float product (see
+# x86/amx_gemm.h); PREFILL: the fastest prefill path of this build for the rows given (AMX from 32 rows where
+# there, else AUTO_I16): QuantizedLinear's int8 default
+PATH_AMX_1, PATH_AMX_2, PATH_AMX_3, PATH_PREFILL = 5, 6, 7, 8
 # int4r8_linear's paths: EXACT = float32 activations (up to 16 rows: one 8-row block dequantized into L1 at
 # a time and multiplied with up to 6 rows at once, each row's sums in a fixed order; above: dequantized
 # tiles + sgemm); Q8 = GEMV on int8 activations (per 32 columns, as llama.cpp's Q8_0): the decode path,
@@ -77,6 +194,9 @@ PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
 # register block): the prefill path (QuantizedLinear's default), 1.1-2.3x EXACT at every M, output error
 # ~3e-5 of its magnitude, each row's result independent of the other rows
 R8_EXACT, R8_Q8, R8_EXACT_SMALL, R8_I16 = 0, 1, 2, 3
+# as PATH_AMX_* / PATH_PREFILL for the r8 layout (R8_PREFILL: AMX from 32 rows, else R8_I16; QuantizedLinear's
+# int4 default)
+R8_AMX_1, R8_AMX_2, R8_AMX_3, R8_PREFILL = 4, 5, 6, 7
 
 
 class KernelsUnavailable(RuntimeError):
@@ -84,12 +204,14 @@ class KernelsUnavailable(RuntimeError):
 
 
 _lock = threading.Lock()
-_ops = None
+_ops = None  # the chosen variant's namespace
+_variant: Variant | None = None
 _int4_op = None  # the resolved op overloads (a little less call overhead than the packet)
 _int8_op = None
 _int4r8_op = None
 _error: str | None = None
 _info: dict = {}
+_loaded: dict[str, object] = {}  # variant name -> its torch.ops namespace (every variant loaded here)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,29 +220,6 @@ _info: dict = {}
 def kernels_dir() -> Path:
     env = os.environ.get("QUANTCHAT_KERNELS_DIR")
     return Path(env).expanduser() if env else quantchat_home() / "kernels"
-
-
-def _cpu_check() -> None:
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64"):
-        raise KernelsUnavailable(f"not an x86-64 CPU ({platform.machine()})")
-    flags: set[str] | None = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    if flags is not None:
-        missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
-        if missing:
-            raise KernelsUnavailable(f"CPU lacks {', '.join(missing)}")
-    else:  # no /proc/cpuinfo: trust torch's own dispatch level
-        cap = torch.backends.cpu.get_cpu_capability()
-        if cap not in ("AVX2", "AVX512"):
-            raise KernelsUnavailable(f"CPU capability {cap} (needs AVX2 + FMA)")
 
 
 def _compiler() -> str:
@@ -138,13 +237,17 @@ def _torch_dirs() -> tuple[Path, Path]:
     return inc, lib
 
 
-def _compile_commands(cxx: str, objects: list[Path]) -> list[list[str]]:
+def _variant_flags(v: Variant) -> list[str]:
+    return [*CXX_FLAGS, *v.cxx_flags, f"-DQC_NS={v.namespace}", f"-DQC_VARIANT=\"{v.name}\""]
+
+
+def _compile_commands(cxx: str, v: Variant, objects: list[Path]) -> list[list[str]]:
     """One ``-c`` command per source (they run side by side: most of the time is parsing torch headers)."""
     inc, _ = _torch_dirs()
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    flags = [f for f in CXX_FLAGS if f != "-shared"]
-    return [[cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}", "-c", str(src), "-o", str(obj)]
-            for src, obj in zip(SOURCES, objects)]
+    flags = [f for f in _variant_flags(v) if f != "-shared"]
+    return [[cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}", f"-I{SOURCE.parent}", "-c", str(src),
+             "-o", str(obj)] for src, obj in zip(SOURCES, objects)]
 
 
 def _link_command(cxx: str, objects: list[Path], out: Path) -> list[str]:
@@ -153,13 +256,13 @@ def _link_command(cxx: str, objects: list[Path], out: Path) -> list[str]:
             f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
 
 
-def _run_build(cxx: str, out: Path) -> None:
+def _run_build(cxx: str, v: Variant, out: Path) -> None:
     """Compile the sources in parallel and link them into ``out``; KernelsUnavailable with the compiler's
     message when that fails."""
     objects = [out.with_name(f"{out.stem}.{i}.o") for i in range(len(SOURCES))]
     try:
         procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for c in _compile_commands(cxx, objects)]
+                 for c in _compile_commands(cxx, v, objects)]
         results = [(p, p.communicate(timeout=BUILD_TIMEOUT_S)[0]) for p in procs]
         for p, output in results:
             if p.returncode != 0:
@@ -176,21 +279,21 @@ def _run_build(cxx: str, out: Path) -> None:
             o.unlink(missing_ok=True)
 
 
-def _cache_key(cxx: str) -> str:
+def _cache_key(cxx: str, v: Variant) -> str:
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelsUnavailable(f"C++ compiler {cxx} does not run: {e}") from e
     h = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(CXX_FLAGS).encode(), cxx.encode(), version.encode(),
-                 torch.__version__.encode(), str(getattr(torch.version, "git_version", "")).encode(),
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(_variant_flags(v)).encode(), cxx.encode(),
+                 version.encode(), torch.__version__.encode(), str(getattr(torch.version, "git_version", "")).encode(),
                  str(Path(torch.__file__).resolve().parent).encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:16]
 
 
-def _build(cxx: str, so_path: Path) -> float:
+def _build(cxx: str, v: Variant, so_path: Path) -> float:
     """Compile into so_path (under a file lock; another process may have built it meanwhile)."""
     import fcntl
 
@@ -202,7 +305,7 @@ def _build(cxx: str, so_path: Path) -> float:
         tmp = so_path.with_name(f".{so_path.stem}.{os.getpid()}.tmp.so")
         t0 = time.perf_counter()
         try:
-            _run_build(cxx, tmp)
+            _run_build(cxx, v, tmp)
         except KernelsUnavailable:
             tmp.unlink(missing_ok=True)
             raise
@@ -221,9 +324,9 @@ def _prune(folder: Path, keep: int) -> None:
             pass
 
 
-def _registered() -> bool:
+def _registered(v: Variant) -> bool:
     try:
-        torch.ops.quantchat.int4_linear.default  # noqa: B018
+        getattr(torch.ops, v.namespace).int4_linear.default  # noqa: B018
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -234,14 +337,16 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip() not in ("", "0")
 
 
-def _load_impl():
-    if env_flag("QUANTCHAT_NO_KERNELS"):
-        raise KernelsUnavailable("disabled by QUANTCHAT_NO_KERNELS")
-    _cpu_check()
-    if not _registered():
+def _load_variant_impl(v: Variant) -> tuple[object, dict]:
+    """Build (once) and load variant ``v``; its ops namespace and how it was got."""
+    missing = missing_flags(v)
+    if missing:  # never load code with instructions the CPU lacks
+        raise KernelsUnavailable(f"the CPU lacks {', '.join(missing)} for the {v.name} kernels")
+    info: dict = {}
+    if not _registered(v):
         cxx = _compiler()
-        so_path = kernels_dir() / f"quantchat_cpu_{_cache_key(cxx)}.so"
-        build_s = _build(cxx, so_path) if not so_path.is_file() else 0.0
+        so_path = kernels_dir() / f"quantchat_cpu_{v.name}_{_cache_key(cxx, v)}.so"
+        build_s = _build(cxx, v, so_path) if not so_path.is_file() else 0.0
         try:
             os.utime(so_path)  # "recently used", for _prune
         except OSError:
@@ -250,23 +355,59 @@ def _load_impl():
             torch.ops.load_library(str(so_path))
         except OSError as e:
             raise KernelsUnavailable(f"cannot load {so_path}: {e}") from e
-        _info.update(path=str(so_path), build_s=build_s, compiler=cxx)
-    ops = torch.ops.quantchat
-    _info["blas"] = "sgemm_" if ops.kernels_info() else "at::mm"
+        info.update(path=str(so_path), build_s=build_s, compiler=cxx)
+    ops = getattr(torch.ops, v.namespace)
+    info["blas"] = "sgemm_" if ops.kernels_info() else "at::mm"
+    info["variant"] = v.name
+    info["isa"] = ops.isa_info()
     # smoke test: catches a broken build before any model uses it
     x = torch.ones(1, 16)
-    y = ops.int8_linear(x, torch.ones(2, 16, dtype=torch.int8), torch.full((2,), 0.5))
+    y = ops.int8_linear(x, torch.ones(2, 16, dtype=torch.int8), torch.full((2,), 0.5), 0)
     if not torch.equal(y, torch.full((1, 2), 8.0)):
-        raise KernelsUnavailable("kernel smoke test gave a wrong result")
-    return ops
+        raise KernelsUnavailable(f"kernel smoke test of the {v.name} build gave a wrong result")
+    return ops, info
+
+
+def load_variant(name: str):
+    """The ops namespace of one variant (built and loaded on first use; tests compare variants with it).
+    KernelsUnavailable when the CPU or the compiler cannot give it."""
+    with _lock:
+        if name not in _loaded:
+            ops, info = _load_variant_impl(variant(name))
+            _loaded[name] = ops
+            _info.setdefault("variants", {})[name] = info
+        return _loaded[name]
+
+
+def _load_impl() -> tuple[object, Variant]:
+    if env_flag("QUANTCHAT_NO_KERNELS"):
+        raise KernelsUnavailable("disabled by QUANTCHAT_NO_KERNELS")
+    chosen, why = select_variant()
+    tried = []
+    for v in reversed(VARIANTS[:VARIANTS.index(chosen) + 1]):  # a build that fails falls back to the one below
+        try:
+            ops, info = _load_variant_impl(v)
+        except KernelsUnavailable as e:
+            if os.environ.get(VARIANT_ENV, "").strip():
+                raise
+            tried.append(f"{v.name}: {e}")
+            continue
+        _loaded[v.name] = ops
+        _info.update(info)
+        _info["why"] = why if v is chosen else \
+            f"{chosen.name} failed ({'; '.join(t.splitlines()[0] for t in tried)})"
+        _info["cpu"] = cpu_model()
+        return ops, v
+    raise KernelsUnavailable("; ".join(tried))
 
 
 def load():
-    """Build (first time) and load the kernels; returns the ``torch.ops.quantchat`` namespace.
+    """Build (first time) and load the kernels of the best variant for this CPU; returns its
+    ``torch.ops`` namespace (``torch.ops.quantchat_<variant>``).
 
     Raises ``KernelsUnavailable`` with the reason when they cannot be used here.
     """
-    global _ops, _error, _int4_op, _int8_op, _int4r8_op
+    global _ops, _error, _int4_op, _int8_op, _int4r8_op, _variant
     if _ops is not None:
         return _ops
     with _lock:
@@ -274,9 +415,10 @@ def load():
             if _error is not None:
                 raise KernelsUnavailable(_error)
             try:
-                ops = _load_impl()
+                ops, v = _load_impl()
                 _int4_op, _int8_op = ops.int4_linear.default, ops.int8_linear.default
                 _int4r8_op = ops.int4r8_linear.default
+                _variant = v
                 _ops = ops
             except KernelsUnavailable as e:
                 _error = str(e)
@@ -285,6 +427,19 @@ def load():
                 _error = f"{type(e).__name__}: {e}"
                 raise KernelsUnavailable(_error) from e
     return _ops
+
+
+def loaded_variant() -> Variant:
+    """The variant in use (loads the kernels)."""
+    load()
+    assert _variant is not None
+    return _variant
+
+
+def decode_plan_class():
+    """The fused decode step's class (``DecodePlan`` of decode_step.cpp) of the variant in use."""
+    load()
+    return getattr(torch.classes, loaded_variant().namespace).DecodePlan
 
 
 def is_built() -> bool:
@@ -307,8 +462,31 @@ def unavailable_reason() -> str | None:
 
 
 def build_info() -> dict:
-    """Where the library is, how long the build took this process (0.0 = cached), the BLAS used."""
+    """Where the library is, how long the build took this process (0.0 = cached), the BLAS used, the
+    variant in use and why, what its ISA code paths are (``isa``)."""
     return dict(_info)
+
+
+def describe() -> dict:
+    """What ``quantchat inspect --cpu`` prints: the CPU, its relevant flags, every variant with whether this
+    CPU can run it, the one in use and why, and its code paths (loads the kernels)."""
+    flags = cpu_flags()
+    wanted = sorted({f for v in VARIANTS for f in v.cpu_flags})
+    out: dict = {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "flags": {f: (None if flags is None else f in flags) for f in wanted},
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "variants": [{"name": v.name, "adds": v.adds, "missing": missing_flags(v)} for v in VARIANTS],
+        "forced": os.environ.get(VARIANT_ENV, "").strip() or None,
+    }
+    if available():
+        info = build_info()
+        out.update(variant=info.get("variant"), why=info.get("why"), isa=info.get("isa"),
+                   library=info.get("path"), blas=info.get("blas"))
+    else:
+        out.update(variant=None, why=unavailable_reason())
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "x86/amx_gemm.h"
 
 #include <immintrin.h>
 
@@ -43,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 // Fortran BLAS sgemm, exported by torch's MKL build (libtorch_cpu). Weak: a torch without it
@@ -59,6 +61,25 @@ using quantchat_kernels::hsum;
 // auto path: GEMV for M <= these, dequantized tiles + sgemm above (measured crossovers, 1 thread)
 constexpr int64_t kMaxGemvM = 12;     // int4, float GEMV
 constexpr int64_t kMaxGemvI16M = 12;  // int4, int16-activation GEMV (path 4)
+
+// int4r8_linear's paths (cpu.py: R8_*)
+constexpr int64_t kR8Exact = 0, kR8Q8 = 1, kR8ExactSmall = 2, kR8I16 = 3, kR8Amx1 = 4, kR8Amx2 = 5, kR8Amx3 = 6,
+                  kR8Prefill = 7, kR8LastPath = 7;
+// int8_linear's paths (cpu.py: PATH_*)
+constexpr int64_t kPathAuto = 0, kPathGemv = 1, kPathTiled = 2, kPathGemvI16 = 3, kPathAutoI16 = 4, kPathAmx1 = 5,
+                  kPathAmx2 = 6, kPathAmx3 = 7, kPathPrefill = 8, kPathLast = 8;
+// the prefill paths (kR8Prefill, kPathPrefill): the AMX GEMM from this many rows (where the build and the OS
+// allow it), with this many bf16 passes; below, or without AMX, the int16-activation GEMM / GEMV
+#ifndef QC_AMX_MIN_M
+#define QC_AMX_MIN_M 48
+#endif
+#ifndef QC_AMX_PASSES
+#define QC_AMX_PASSES 3
+#endif
+constexpr int64_t kAmxMinM = QC_AMX_MIN_M;
+constexpr int kAmxPasses = QC_AMX_PASSES;
+
+bool use_amx(int64_t M) { return M >= kAmxMinM && quantchat_kernels::amx_unavailable_reason() == nullptr; }
 constexpr int64_t kMaxGemvM8 = 12;    // int8
 #ifndef QC_TILE_KIB
 #define QC_TILE_KIB 192
@@ -561,9 +582,17 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   // the float GEMV reads 16 codes at a time, the int16 one 32: other group sizes take the tiled path
   const bool small = M <= kMaxGemvM, small_i16 = M <= kMaxGemvI16M;
   const bool f_ok = group_size % 16 == 0, i_ok = group_size % 32 == 0;
-  const int kTiled = 0, kGemv = 1, kGemvI16 = 3;
-  int mode;
+  const int kTiled = 0, kGemv = 1, kGemvI16 = 3, kAmx = 5;
+  int mode, passes = kAmxPasses;
+  // prefill: AMX where there, else float activations as before (the r8 layout has the int16 GEMM)
+  if (path == kPathPrefill) path = use_amx(M) && Kp % 32 == 0 ? kPathAmx1 + kAmxPasses - 1 : kPathAuto;
   switch (path) {
+    case kPathAmx1:
+    case kPathAmx2:
+    case kPathAmx3:
+      mode = Kp % 32 == 0 ? kAmx : kTiled;
+      passes = static_cast<int>(path - kPathAmx1 + 1);
+      break;
     case 0: mode = small && f_ok ? kGemv : kTiled; break;
     case 1: mode = f_ok ? kGemv : kTiled; break;
     case 2: mode = kTiled; break;
@@ -571,7 +600,12 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     case 4: mode = !small_i16 ? kTiled : (i_ok ? kGemvI16 : (f_ok ? kGemv : kTiled)); break;
     default: TORCH_CHECK(false, "int4_linear: unknown path ", path);
   }
-  if (mode == kGemvI16) {
+  if (mode == kAmx) {
+    quantchat_kernels::amx_bf16_gemm(N, in_features, Kp, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>(), N,
+                                     passes, [&](int64_t n0, int64_t rows, float* out) {
+                                       int4_dequant_rows(q, n0, rows, out);
+                                     });
+  } else if (mode == kGemvI16) {
     int4_gemv_i16(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
   } else if (mode == kGemv) {
     int4_gemv(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
@@ -705,12 +739,90 @@ __attribute__((noinline)) void int4r8_q8_kernel(const Int4R8& q, const int8_t* x
   for (int m = 0; m < MB; ++m) store_lanes(y + (m0 + m) * ldy + n0, acc[m], rows);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define QC_VNNI 1
+// AVX-512 VNNI form of int4r8_q8_kernel (the one above is its reference): the same exact integer sums per
+// 32 columns, so the same results bit for bit. One 64-byte load holds two 8-column chunks of the block (32-bit
+// lanes 0-7: chunk c, 8-15: chunk c + 1), and vpdpbusd (u8 codes x s8 activations, 4 products per lane) takes
+// the activations expanded once per call by expand_x_vnni: per row and 32 columns, 4 x 64 bytes, each the
+// 4-byte groups the lanes need ([w0 x 8 | w2 x 8], [w1 | w3], [w4 | w6], [w5 | w7] of the 8 words).
+constexpr int64_t kVnniXBytes = 256;  // expanded activation bytes per row and 32 columns
+
+void expand_x_vnni(const int8_t* xq, int64_t M, int64_t Kp, int8_t* xe) {
+  const __m512i idx[4] = {_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+                          _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
+                          _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+                          _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
+  const int64_t nb = Kp / 32;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < nb; ++j) {
+      const __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + j * 32)));
+      int8_t* o = xe + (m * nb + j) * kVnniXBytes;
+      for (int i = 0; i < 4; ++i) _mm512_storeu_si512(o + 64 * i, _mm512_permutexvar_epi32(idx[i], v));
+    }
+}
+
+template <int MB>
+__attribute__((noinline)) void int4r8_q8_kernel_vnni(const Int4R8& q, const int8_t* xe, const float* dx,
+                                                     const float* sx, float* y, int64_t ldy, int64_t b, int64_t m0) {
+  const int64_t G = q.G, per_g = q.gs / 32, Kp = q.Kp, nb = Kp / 32;
+  const __m512i m4 = _mm512_set1_epi8(15);
+  const uint8_t* wb = q.w + b * 8 * (Kp / 2);
+  const uint16_t* sb = q.s + b * 8 * G;
+  const uint16_t* mb = q.mn + b * 8 * G;
+  __m256 acc[MB];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + g * 8)));
+    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mb + g * 8)));
+    for (int64_t j = g * per_g; j < (g + 1) * per_g; ++j) {  // 32 columns
+      const __m512i v0 = _mm512_loadu_si512(wb + j * 128), v1 = _mm512_loadu_si512(wb + j * 128 + 64);
+      const __m512i lo0 = _mm512_and_si512(v0, m4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
+      const __m512i lo1 = _mm512_and_si512(v1, m4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xr = xe + ((m0 + m) * nb + j) * kVnniXBytes;
+        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo0, _mm512_loadu_si512(xr));
+        a = _mm512_dpbusd_epi32(a, hi0, _mm512_loadu_si512(xr + 64));
+        a = _mm512_dpbusd_epi32(a, lo1, _mm512_loadu_si512(xr + 128));
+        a = _mm512_dpbusd_epi32(a, hi1, _mm512_loadu_si512(xr + 192));
+        const __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+        acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_set1_ps(dx[(m0 + m) * nb + j])), _mm256_cvtepi32_ps(s),
+                                 acc[m]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[(m0 + m) * G + g]), acc[m]);
+  }
+  const int64_t n0 = b * 8, rows = std::min<int64_t>(8, q.N - n0);
+  for (int m = 0; m < MB; ++m) store_lanes(y + (m0 + m) * ldy + n0, acc[m], rows);
+}
+#endif
+
 void int4r8_gemv(const Int4R8& q, const float* x, int64_t ldx, int64_t M, float* y) {
   std::vector<int8_t> xq(static_cast<size_t>(M * q.Kp));
   std::vector<float> dx(static_cast<size_t>(M * q.Kp / 32)), sx(static_cast<size_t>(M * q.G));
   prep_x_q8(q, x, ldx, M, xq.data(), dx.data(), sx.data());
   const int64_t blocks = q.N8 / 8, block_bytes = 4 * q.Kp + 32 * q.G;
   const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / block_bytes);  // >= 32 KiB per thread
+#ifdef QC_VNNI
+  std::vector<int8_t> xe(static_cast<size_t>(M * (q.Kp / 32) * kVnniXBytes));
+  expand_x_vnni(xq.data(), M, q.Kp, xe.data());
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int4r8_q8_kernel_vnni<1>(q, xe.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
+          case 2: int4r8_q8_kernel_vnni<2>(q, xe.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
+          case 3: int4r8_q8_kernel_vnni<3>(q, xe.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
+          default: int4r8_q8_kernel_vnni<4>(q, xe.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
+        }
+      }
+    }
+  });
+  return;
+#endif
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -1041,7 +1153,7 @@ at::Tensor int4r8_linear(const at::Tensor& x_in, const at::Tensor& packed, const
   const int64_t N8 = packed.size(0), Kp = packed.size(1) * 2, G = scales.size(1);
   TORCH_CHECK(N8 % 8 == 0, "int4r8_linear: rows must be a multiple of 8 (padded)");
   TORCH_CHECK(out_features > N8 - 8 && out_features <= N8, "int4r8_linear: out_features inconsistent with rows");
-  TORCH_CHECK(path >= 0 && path <= 3, "int4r8_linear: unknown path ", path);
+  TORCH_CHECK(path >= 0 && path <= kR8LastPath, "int4r8_linear: unknown path ", path);
   const at::Tensor x = as_float_rows(x_in);
   const int64_t M = x.size(0);
   at::Tensor y = x.new_empty({M, out_features});
@@ -1049,9 +1161,16 @@ at::Tensor int4r8_linear(const at::Tensor& x_in, const at::Tensor& packed, const
   Int4R8 q{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
            reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()), out_features, N8, in_features, Kp, G,
            group_size};
-  if (path == 1) {
+  if (path == kR8Prefill) path = use_amx(M) ? kR8Amx1 + kAmxPasses - 1 : kR8I16;
+  if (path >= kR8Amx1 && path <= kR8Amx3) {
+    quantchat_kernels::amx_bf16_gemm(out_features, in_features, Kp, x.data_ptr<float>(), x.stride(0), M,
+                                     y.data_ptr<float>(), out_features, static_cast<int>(path - kR8Amx1 + 1),
+                                     [&](int64_t n0, int64_t rows, float* out) {
+                                       int4r8_dequant_blocks(q, n0 / 8, (rows + 7) / 8, out);
+                                     });
+  } else if (path == kR8Q8) {
     int4r8_gemv(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
-  } else if (path == 3) {
+  } else if (path == kR8I16) {
     int4r8_i16_gemm(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
   } else if (path == 2 || M <= kR8SmallMaxM) {
     int4r8_exact_small(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
@@ -1239,7 +1358,34 @@ __attribute__((noinline)) void int8_gemv_i16_kernel(const int8_t* w, int64_t K, 
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_si256();
-    for (int64_t k = c0; k < c1; k += 16) {
+    int64_t k = c0;
+#ifdef QC_VNNI
+    // AVX-512 VNNI: vpdpwssd over 32 columns; 32-bit lane i + 8 holds the products lane i gets 16 columns later
+    // in the AVX2 loop below, so folding the halves gives its integer sums exactly (the same results)
+    __m512i acc5[R][MB];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc5[r][m] = _mm512_setzero_si512();
+    for (; k + 32 <= c1; k += 32) {
+      if (pf && (k & 63) == 0) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pfp + r * K + k), _MM_HINT_T0);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * K + k)));
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) acc5[r][m] = _mm512_dpwssd_epi32(acc5[r][m], wv, _mm512_loadu_si512(xb + m * Kp + k));
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m)
+        acc[r][m] = _mm256_add_epi32(_mm512_castsi512_si256(acc5[r][m]), _mm512_extracti64x4_epi64(acc5[r][m], 1));
+#endif
+    for (; k < c1; k += 16) {
       if (pf && (k & 63) == 0) {
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pfp + r * K + k), _MM_HINT_T0);
@@ -1364,9 +1510,19 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
   float* yp = y.data_ptr<float>();
-  TORCH_CHECK(path >= 0 && path <= 4, "int8_linear: unknown path ", path);
+  TORCH_CHECK(path >= 0 && path <= kPathLast, "int8_linear: unknown path ", path);
   const bool small = M <= kMaxGemvM8;
-  if (path == 4 && !small) {  // prefill: the int16-activation GEMM
+  if (path == kPathPrefill) path = use_amx(M) ? kPathAmx1 + kAmxPasses - 1 : kPathAutoI16;
+  if (path >= kPathAmx1 && path <= kPathAmx3) {
+    const int64_t Kp = (K + 31) / 32 * 32;
+    quantchat_kernels::amx_bf16_gemm(N, K, Kp, xp, ldx, M, yp, N, static_cast<int>(path - kPathAmx1 + 1),
+                                     [&](int64_t n0, int64_t rows, float* out) {
+                                       for (int64_t r = 0; r < rows; ++r) {
+                                         int8_dequant_rows(w, K, s, n0 + r, 1, out + r * Kp);
+                                         std::fill(out + r * Kp + K, out + (r + 1) * Kp, 0.0f);
+                                       }
+                                     });
+  } else if (path == 4 && !small) {  // prefill: the int16-activation GEMM
     const int64_t Kp = (K + kI8Group - 1) / kI8Group * kI8Group;
     i16_gemm(N, Kp, kI8Group, xp, ldx, K, M, yp, false, [&](int64_t p, int16_t* panel, float* sf, float*) {
       int8_panel_i16(w, s, N, K, Kp, p, panel, sf);
@@ -1422,6 +1578,28 @@ at::Tensor int4r8_linear_meta(const at::Tensor& x, const at::Tensor& packed, con
 
 int64_t has_blas() { return sgemm_ != nullptr ? 1 : 0; }
 
+#ifndef QC_VARIANT
+#define QC_VARIANT "avx2"
+#endif
+// what this build's code paths are (quantchat inspect --cpu)
+std::string isa_info() {
+  std::string out = std::string("variant ") + QC_VARIANT + "; decode GEMVs: ";
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  out += "AVX-512 VNNI (vpdpbusd int4 x int8, vpdpwssd int8 x int16)";
+#else
+  out += "AVX2 (vpmaddubsw int4 x int8, vpmaddwd int8 x int16)";
+#endif
+  out += "; prefill GEMM: ";
+  const char* amx = quantchat_kernels::amx_unavailable_reason();
+  if (amx == nullptr) {
+    out += "AMX-BF16 tiles from " + std::to_string(kAmxMinM) + " rows (" + std::to_string(kAmxPasses) +
+           " bf16 passes, float32 sums), int16-activation GEMM below";
+  } else {
+    out += std::string("int16-activation GEMM (vpmaddwd); AMX: ") + amx;
+  }
+  return out;
+}
+
 }  // namespace
 
 namespace quantchat_kernels {
@@ -1454,6 +1632,8 @@ QC_LIBRARY(QC_NS, m) {
         "int in_features, int path=0) -> Tensor");
   m.def("kernels_info() -> int");
   m.impl("kernels_info", &has_blas);
+  m.def("isa_info() -> str");
+  m.impl("isa_info", &isa_info);
 }
 
 QC_LIBRARY_IMPL(QC_NS, CPU, m) {

@@ -129,13 +129,15 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.codes: dict[str, Tensor] | None = None  # portable format, kept only on request
         self.r8 = False  # int4 rows interleaved for the int8-activation decode GEMV (see interleave_rows_)
-        # forward's kernel path in that layout: cpu.R8_I16 (3, int16 activations per weight group: prefill),
-        # cpu.R8_EXACT (0, float activations) or cpu.R8_Q8 (1, int8 activations: the fused decode step's)
-        self.r8_path = 3
-        # int8 forward's kernel path: cpu.PATH_AUTO_I16 (4, int16 activations: per row up to 12 rows, as the
-        # fused decode step; per 128 columns above, the prefill GEMM) or cpu.PATH_AUTO (0, float activations:
-        # with QUANTCHAT_NO_Q8=1, as everywhere)
-        self.i8_path = 0 if env_flag("QUANTCHAT_NO_Q8") else 4
+        # forward's kernel path in that layout: cpu.R8_PREFILL (7: the AMX-BF16 GEMM from 48 rows on the amx
+        # kernel variant, else cpu.R8_I16: int16 activations per weight group), cpu.R8_EXACT (0, float
+        # activations) or cpu.R8_Q8 (1, int8 activations: the fused decode step's)
+        self.r8_path = 7
+        # int8 / plain-layout int4 forward's kernel path: cpu.PATH_PREFILL (8: AMX from 48 rows where the
+        # variant has it, else cpu.PATH_AUTO_I16: int16 activations, per row up to 12 rows as the fused decode
+        # step, per 128 columns above for int8) or cpu.PATH_AUTO (0, float activations: with
+        # QUANTCHAT_NO_Q8=1, as everywhere)
+        self.i8_path = 0 if env_flag("QUANTCHAT_NO_Q8") else 8
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -239,7 +241,8 @@ class QuantizedLinear(nn.Module):
             elif self.bits == 8:
                 y = cpu.int8_linear(x, self.qweight, self.scales, self.i8_path)
             else:
-                y = cpu.int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, self.in_features)
+                y = cpu.int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, self.in_features,
+                                    self.i8_path if self.i8_path == cpu.PATH_PREFILL else cpu.PATH_AUTO)
             return y if self.bias is None else y + self.bias
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
