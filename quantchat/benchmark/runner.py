@@ -399,6 +399,13 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         if not cpu_kernels.available():
             notes.append(f"quantchat's CPU kernels are unavailable ({cpu_kernels.unavailable_reason()}): "
                          "quantized variants use torch's slower kernels")
+        else:
+            info = cpu_kernels.build_info()
+            meta["kernels"] = {k: info.get(k) for k in ("variant", "why", "isa")}
+    if opts.peer:
+        from quantchat.peers.llamacpp_speed import peer_build_info
+
+        meta["llama_cpp_build"] = peer_build_info()
     job_base = {"device": device, "dtype": dtype, "threads": threads, "steps": opts.steps,
                 "warmup_steps": opts.warmup_steps, "decode_context": opts.decode_context, "prompt_lengths": kept,
                 "ttft_runs": opts.ttft_runs, "max_seq_len": max_seq_len, "seed": opts.seed, "compile": opts.compile}
@@ -643,6 +650,13 @@ def header_lines(report: dict) -> list[str]:
              + f"; torch {m.get('torch', '?')}; device {o['device']}, {o['dtype']}, {o['threads']} thread(s)"
              + (f"; llama-cpp-python {m['llama_cpp_python']}" if m.get("llama_cpp_python") else ""),
              f"method: {report['method']}"]
+    k = m.get("kernels")
+    if k:
+        lines.append(f"quantchat kernels: {k['variant']} ({k['why']}): {k['isa']}")
+    b = m.get("llama_cpp_build")
+    if b:
+        lines.append(f"llama.cpp build: {b.get('cmake_args') or 'unknown flags (not built by scripts/build_llamacpp_peer.sh)'}"
+                     f"; {b.get('system_info', '')}")
     return lines
 
 

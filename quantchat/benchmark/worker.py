@@ -79,6 +79,10 @@ def run_quantchat(job: dict) -> dict:
     qlin = next((m for m in model.modules() if hasattr(m, "own_kernel")), None)
     if qlin is not None:  # which low-bit kernels ran: quantchat's own (CPU, AVX2) or torch's
         res["quant_kernels"] = "quantchat" if qlin.own_kernel else "torch"
+        if qlin.own_kernel:
+            from quantchat.kernels import cpu as cpu_kernels
+
+            res["kernel_variant"] = cpu_kernels.build_info().get("variant")
     if cuda:
         res["cuda_allocated_after_load_mb"] = torch.cuda.memory_allocated() / 1e6
     prefill, step = engine_step_fns(engine)

@@ -100,6 +100,12 @@ def _report(ref, qmodel, tokenizer, name: str, method: str, spec: dict, out_dir:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.cpu:
+        from quantchat.cli.inspect_cmds import cmd_inspect_cpu
+
+        return cmd_inspect_cpu(args)
+    if args.quantized is None:
+        raise QuantchatError("inspect needs a QUANTIZED_DIR (the per-layer error report) or --cpu")
     import torch
 
     from quantchat.loading.hf_loader import load_model
@@ -200,8 +206,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-seq-len", type=int, default=128, help="report: tokens per window (default 128)")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("inspect", help="per-layer quantization error of a quantized folder against its float model")
-    p.add_argument("quantized", metavar="QUANTIZED_DIR", help="a folder written by quantchat quantize")
+    p = sub.add_parser("inspect", help="per-layer quantization error of a quantized folder against its float model; "
+                                       "--cpu: the CPU kernel variant in use and why")
+    p.add_argument("quantized", metavar="QUANTIZED_DIR", nargs="?", default=None,
+                   help="a folder written by quantchat quantize")
+    p.add_argument("--cpu", action="store_true",
+                   help="instead: the CPU's features, quantchat's kernel variants, the one in use and why")
+    p.add_argument("--json", action="store_true", help="--cpu: print it as JSON")
     p.add_argument("--reference", default=None, metavar="MODEL",
                    help="the float model it was quantized from (HF folder or .gguf; default: the recorded source)")
     p.add_argument("--layer", default=None, metavar="NAME",

@@ -61,7 +61,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"), SOURCE.with_name("sampling.cpp"),
            SOURCE.parent / "x86" / "amx_gemm.cpp")
 HEADERS = (SOURCE.with_name("cpu_kernels.h"), SOURCE.parent / "x86" / "amx_gemm.h")
-CXX_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG", "-fvisibility=hidden", "-w"]
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG", "-fvisibility=hidden", "-w"]
 BUILD_TIMEOUT_S = 600
 KEEP_BUILDS = 6  # cached builds kept in kernels_dir() (per ISA variant / source version / torch / compiler)
 VARIANT_ENV = "QUANTCHAT_CPU_VARIANT"  # forces a variant (a lower one than the CPU allows, for tests / comparing)
@@ -183,7 +183,7 @@ def select_variant(flags: frozenset[str] | None = None, forced: str | None = Non
 # runs int8 layers (the LM head) on GEMV_I16.
 PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
 # AMX_1/2/3: the AMX-BF16 GEMM (amx variant only) with 1, 2 or 3 bf16 products per float product (see
-# x86/amx_gemm.h); PREFILL: the fastest prefill path of this build for the rows given (AMX from 32 rows where
+# x86/amx_gemm.h); PREFILL: the fastest prefill path of this build for the rows given (AMX from 48 rows where
 # there, else AUTO_I16): QuantizedLinear's int8 default
 PATH_AMX_1, PATH_AMX_2, PATH_AMX_3, PATH_PREFILL = 5, 6, 7, 8
 # int4r8_linear's paths: EXACT = float32 activations (up to 16 rows: one 8-row block dequantized into L1 at
@@ -194,7 +194,7 @@ PATH_AMX_1, PATH_AMX_2, PATH_AMX_3, PATH_PREFILL = 5, 6, 7, 8
 # register block): the prefill path (QuantizedLinear's default), 1.1-2.3x EXACT at every M, output error
 # ~3e-5 of its magnitude, each row's result independent of the other rows
 R8_EXACT, R8_Q8, R8_EXACT_SMALL, R8_I16 = 0, 1, 2, 3
-# as PATH_AMX_* / PATH_PREFILL for the r8 layout (R8_PREFILL: AMX from 32 rows, else R8_I16; QuantizedLinear's
+# as PATH_AMX_* / PATH_PREFILL for the r8 layout (R8_PREFILL: AMX from 48 rows, else R8_I16; QuantizedLinear's
 # int4 default)
 R8_AMX_1, R8_AMX_2, R8_AMX_3, R8_PREFILL = 4, 5, 6, 7
 

@@ -809,32 +809,25 @@ void int4r8_gemv(const Int4R8& q, const float* x, int64_t ldx, int64_t M, float*
 #ifdef QC_VNNI
   std::vector<int8_t> xe(static_cast<size_t>(M * (q.Kp / 32) * kVnniXBytes));
   expand_x_vnni(xq.data(), M, q.Kp, xe.data());
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: int4r8_q8_kernel_vnni<1>(q, xe.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
-          case 2: int4r8_q8_kernel_vnni<2>(q, xe.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
-          case 3: int4r8_q8_kernel_vnni<3>(q, xe.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
-          default: int4r8_q8_kernel_vnni<4>(q, xe.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
-        }
-      }
-    }
-  });
-  return;
+  const int8_t* xk = xe.data();
+#define QC_Q8_KERNEL int4r8_q8_kernel_vnni
+#else
+  const int8_t* xk = xq.data();
+#define QC_Q8_KERNEL int4r8_q8_kernel
 #endif
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         switch (std::min<int64_t>(4, M - m0)) {
-          case 1: int4r8_q8_kernel<1>(q, xq.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
-          case 2: int4r8_q8_kernel<2>(q, xq.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
-          case 3: int4r8_q8_kernel<3>(q, xq.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
-          default: int4r8_q8_kernel<4>(q, xq.data(), dx.data(), sx.data(), y, q.N, b, m0); break;
+          case 1: QC_Q8_KERNEL<1>(q, xk, dx.data(), sx.data(), y, q.N, b, m0); break;
+          case 2: QC_Q8_KERNEL<2>(q, xk, dx.data(), sx.data(), y, q.N, b, m0); break;
+          case 3: QC_Q8_KERNEL<3>(q, xk, dx.data(), sx.data(), y, q.N, b, m0); break;
+          default: QC_Q8_KERNEL<4>(q, xk, dx.data(), sx.data(), y, q.N, b, m0); break;
         }
       }
     }
   });
+#undef QC_Q8_KERNEL
 }
 
 // dequantize row blocks [b0, b0 + nblk) into out [8 * nblk, Kp] (float32)

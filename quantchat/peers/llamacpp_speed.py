@@ -32,6 +32,28 @@ def require_llama_cpp() -> str:
     return getattr(llama_cpp, "__version__", "?")
 
 
+def peer_build_info() -> dict:
+    """How the installed llama.cpp was built: the flags recorded by scripts/build_llamacpp_peer.sh (in the
+    environment's prefix) and llama.cpp's own system info (the CPU features it was compiled for)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    info: dict = {}
+    recorded = Path(sys.prefix) / "quantchat-peer-build.json"
+    try:
+        info.update(json.loads(recorded.read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        import llama_cpp
+
+        info["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except Exception:  # noqa: BLE001 - not installed / an old binding: the recorded part stands
+        pass
+    return info
+
+
 def gguf_bits_family(main_type: str) -> str:
     """'4bit', '8bit' or 'float' for a GGUF type name (Q4_0, Q4_1, Q4_K, Q8_0, F16...)."""
     t = main_type.upper()
