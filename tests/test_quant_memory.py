@@ -161,7 +161,7 @@ def status():
     with open("/proc/self/status") as f:
         for line in f:
             k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
+            if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[k] = int(v.split()[0]) * 1024
     return out
 
@@ -193,8 +193,12 @@ for m in model.modules():  # every tensor the model holds, each storage once
         if key not in seen:
             seen.add(key)
             weights += t.untyped_storage().nbytes()
+from quantchat.engine.allocator import release_freed_memory
+release_freed_memory()  # what load_engine does after loading: the heap's free pages back to the OS
+trimmed = status()
 print(json.dumps({"base_rss": base["VmRSS"], "base_hwm": base["VmHWM"], "hwm": end["VmHWM"], "rss": end["VmRSS"],
-                  "weights": weights}))
+                  "base_anon": base.get("RssAnon", 0), "anon_trimmed": trimmed.get("RssAnon", 0),
+                  "base_file": base.get("RssFile", 0), "file": end.get("RssFile", 0), "weights": weights}))
 """
 
 
@@ -225,11 +229,20 @@ def test_quantizing_while_loading_never_holds_the_float_model(dirs):
     a few thousand rows at a time), so the peak stays well under the float weights' size."""
     r = probe("rtn", dirs["float"])
     float_bytes = (dirs["float"] / "model.safetensors").stat().st_size
-    peak, final = r["hwm"] - r["base_rss"], r["rss"] - r["base_rss"]
-    mb = {k: round(v / 2**20, 1) for k, v in dict(r, peak_growth=peak, final_growth=final, float=float_bytes).items()}
+    # Counted: anonymous memory (what could hold float weights). Not counted: the pages of torch's and the
+    # kernels' code that loading runs for the first time (file-backed RSS: 7 MB on an Intel Xeon with AMX,
+    # more or less on other CPUs, whose torch kernels differ) and, for the final size, the free pages malloc
+    # keeps until load_engine hands them back (release_freed_memory, done here too). Counting them made
+    # this test fail on one CPU kind (final growth 36.2 MB against a 36.0 MB limit) and pass on others.
+    file_growth = max(0, r["file"] - r["base_file"])
+    peak = r["hwm"] - r["base_rss"] - file_growth
+    final = r["anon_trimmed"] - r["base_anon"]
+    mb = {k: round(v / 2**20, 1) for k, v in dict(r, peak_anon_growth=peak, final_anon_growth=final,
+                                                  file_growth=file_growth, float=float_bytes).items()}
     # loading it float first peaks at the whole float model or more; here: the quantized layers, the float
-    # embedding (until the end: it becomes the int8 head's rows), one float linear, what malloc keeps
-    assert final < 0.5 * float_bytes and peak < 0.75 * float_bytes, mb
+    # embedding (until the end: it becomes the int8 head's rows), one float linear
+    assert r["weights"] < 0.25 * float_bytes, mb
+    assert final < 0.4 * float_bytes and peak < 0.75 * float_bytes, mb
 
 
 def test_quantizing_while_loading_equals_quantizing_after(dirs):
