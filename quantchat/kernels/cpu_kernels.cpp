@@ -1082,6 +1082,46 @@ __attribute__((noinline)) void i16_gemm_kernel(const int16_t* panel, const float
 }
 #undef QC_I16_ROWS
 
+#ifdef QC_VNNI
+// AVX-512 VNNI form of i16_gemm_kernel (above: its reference): one vpdpwssd per row and code pair multiplies
+// all 16 panel rows (the AVX2 kernel: two vpmaddwd + two vpaddd); the same exact integer sums per group and
+// the same float epilogue, so the same results bit for bit.
+template <int MB>
+__attribute__((noinline)) void i16_gemm_kernel_vnni(const int16_t* panel, const float* sf, const int16_t* xq,
+                                                      const float* dx, int64_t Kp, int64_t G, int64_t gs, float* C) {
+  static_assert(MB >= 1 && MB <= 6, "i16_gemm_kernel_vnni: 1..6 rows");
+  __m512 c[MB];
+#pragma GCC unroll 6
+  for (int m = 0; m < MB; ++m) c[m] = _mm512_setzero_ps();
+  const int64_t kpg = gs / 2;  // code pairs per group
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i a[MB];
+#pragma GCC unroll 6
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_setzero_si512();
+    const int16_t* pg = panel + g * kpg * 32;
+    const int16_t* xg = xq + g * gs;
+    for (int64_t kp = 0; kp < kpg; ++kp) {
+      const __m512i b = _mm512_loadu_si512(pg + kp * 32);
+#pragma GCC unroll 6
+      for (int m = 0; m < MB; ++m) {
+        int32_t xv;
+        std::memcpy(&xv, xg + m * Kp + 2 * kp, 4);
+        a[m] = _mm512_dpwssd_epi32(a[m], b, _mm512_set1_epi32(xv));
+      }
+    }
+    const __m512 sv = _mm512_loadu_ps(sf + g * 16);
+#pragma GCC unroll 6
+    for (int m = 0; m < MB; ++m)
+      c[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m]), _mm512_mul_ps(sv, _mm512_set1_ps(dx[m * G + g])), c[m]);
+  }
+#pragma GCC unroll 6
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(C + m * 16, c[m]);
+}
+#define QC_I16_KERNEL i16_gemm_kernel_vnni
+#else
+#define QC_I16_KERNEL i16_gemm_kernel
+#endif
+
 // x [M, K] -> xq int16 [M, Kp] (zeros past K), per row and group of gs columns: dx [M, G] (absmax / 32767:
 // an outlier channel coarsens only its own group) and sx [M, G] = dx * (the group's sum of xq)
 void prep_x_i16_groups(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int64_t gs, int16_t* xq,
@@ -1124,12 +1164,12 @@ void i16_gemm(int64_t N, int64_t Kp, int64_t gs, const float* x, int64_t ldx, in
         const int16_t* xm = xq.data() + m0 * Kp;
         const float* dxm = dx.data() + m0 * G;
         switch (mb) {
-          case 1: i16_gemm_kernel<1>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          case 2: i16_gemm_kernel<2>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          case 3: i16_gemm_kernel<3>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          case 4: i16_gemm_kernel<4>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          case 5: i16_gemm_kernel<5>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
-          default: i16_gemm_kernel<6>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 1: QC_I16_KERNEL<1>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 2: QC_I16_KERNEL<2>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 3: QC_I16_KERNEL<3>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 4: QC_I16_KERNEL<4>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          case 5: QC_I16_KERNEL<5>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
+          default: QC_I16_KERNEL<6>(panel.data(), sf.data(), xm, dxm, Kp, G, gs, C); break;
         }
         for (int64_t m = 0; m < mb; ++m) {  // y = C + sum_g min * sx
           __m256 y0 = _mm256_load_ps(C + m * 16), y1 = _mm256_load_ps(C + m * 16 + 8);
