@@ -60,7 +60,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # cache key)
 SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"), SOURCE.with_name("sampling.cpp"),
            SOURCE.parent / "x86" / "amx_gemm.cpp")
-HEADERS = (SOURCE.with_name("cpu_kernels.h"), SOURCE.parent / "x86" / "amx_gemm.h")
+HEADERS = tuple(sorted(SOURCE.parent.rglob("*.h")))  # cpu_kernels.h, x86/*.h (the parts of cpu_kernels.cpp)
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG", "-fvisibility=hidden", "-w"]
 BUILD_TIMEOUT_S = 600
 KEEP_BUILDS = 6  # cached builds kept in kernels_dir() (per ISA variant / source version / torch / compiler)
