@@ -14,6 +14,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+from quantchat.kernels import cpu_features
+
 FIRST_ID = 100  # benchmark prompts avoid the lowest ids (special tokens in common vocabularies)
 PROMPT_SEED = 1234
 MB = 1e6
@@ -90,26 +92,14 @@ class ForeignLoad:
 
 
 def cpu_model_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_features.cpu_model()
 
 
 def cpu_flags() -> list[str]:
     """The matrix-relevant CPU flags present (bf16 is only fast with avx512_bf16 or amx_bf16)."""
     want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in want if f in have]
-    except OSError:
-        pass
-    return []
+    have = cpu_features.cpu_flags() or frozenset()
+    return [f for f in want if f in have]
 
 
 def machine_info() -> dict:

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from quantchat.kernels import cpu
-from quantchat.kernels.cpu import env_flag
 from quantchat.model.linear import TransposedLinear
 from quantchat.model.llama import Transformer
 from quantchat.quant.linear import QuantizedLinear
@@ -53,7 +52,7 @@ def _linear_entry(m: nn.Module) -> tuple[list[int], list[Tensor]]:
                     [codes["qweight"], codes["scales"], codes["mins"], bias])
         # int8: the second field is int8_linear's kernel path: the int16-activation GEMV at any batch size
         # (rounding per row: a sequence gets the same logits in any batch), or float with QUANTCHAT_NO_Q8
-        path = 0 if env_flag("QUANTCHAT_NO_Q8") else 3  # cpu.PATH_AUTO / cpu.PATH_GEMV_I16
+        path = 0 if cpu.env_flag("QUANTCHAT_NO_Q8") else 3  # cpu.PATH_AUTO / cpu.PATH_GEMV_I16
         return [KIND_INT8, path, m.in_features, m.out_features], [codes["qweight"], codes["scales"], _EMPTY, bias]
     if isinstance(m, TransposedLinear):
         w = m.weight_t.detach()
@@ -70,7 +69,7 @@ def _linear_entry(m: nn.Module) -> tuple[list[int], list[Tensor]]:
 
 def _precondition(model: nn.Module) -> str | None:
     """Why the fused step cannot run this model, from everything but its linears (None: it may)."""
-    if env_flag("QUANTCHAT_NO_FUSED"):
+    if cpu.env_flag("QUANTCHAT_NO_FUSED"):
         return "disabled by QUANTCHAT_NO_FUSED"
     if type(model) is not Transformer:
         return f"{type(model).__name__} is not quantchat's LLaMA-family Transformer"
@@ -80,8 +79,6 @@ def _precondition(model: nn.Module) -> str | None:
         return "KV cache not set up"
     if model.layers[0].attention.kv_cache.k_cache.dtype not in (torch.float32, torch.float16):
         return "needs a float32 or float16 KV cache"
-    from quantchat.kernels import cpu
-
     if not cpu.available():
         return f"quantchat's CPU kernels are unavailable ({cpu.unavailable_reason()})"
     return None
@@ -146,7 +143,7 @@ class FusedDecoder:
             raise ValueError(f"fused decode unavailable: {reason}")
         try:
             _plan_inputs(model)  # every linear qualifies: only then re-lay the int4 ones
-            if not env_flag("QUANTCHAT_NO_Q8"):
+            if not cpu.env_flag("QUANTCHAT_NO_Q8"):
                 for m in _linears(model):
                     if isinstance(m, QuantizedLinear):
                         m.interleave_rows_()

@@ -31,7 +31,6 @@ compiler, no AVX2/FMA, not x86-64, ``QUANTCHAT_NO_KERNELS=1``) ``available()`` i
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import platform
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from quantchat.kernels.cpu_features import cpu_flags, cpu_model
 from quantchat.paths import quantchat_home
 
 __all__ = [
@@ -109,32 +109,6 @@ def variant(name: str) -> Variant:
         if v.name == name:
             return v
     raise KernelsUnavailable(f"unknown CPU kernel variant {name!r} (choose from {', '.join(VARIANT_NAMES)})")
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (None where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
-@functools.cache
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def missing_flags(v: Variant, flags: frozenset[str] | None = None) -> list[str]:

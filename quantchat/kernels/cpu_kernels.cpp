@@ -254,7 +254,7 @@ int64_t has_blas() { return sgemm_ != nullptr ? 1 : 0; }
 // what this build's code paths are (quantchat inspect --cpu)
 std::string isa_info() {
   std::string out = std::string("variant ") + QC_VARIANT + "; decode GEMVs: ";
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef QC_VNNI
   out += "AVX-512 VNNI (vpdpbusd int4 x int8, vpdpwssd int8 x int16)";
 #else
   out += "AVX2 (vpmaddubsw int4 x int8, vpmaddwd int8 x int16)";

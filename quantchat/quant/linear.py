@@ -242,7 +242,7 @@ class QuantizedLinear(nn.Module):
                 y = cpu.int8_linear(x, self.qweight, self.scales, self.i8_path)
             else:
                 y = cpu.int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, self.in_features,
-                                    self.i8_path if self.i8_path == cpu.PATH_PREFILL else cpu.PATH_AUTO)
+                                    self.i8_path)
             return y if self.bias is None else y + self.bias
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

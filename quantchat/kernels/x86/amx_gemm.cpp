@@ -155,11 +155,29 @@ void convert_x(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Mp, in
   });
 }
 
-// C[2 x 2] = sum over chunks of A (rows m0.., m0 + 16..) x B (the panel's two tiles), passes as above
+// the 2 x 2 block product of the loaded tiles: C_ij += A_i B_j
+inline void dot_2x2() {
+  _tile_dpbf16ps(kTileC00, kTileA0, kTileB0);
+  _tile_dpbf16ps(kTileC01, kTileA0, kTileB1);
+  _tile_dpbf16ps(kTileC10, kTileA1, kTileB0);
+  _tile_dpbf16ps(kTileC11, kTileA1, kTileB1);
+}
+
+// A tiles: rows r and r + 16 of x (row stride Kp bf16), columns of chunk c; B tiles: the panel's chunk c
+inline void load_a(const uint16_t* x, int64_t Kp, int64_t c) {
+  _tile_loadd(kTileA0, x + c * kChunk, Kp * 2);
+  _tile_loadd(kTileA1, x + 16 * Kp + c * kChunk, Kp * 2);
+}
+inline void load_b(const uint16_t* panel, int64_t c) {
+  _tile_loadd(kTileB0, panel + (c * 2) * kTileElems, kTileBytes);
+  _tile_loadd(kTileB1, panel + (c * 2 + 1) * kTileElems, kTileBytes);
+}
+
+// C[2 x 2] = sum over chunks of A (rows m0.., m0 + 16..) x B (the panel's two tiles), passes as above:
+// xh wh, then xl wh (B kept), then xh wl
 template <int Passes>
 inline void panel_times_rows(const uint16_t* xh, const uint16_t* xl, int64_t Kp, int64_t m0, const uint16_t* ph,
                              const uint16_t* pl) {
-  const int64_t stride = Kp * 2;
   const uint16_t* ah = xh + m0 * Kp;
   const uint16_t* al = xl ? xl + m0 * Kp : nullptr;
   _tile_zero(kTileC00);
@@ -167,31 +185,17 @@ inline void panel_times_rows(const uint16_t* xh, const uint16_t* xl, int64_t Kp,
   _tile_zero(kTileC10);
   _tile_zero(kTileC11);
   for (int64_t c = 0; c < Kp / kChunk; ++c) {
-    _tile_loadd(kTileB0, ph + (c * 2) * kTileElems, kTileBytes);
-    _tile_loadd(kTileB1, ph + (c * 2 + 1) * kTileElems, kTileBytes);
-    _tile_loadd(kTileA0, ah + c * kChunk, stride);
-    _tile_loadd(kTileA1, ah + 16 * Kp + c * kChunk, stride);
-    _tile_dpbf16ps(kTileC00, kTileA0, kTileB0);
-    _tile_dpbf16ps(kTileC01, kTileA0, kTileB1);
-    _tile_dpbf16ps(kTileC10, kTileA1, kTileB0);
-    _tile_dpbf16ps(kTileC11, kTileA1, kTileB1);
+    load_b(ph, c);
+    load_a(ah, Kp, c);
+    dot_2x2();
     if constexpr (Passes >= 2) {
-      _tile_loadd(kTileA0, al + c * kChunk, stride);
-      _tile_loadd(kTileA1, al + 16 * Kp + c * kChunk, stride);
-      _tile_dpbf16ps(kTileC00, kTileA0, kTileB0);
-      _tile_dpbf16ps(kTileC01, kTileA0, kTileB1);
-      _tile_dpbf16ps(kTileC10, kTileA1, kTileB0);
-      _tile_dpbf16ps(kTileC11, kTileA1, kTileB1);
+      load_a(al, Kp, c);
+      dot_2x2();
     }
     if constexpr (Passes >= 3) {
-      _tile_loadd(kTileB0, pl + (c * 2) * kTileElems, kTileBytes);
-      _tile_loadd(kTileB1, pl + (c * 2 + 1) * kTileElems, kTileBytes);
-      _tile_loadd(kTileA0, ah + c * kChunk, stride);
-      _tile_loadd(kTileA1, ah + 16 * Kp + c * kChunk, stride);
-      _tile_dpbf16ps(kTileC00, kTileA0, kTileB0);
-      _tile_dpbf16ps(kTileC01, kTileA0, kTileB1);
-      _tile_dpbf16ps(kTileC10, kTileA1, kTileB0);
-      _tile_dpbf16ps(kTileC11, kTileA1, kTileB1);
+      load_b(pl, c);
+      load_a(ah, Kp, c);
+      dot_2x2();
     }
   }
 }
