@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from quantchat.errors import QuantchatError
+from quantchat.quant import methods
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_kv_cache_arg(g)
     g.add_argument("--max-seq-len", type=int, default=4096,
                    help="KV cache length in tokens, capped by the model's context (default: 4096)")
-    g.add_argument("--quant", default=None, choices=["none", "int8", "int4-sym", "int4-asym"],
+    g.add_argument("--quant", default=None, choices=[methods.NONE, *methods.load_time_names()],
                    help="quantize in memory at load time (round-to-nearest); weights stay packed")
     g.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 (default 128)")
     g.add_argument("--compile", action="store_true",

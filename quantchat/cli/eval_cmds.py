@@ -15,6 +15,7 @@ from pathlib import Path
 from quantchat.cli.common import (add_kv_cache_arg, add_model_args, add_sampling_args, load_from_args,
                                   sampling_from_args, status)
 from quantchat.errors import QuantchatError
+from quantchat.quant import methods
 from quantchat.quant.calibration import EVAL_TOKENS
 
 DEFAULT_MAX_TOKENS = EVAL_TOKENS  # calibration windows from the built-in corpus skip these
@@ -435,7 +436,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = q.add_argument_group("models")
     g.add_argument("--model", "-m", action="append", required=True,
                    help="a model (repeat: --model A --model B); 'default' is the embedded model")
-    g.add_argument("--quant", action="append", default=None, choices=["none", "int8", "int4-sym", "int4-asym"],
+    g.add_argument("--quant", action="append", default=None, choices=[methods.NONE, *methods.load_time_names()],
                    help="in-memory quantization: once for all models or once per --model, in order")
     g.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 (default 128)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantchat.cli.common import status
 from quantchat.errors import QuantchatError
+from quantchat.quant import methods
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -189,7 +190,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save a quantized checkpoint")
     p.add_argument("model", nargs="?", default=None, help="HF folder or .gguf (default: the embedded model)")
-    p.add_argument("--method", required=True, choices=["int8", "int4-sym", "int4-asym", "awq", "gptq"])
+    p.add_argument("--method", required=True, choices=list(methods.names()))
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 (default 128)")
     p.add_argument("--sym", choices=["sym", "asym"], default=None, help="awq/gptq grid (default asym)")
     p.add_argument("--out", required=True, help="output folder")

@@ -17,12 +17,13 @@ from torch import Tensor, nn
 from quantchat.errors import QuantchatError
 from quantchat.quant import rtn
 from quantchat.quant.embedding import QuantizedEmbedding
+from quantchat.quant import methods
 from quantchat.quant.linear import QuantizedLinear
 
-METHODS = ("int8", "int4-sym", "int4-asym", "awq", "gptq")
-NEEDS_CALIBRATION = ("awq", "gptq")
+METHODS = methods.names()
+NEEDS_CALIBRATION = methods.calibrated_names()
 LAYER_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
-DEFAULT_GROUP_SIZE = 128
+DEFAULT_GROUP_SIZE = methods.DEFAULT_GROUP_SIZE
 
 
 @dataclass
@@ -37,14 +38,14 @@ class QuantSpec:
 
     @classmethod
     def for_method(cls, method: str, group_size: int | None = None, symmetric: bool | None = None) -> "QuantSpec":
-        if method not in METHODS:
-            raise QuantchatError(f"unknown quantization method '{method}'; choose one of {', '.join(METHODS)}")
-        if method == "int8":
+        m = methods.get(method)
+        if m.bits == 8:
             return cls(method, 8, None, True)
         gs = group_size or DEFAULT_GROUP_SIZE
-        if gs not in (32, 64, 128, 256):
-            raise QuantchatError(f"group size must be 32, 64, 128 or 256, got {gs}")
-        sym = {"int4-sym": True, "int4-asym": False}.get(method, symmetric if symmetric is not None else False)
+        if gs not in methods.GROUP_SIZES:
+            raise QuantchatError(f"group size must be {', '.join(map(str, methods.GROUP_SIZES[:-1]))} or "
+                                 f"{methods.GROUP_SIZES[-1]}, got {gs}")
+        sym = m.symmetric if m.symmetric is not None else bool(symmetric)
         return cls(method, 4, gs, sym)
 
     def to_dict(self) -> dict:
