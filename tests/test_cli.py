@@ -304,9 +304,10 @@ def test_chat_session_reuses_cache_with_same_result(tiny_dir):
         torch.testing.assert_close(a.k_cache[0, :, :n], b.k_cache[0, :, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.v_cache[0, :, :n], b.v_cache[0, :, :n], atol=1e-5, rtol=1e-5)
 
-    # and so does the first engine with cache re-use off (its cache now holds the second turn)
+    # and so does the first engine with nothing cached (its cache held the second turn)
     ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(history + [{"role": "user", "content": "tell me more"}]))
-    text, stats = engine.generate_text(ids, params, reuse_cache=False)
+    engine.slot_tokens = [[] for _ in engine.slot_tokens]
+    text, stats = engine.generate_text(ids, params)
     assert stats.cached_tokens == 0 and text == answer2
 
 

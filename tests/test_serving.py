@@ -119,7 +119,7 @@ def test_chat_non_streaming(client, worker):
     # the same answer as the engine run directly (greedy)
     from quantchat.sampling.sampling import SamplingParams
 
-    direct, _ = worker.engine.generate_text(ids, SamplingParams(temperature=0, max_new_tokens=12), slot=7)
+    direct, _ = worker.engine.generate_text(ids, SamplingParams(temperature=0, max_new_tokens=12))
     assert text == direct
 
 
@@ -385,7 +385,7 @@ def test_scheduler_kv_compaction_mixed_lengths(worker):
 def test_grouped_prefill_of_waiting_prompts(tiny_dir, monkeypatch):
     """Prompts waiting together are prefilled in one padded forward (short ones), long or logprob prompts
     on their own; every answer equals its solo run, token limits 0 and 1 included."""
-    from quantchat.engine import scheduler as sched_mod
+    from quantchat.engine import batching as sched_mod
     from quantchat.engine.scheduler import Scheduler, Sequence
     from quantchat.sampling.sampling import SamplingParams
 
@@ -511,9 +511,10 @@ def test_prompts_sharing_only_a_system_prompt_do_not_evict_each_other(tiny_dir, 
     monkeypatch.setattr(sch, "_prefill_rows", lambda g: forwards.append(len(g)) or real(g))
     cached0 = sch.prompt_tokens_cached_total
     again = [run_scheduled_inline(sch, [p], [5])[0] for p in prompts[:2]]  # 2 parking slots: the last two
+    reused = sch.prompt_tokens_cached_total - cached0
+    assert forwards == [] and reused == len(prompts[0]) + len(prompts[1])
     assert again == first[:2] == [eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=5,
                                                                           ignore_eos=True))[0] for p in prompts[:2]]
-    assert forwards == [] and sch.prompt_tokens_cached_total - cached0 == len(prompts[0]) + len(prompts[1])
 
 
 @pytest.mark.parametrize("parking", [1, 0])
@@ -524,7 +525,8 @@ def test_parking_slots_keep_finished_conversations_at_full_load(tiny_dir, parkin
 
     eng = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=2 + parking).engine
     sch = Scheduler(eng, max_batch=2)
-    greedy = lambda p, n: eng.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n,  # noqa: E731
+    ref = load_engine(str(tiny_dir), device="cpu", dtype="float32", max_seq_len=128, max_batch=1).engine
+    greedy = lambda p, n: ref.generate_batch([p], SamplingParams(temperature=0, max_new_tokens=n,  # noqa: E731
                                                                  ignore_eos=True))[0]
     a, b = list(b"<s>user: first chat</s>"), list(b"<s>user: second one</s>")
     c, d = list(b"[other] what now?"), list(b"[other] and then")

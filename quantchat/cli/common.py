@@ -40,7 +40,11 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=40, help="0 = off (default: 40)")
     g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style, 1.0 = off")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtracted once from every token already generated (-2..2, default 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtracted per occurrence in the generated tokens (-2..2, default 0)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-new-tokens", "-n", type=int, default=512)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -52,9 +56,10 @@ def sampling_from_args(args: argparse.Namespace):
 
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, stop=list(args.stop),
-    ).validate()
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        stop=list(args.stop),
+    )
 
 
 def status(msg: str) -> None:

@@ -1,13 +1,16 @@
-"""Generation: prefill and decode over the model's KV-cache slots, streaming text out.
+"""The engine: a loaded model's prefill and decode steps over its KV-cache slots, and generation.
 
-``Engine`` owns a loaded model and its tokenizer. ``Engine.generate`` streams one sequence in a
-slot (re-using a cached prefix when asked); ``Engine.generate_batch`` decodes several prompts of
-different lengths together, one slot each. ``ChatSession`` keeps a multi-turn conversation and
-re-uses the KV cache of earlier turns.
+``Engine.generate`` (one prompt, streamed), ``Engine.generate_batch`` (several prompts together) and
+``ChatSession`` (a multi-turn conversation) all drive the one generation loop, ``Scheduler.step``
+(engine/scheduler.py), the loop the server runs: the same sampling, penalties, stop rules and prefix reuse
+(a chat's earlier turns, a shared system prompt are not computed again) on every path. When a server thread
+runs the engine's scheduler, they submit to it and wait; otherwise they step it here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,11 +19,12 @@ import torch
 from torch import Tensor
 
 from quantchat.engine.allocator import keep_freed_memory
-from quantchat.engine.stopping import StopStringMatcher
-from quantchat.errors import ContextLengthError, QuantchatError
 from quantchat.engine.fused_decode import FusedDecoder
+from quantchat.engine.scheduler import Scheduler
+from quantchat.engine.sequence import SeqEvent, Sequence
+from quantchat.errors import ContextLengthError, QuantchatError
 from quantchat.model.llama import Transformer
-from quantchat.sampling.sampling import SamplingParams, make_generator, sample_token
+from quantchat.sampling.sampling import SamplingParams
 
 PREFILL_CHUNK = 512
 
@@ -78,6 +82,7 @@ class Engine:
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         # decode runs as one C++ call per step when the model qualifies (engine/fused_decode.py)
         self.fused = FusedDecoder.build(model) if fused and not compile else None
+        self.scheduler: Scheduler | None = None  # the generation loop over these slots (set by Scheduler)
 
     def warmup(self) -> float:
         """Run a prefill and two decode steps (triggers compilation); returns the seconds it took."""
@@ -145,116 +150,88 @@ class Engine:
         if n_prompt == 0:
             raise QuantchatError("empty prompt")
 
-    def generate(
-        self, prompt: list[int], params: SamplingParams, slot: int = 0, reuse_cache: bool = False,
-    ) -> Iterator[GenerationChunk]:
-        """Stream the continuation of ``prompt`` token by token (text pieces never split a character).
+    # -- generation: drives the one loop ------------------------------------------------------
+    def loop(self) -> Scheduler:
+        """The engine's scheduler (a default one over every slot when none was made)."""
+        return self.scheduler if self.scheduler is not None else Scheduler(self)
 
-        With ``reuse_cache`` the longest prefix of ``prompt`` already in the slot's cache is not recomputed.
-        """
-        params.validate()
+    def run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, SeqEvent]]:
+        """Submit ``seqs`` to the loop and yield (sequence, event) as they come, until all finished."""
+        sch = self.loop()
+        events: queue.SimpleQueue[tuple[Sequence, SeqEvent]] = queue.SimpleQueue()
+        for seq in seqs:
+            seq.sink = lambda ev, seq=seq: events.put((seq, ev))
+        submitted: list[Sequence] = []
+        try:
+            for seq in seqs:
+                submitted.append(sch.submit(seq, queue_limit=False))
+            left = len(seqs)
+            while left:
+                if sch.running:  # a server thread steps the loop
+                    item = events.get(timeout=None)
+                else:
+                    while events.empty():
+                        if sch.error is not None:
+                            raise QuantchatError(f"the generation loop failed: {sch.error}")
+                        try:
+                            sch.step()
+                        except Exception as e:
+                            sch.fail(e)
+                            raise
+                    item = events.get()
+                left -= item[1].finish_reason is not None
+                yield item
+        finally:  # a consumer that stops early (Ctrl-C, break) frees its slots
+            unfinished = [s for s in submitted if not s.finished]
+            for seq in unfinished:
+                seq.cancel()
+            if unfinished and not sch.running:
+                sch.step()
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[GenerationChunk]:
+        """Stream the continuation of ``prompt`` token by token (text pieces never split a character); the
+        longest prefix of ``prompt`` some slot caches is not recomputed."""
         self.check_fits(len(prompt))
+        seq = Sequence(list(prompt), params, sink=lambda ev: None,
+                       decoder=self.tokenizer.stream_decoder(skip_special_tokens=True))
         stats = GenerationStats(prompt_tokens=len(prompt))
-        start = time.perf_counter()
-        cached = 0
-        if reuse_cache:
-            old = self.slot_tokens[slot]
-            limit = min(len(old), len(prompt) - 1)
-            while cached < limit and old[cached] == prompt[cached]:
-                cached += 1
-        stats.cached_tokens = cached
-        logits = self.prefill(prompt[cached:], slot=slot, start_pos=cached)
-        gen = make_generator(params.seed, self.device)
-        history = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        stopper = StopStringMatcher(params.stop)
-        max_new = min(params.max_new_tokens, self.max_seq_len - len(prompt))
-        pos = len(prompt)
-        first_at = None
-        if max_new <= 0:
-            stats.finish_reason = "length"
-            yield GenerationChunk(None, "", stats, finished=True)
-            return
-        while True:
-            token = sample_token(logits, params, history if params.repetition_penalty != 1.0 else None, gen)
-            if first_at is None:
-                first_at = time.perf_counter()
-                stats.ttft_s = first_at - start
-            stats.generated_tokens += 1
-            if token in self.eos_ids and not params.ignore_eos:
-                stats.finish_reason = "stop"
-                break
-            text, hit = stopper.push(decoder.push(token))
-            if hit:
-                stats.finish_reason = "stop"
-                stats.decode_s = time.perf_counter() - first_at
-                yield GenerationChunk(token, text, stats, finished=True)
-                return
-            stats.decode_s = time.perf_counter() - first_at
-            yield GenerationChunk(token, text, stats)
-            if stats.generated_tokens >= max_new:
-                stats.finish_reason = "length"
-                break
-            if params.repetition_penalty != 1.0:
-                history = torch.cat([history, history.new_tensor([token])])
-            logits = self.decode(torch.tensor([token], device=self.device), torch.tensor([pos], device=self.device),
-                                 slot=slot)[0]
-            self.slot_tokens[slot].append(token)
-            pos += 1
-        stats.decode_s = time.perf_counter() - first_at
-        text, _ = stopper.push(decoder.flush())
-        yield GenerationChunk(None, text + stopper.flush(), stats, finished=True)
+        for _, ev in self.run([seq]):
+            if ev.error:
+                raise QuantchatError(f"generation failed: {ev.error}")
+            stats.cached_tokens = seq.cached_tokens
+            stats.generated_tokens = len(seq.generated) + (ev.finish_reason == "stop" and not ev.token_ids
+                                                           and not seq._stopped_by_string)
+            if seq.first_token_at is not None:
+                stats.ttft_s = seq.first_token_at - seq.submitted_at
+                stats.decode_s = time.perf_counter() - seq.first_token_at
+            stats.finish_reason = ev.finish_reason or ""
+            yield GenerationChunk(ev.token_ids[0] if ev.token_ids else None, ev.text, stats,
+                                  finished=ev.finish_reason is not None)
 
-    def generate_text(self, prompt: list[int], params: SamplingParams, **kw) -> tuple[str, GenerationStats]:
+    def generate_text(self, prompt: list[int], params: SamplingParams) -> tuple[str, GenerationStats]:
         pieces, stats = [], GenerationStats()
-        for chunk in self.generate(prompt, params, **kw):
+        for chunk in self.generate(prompt, params):
             pieces.append(chunk.text)
             stats = chunk.stats
         return "".join(pieces), stats
 
-    @torch.inference_mode()
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """Generate for several prompts of different lengths at once (one KV slot each); returns new token ids.
-
-        Each prompt is prefilled into its own slot, then all live sequences decode together; a finished
-        sequence keeps its slot but its output is frozen.
-        """
-        params.validate()
-        B = len(prompts)
-        if B > self.max_batch:
-            raise QuantchatError(f"{B} prompts but the engine has {self.max_batch} slots")
+        """Generate for several prompts of different lengths together; returns each one's new token ids
+        (prompt ``i`` samples with seed ``params.seed + i``)."""
         for p in prompts:
             self.check_fits(len(p))
-        gens = [make_generator(None if params.seed is None else params.seed + i, self.device) for i in range(B)]
-        logits = torch.stack([self.prefill(p, slot=i) for i, p in enumerate(prompts)])
-        positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        limits = [min(params.max_new_tokens, self.max_seq_len - len(p)) for p in prompts]
-        outputs: list[list[int]] = [[] for _ in range(B)]
-        done = [lim <= 0 for lim in limits]
-        while not all(done):
-            next_tokens = []
-            for i in range(B):
-                if done[i]:
-                    next_tokens.append(0)
-                    continue
-                tok = sample_token(logits[i], params, None, gens[i])
-                if tok in self.eos_ids and not params.ignore_eos:
-                    done[i] = True
-                else:
-                    outputs[i].append(tok)
-                    done[i] = len(outputs[i]) >= limits[i]
-                next_tokens.append(tok)
-            if all(done):
-                break
-            # finished rows still step (their slot is theirs); clamp positions inside the cache
-            positions = torch.clamp(positions, max=self.max_seq_len - 1)
-            logits = self.decode(torch.tensor(next_tokens, device=self.device), positions)
-            positions = positions + 1
-        return outputs
+        seqs = [Sequence(list(p), params if params.seed is None else dataclasses.replace(params, seed=params.seed + i),
+                         sink=lambda ev: None) for i, p in enumerate(prompts)]
+        outputs: dict[int, list[int]] = {id(s): [] for s in seqs}
+        for seq, ev in self.run(seqs):
+            if ev.error:
+                raise QuantchatError(f"generation failed: {ev.error}")
+            outputs[id(seq)] += ev.token_ids
+        return [outputs[id(s)] for s in seqs]
 
 
 class ChatSession:
-    """A multi-turn chat in slot 0 of an engine: renders the template, re-uses earlier turns' KV cache."""
+    """A multi-turn chat: renders the template; the loop's prefix reuse keeps earlier turns' KV cache."""
 
     def __init__(self, engine: Engine, params: SamplingParams, system_prompt: str | None = None,
                  template: str | None = None) -> None:
@@ -281,7 +258,7 @@ class ChatSession:
             self.messages.pop()
             raise
         pieces = []
-        for chunk in self.engine.generate(ids, self.params, slot=0, reuse_cache=True):
+        for chunk in self.engine.generate(ids, self.params):
             pieces.append(chunk.text)
             yield chunk
         self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})

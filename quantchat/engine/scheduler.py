@@ -1,31 +1,19 @@
-"""Continuous batching: sequences join and leave the running batch at every decode step.
+"""The generation loop: continuous batching, sequences joining and leaving the batch at every step.
 
-One background thread owns the model. Decoding sequences sit in KV slots ``0..d-1`` (so a
-decode step is one batched forward over a contiguous block of the cache, no gather); the one
-sequence being prefilled sits in slot ``d`` and is prefilled a chunk at a time between decode
-steps, so a long prompt never stalls the others for long. Short prompts (one chunk, no prompt
-logprobs) that wait together are prefilled together: right-padded forwards into slots
-``d, d+1, ...`` (on CPU the weights are unpacked once for all of them instead of once each), split by
-the tokens each still computes after prefix reuse, so that a mostly cached prompt is not padded up to a
-new long one (``split_padded``).
+This is quantchat's one loop. The server runs it on a background thread (``start``); ``Engine.generate``,
+``Engine.generate_batch`` and the terminal chat drive the same ``step`` inline, so sampling parameters,
+stop rules, penalties and prefix reuse mean the same on every path.
 
-Prefix reuse: ``engine.slot_tokens[i]`` always names tokens whose KV slot ``i`` holds (free slots
-keep what their last sequence left, a finished sequence's answer included). A new prompt starts
-from the longest such prefix found in any slot (swapped into its own slot from a free one, copied
-from a running one): a shared system prompt, or a chat's earlier turns, are not computed again.
-When a sequence finishes (or its client goes away) the last decoding slot swaps places with it, so
-the finished conversation stays cached in a free slot for its next turn. Slots past the scheduler's
-``max_batch`` (an engine with more slots than the batch) only park such conversations: a slot about to be
-overwritten first moves what it caches into the least recently used parking slot, so at full load (every
-batch slot busy) the conversations that just finished are still there for their next turn. KV slots are
-allocated once (``Engine(max_batch=...)``), never per request. The first-token logits of the last
-``PROMPT_LOGITS_KEPT`` prompts are kept too: a prompt seen again whose KV some slot still holds whole
-(a regenerated answer, a retried or repeated request, the n choices of one request) starts decoding at once,
-with no forward at all.
+Decoding sequences sit in KV slots ``0..d-1`` (a decode step is one batched forward over a contiguous block
+of the cache, no gather); the one long prompt being prefilled sits in slot ``d`` and is prefilled a chunk
+at a time between decode steps, so it never stalls the others for long. Short prompts waiting together are
+prefilled together (``batching``: right-padded forwards into slots ``d, d+1, ...``). Prompts start from the
+longest prefix some slot caches (``prefix_cache``). When a sequence finishes (or its client goes away) the
+last decoding slot swaps places with it, so the finished conversation stays cached for its next turn. KV
+slots are allocated once (``Engine(max_batch=...)``), never per request.
 
-Each ``Sequence`` carries its own sampling parameters, stop strings, token limit and seed; its
-events (text, token ids, log-probabilities, finish reason) go to a callback, usually an asyncio
-queue fed across threads.
+Each ``Sequence`` carries its own sampling parameters, stop strings, token limit and seed; its events
+(text, token ids, log-probabilities, finish reason) go to a callback, usually a queue fed across threads.
 """
 
 from __future__ import annotations
@@ -33,17 +21,18 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from quantchat.engine.generate import Engine
+from quantchat.engine import batching
+from quantchat.engine.batching import split_padded
+from quantchat.engine.prefix_cache import PROMPT_LOGITS_KEPT, PrefixCache
+from quantchat.engine.sequence import SeqEvent, Sequence, TokenLogprob, token_logprobs
 from quantchat.engine.stopping import StopStringMatcher
 from quantchat.errors import QueueFullError
 from quantchat.sampling.sampling import (
-    SamplingParams,
     apply_openai_penalties,
     apply_repetition_penalty,
     make_generator,
@@ -51,95 +40,15 @@ from quantchat.sampling.sampling import (
     sample_token,
 )
 
-PREFILL_STEP = 256  # prompt tokens prefilled between two decode steps
-GROUP_PREFILL_TOKENS = 2048  # rows x padded length of one grouped prefill of short prompts
-PROMPT_LOGITS_KEPT = 16  # prompts whose first-token logits are kept (3 MB for a 49k vocabulary)
-FORWARD_COST_ROWS = 16  # the fixed cost of a prefill forward, in token rows (about 30 ms vs 2 ms a row here)
+if TYPE_CHECKING:
+    from quantchat.engine.generate import Engine
 
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float | None  # None for the first prompt token (nothing predicts it)
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
-
-
-@dataclass
-class SeqEvent:
-    """What one step produced for a sequence: text (stop-string safe), new token ids, their logprobs."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] | None = None  # once, first, when asked (echo)
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class Sequence:
-    prompt: list[int]
-    params: SamplingParams
-    sink: Callable[[SeqEvent], None]
-    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k best
-    prompt_logprobs: bool = False
-    decoder: object | None = None  # tokenizer stream decoder
-    # state
-    generated: list[int] = field(default_factory=list)
-    prefilled: int = 0
-    cancelled: bool = False
-    finished: bool = False
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    _gen: torch.Generator | None = None
-    _stopper: StopStringMatcher | None = None
-    _next_logits: Tensor | None = None
-    _prompt_lp: list[TokenLogprob] = field(default_factory=list)
-    _stopped_by_string: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    @property
-    def length(self) -> int:
-        """Tokens whose KV is in the slot (prompt + generated, except the newest sampled one)."""
-        return len(self.prompt) + max(0, len(self.generated) - 1) if self.generated else self.prefilled
-
-
-def split_padded(new_tokens: list[int], forward_rows: int = FORWARD_COST_ROWS) -> list[tuple[int, int]]:
-    """Split prompts sorted by the tokens they still compute (ascending) into runs [lo, hi) prefilled one
-    padded forward each, at the least cost: a forward costs ``forward_rows`` plus its padded rows
-    (runs x longest), in units of one token row. Exact (dynamic programming over the cut points)."""
-    n = len(new_tokens)
-    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
-    for hi in range(1, n + 1):
-        for lo in range(hi):
-            c = best[lo] + forward_rows + (hi - lo) * new_tokens[hi - 1]
-            if c < best[hi]:
-                best[hi], cut[hi] = c, lo
-    runs, hi = [], n
-    while hi > 0:
-        runs.append((cut[hi], hi))
-        hi = cut[hi]
-    return runs[::-1]
-
-
-def token_logprobs(logits: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]:
-    """Logprob of ``chosen`` [N] under ``logits`` [N, V] plus the top ``k`` alternatives of each row."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    picked = lp.gather(1, chosen[:, None])[:, 0].tolist()
-    if k > 0:
-        vals, ids = torch.topk(lp, k, dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
-    else:
-        tops = [[] for _ in picked]
-    return [TokenLogprob(int(t), float(p), top) for t, p, top in zip(chosen.tolist(), picked, tops)]
+__all__ = ["PROMPT_LOGITS_KEPT", "Scheduler", "SeqEvent", "Sequence", "TokenLogprob", "split_padded"]
 
 
 class Scheduler:
-    """Runs an ``Engine``'s slots as a continuously batched server loop on a background thread."""
+    """Runs an ``Engine``'s slots as a continuously batched loop (inline with ``step`` or on a thread).
+    The newest scheduler of an engine is ``engine.scheduler``: the one its ``generate`` drives."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int | None = None) -> None:
         """``max_batch``: sequences decoded together (default: every slot of the engine); the engine's
@@ -148,8 +57,7 @@ class Scheduler:
         self.max_batch = max_batch or engine.max_batch
         if not 1 <= self.max_batch <= engine.max_batch:
             raise ValueError(f"max_batch {self.max_batch} outside the engine's 1..{engine.max_batch} slots")
-        self.slot_stamp = [0] * engine.max_batch  # when each slot's content was last written or reused
-        self._tick = 0
+        self.prefix = PrefixCache(engine, self.max_batch)
         self.max_queue = max_queue
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.decoding: list[Sequence] = []  # slot i holds decoding[i]
@@ -168,9 +76,16 @@ class Scheduler:
         # events) and prompt prefill; the ratio of step times shows what batching gains (bench serve)
         self.decode_time: dict[int, list[float]] = {}
         self.prefill_seconds = 0.0
-        self.prompt_tokens_cached_total = 0  # prompt tokens whose KV was reused, not computed
-        self.prompt_logits: collections.OrderedDict[tuple[int, ...], Tensor] = collections.OrderedDict()
         self.started_at = time.time()
+        engine.scheduler = self
+
+    @property
+    def prompt_tokens_cached_total(self) -> int:
+        return self.prefix.cached_tokens_total
+
+    @property
+    def prompt_logits(self) -> collections.OrderedDict[tuple[int, ...], Tensor]:
+        return self.prefix.prompt_logits
 
     # -- public, any thread -------------------------------------------------------------------
     def start(self) -> Scheduler:
@@ -187,16 +102,21 @@ class Scheduler:
         if self.thread is not None:
             self.thread.join(timeout=30)
 
-    def submit(self, seq: Sequence) -> Sequence:
+    def submit(self, seq: Sequence, queue_limit: bool = True) -> Sequence:
+        """Queue ``seq`` (``queue_limit``: refuse it when ``max_queue`` wait already; in-process callers such
+        as ``Engine.generate`` wait their turn instead)."""
         self.engine.check_prompt(seq.prompt)
-        seq.params.validate()
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            if queue_limit and len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
             self.waiting.append(seq)
             self.requests_total += 1
             self.cond.notify_all()
         return seq
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.decoding or self.prefilling)
 
     @property
     def queue_length(self) -> int:
@@ -226,10 +146,10 @@ class Scheduler:
             "prompt_tokens_cached_total": self.prompt_tokens_cached_total,
         }
 
-    # -- the loop (scheduler thread only) -----------------------------------------------------
+    # -- the loop -----------------------------------------------------------------------------
     def step(self) -> None:
         """One turn of the loop: drop cancelled sequences, admit and prefill waiting ones, one decode step.
-        (Tests and profilers drive a scheduler that was not started with this.)"""
+        Only one thread may step a scheduler: its own (``start``) or the caller's, not both."""
         self._drop_cancelled()
         group = self._admit()
         t0 = time.perf_counter()
@@ -250,42 +170,37 @@ class Scheduler:
         try:
             while True:
                 with self.cond:
-                    while self.running and not (self.waiting or self.decoding or self.prefilling):
+                    while self.running and not self.busy:
                         self.cond.wait(timeout=1.0)
                     if not self.running:
                         break
                 self.step()
         except Exception as e:  # the model failed: fail every request rather than hang them
-            self.error = f"{type(e).__name__}: {e}"
-            for seq in [*self.decoding, *([self.prefilling] if self.prefilling else []), *self.waiting]:
-                self._finish(seq, "error", error=self.error)
-            self.decoding, self.prefilling = [], None
-            self.waiting.clear()
-            self.running = False
+            self.fail(e)
             raise
+
+    def fail(self, e: BaseException) -> None:
+        """End every sequence with an error (the model failed)."""
+        self.error = f"{type(e).__name__}: {e}"
+        for seq in [*self.decoding, *([self.prefilling] if self.prefilling else []), *self.waiting]:
+            self._finish(seq, "error", error=self.error)
+        self.decoding, self.prefilling = [], None
+        self.waiting.clear()
+        self.running = False
 
     def _admit(self) -> list[Sequence]:
         """Start the next waiting sequence (its prefill runs chunk by chunk), or return a group of
         waiting short prompts to prefill together now."""
-        group: list[Sequence] = []
         with self.cond:
             if self.prefilling is not None:
-                return group
-            free = self.max_batch - len(self.decoding)
-            longest = 0
-            while self.waiting and len(group) < free:
-                seq = self.waiting[0]
-                short = len(seq.prompt) <= PREFILL_STEP and not seq.prompt_logprobs
-                if not short and not group:  # a long prompt: chunked prefill in slot d
-                    self._start(self.waiting.popleft())
-                    self._reuse_prefix(seq, len(self.decoding))
-                    self.prefilling = seq
-                    return group
-                if not short or max(longest, len(seq.prompt)) * (len(group) + 1) > GROUP_PREFILL_TOKENS:
-                    break
-                self._start(self.waiting.popleft())
-                group.append(seq)
-                longest = max(longest, len(seq.prompt))
+                return []
+            long, group = batching.take_admissions(self.waiting, self.max_batch - len(self.decoding),
+                                                   batching.PREFILL_STEP)
+        for seq in ([long] if long else group):
+            self._start(seq)
+        if long is not None:
+            self.prefix.reuse(long, len(self.decoding))
+            self.prefilling = long
         return group
 
     def _start(self, seq: Sequence) -> None:
@@ -301,59 +216,29 @@ class Scheduler:
         rest, repeats, seen = [], [], set()
         for seq in group:  # a repeated prompt whose whole KV is cached: no forward
             key = tuple(seq.prompt)
-            if self._whole_prompt_cached(seq):
+            if self.prefix.whole_prompt_cached(seq):
                 self._start_cached(seq)
             elif key in seen:  # the same prompt twice in the group (n choices): computed once
                 repeats.append(seq)
             else:
                 seen.add(key)
                 rest.append(seq)
-        new = [len(s.prompt) - self._cached_prefix(s)[0] for s in rest]
+        new = [len(s.prompt) - self.prefix.longest(s)[0] for s in rest]
         order = sorted(range(len(rest)), key=lambda i: new[i])
         for lo, hi in split_padded([new[i] for i in order]):
             self._prefill_rows([rest[i] for i in order[lo:hi]])
         for seq in repeats:
-            if self._whole_prompt_cached(seq):
+            if self.prefix.whole_prompt_cached(seq):
                 self._start_cached(seq)
             else:  # its twin finished at once and its slot was taken again
                 self._prefill_rows([seq])
 
-    def _whole_prompt_cached(self, seq: Sequence) -> bool:
-        """Whether ``seq`` can start with no forward: its first-token logits are kept and a slot holds
-        its whole prompt's KV."""
-        return (tuple(seq.prompt) in self.prompt_logits
-                and self._cached_prefix(seq, whole=True)[0] == len(seq.prompt))
-
-    def _cached_prefix(self, seq: Sequence, slot: int = -1, whole: bool = False) -> tuple[int, int]:
-        """The longest prefix of ``seq.prompt`` (at most all but its last token, or all of it with ``whole``)
-        some slot holds now, and that slot (``slot`` itself on a tie); (0, slot) for sequences that want
-        prompt logprobs."""
-        best, src = 0, slot
-        if not seq.prompt_logprobs:
-            prompt, limit = seq.prompt, len(seq.prompt) - (0 if whole else 1)
-            for i, toks in enumerate(self.engine.slot_tokens):
-                n, top = 0, min(limit, len(toks))
-                while n < top and toks[n] == prompt[n]:
-                    n += 1
-                if n > best or (n == best and i == slot):
-                    best, src = n, i
-        return best, src
-
-    def _remember(self, seq: Sequence, logits: Tensor) -> None:
-        """Keep the first-token logits [V] of ``seq.prompt`` (the last ``PROMPT_LOGITS_KEPT`` prompts)."""
-        key = tuple(seq.prompt)
-        self.prompt_logits[key] = logits.detach().clone()
-        self.prompt_logits.move_to_end(key)
-        while len(self.prompt_logits) > PROMPT_LOGITS_KEPT:
-            self.prompt_logits.popitem(last=False)
-
     def _start_cached(self, seq: Sequence) -> None:
         """Start ``seq`` in slot d from a slot holding its whole prompt and its kept first-token logits."""
-        d, key = len(self.decoding), tuple(seq.prompt)
-        self._reuse_prefix(seq, d, whole=True)
-        self.prompt_logits.move_to_end(key)
+        d = len(self.decoding)
+        self.prefix.reuse(seq, d, whole=True)
         self.decoding.append(seq)
-        if self._first_token(seq, self.prompt_logits[key][None], SeqEvent(prompt_tokens=len(seq.prompt))):
+        if self._first_token(seq, self.prefix.kept_logits(seq)[None], SeqEvent(prompt_tokens=len(seq.prompt))):
             self._remove([d])
 
     @torch.inference_mode()
@@ -361,7 +246,7 @@ class Scheduler:
         """Prefill short prompts in one forward (right-padded; the padding's KV lands past each prompt's
         end, where the sequence's own tokens overwrite it before anything reads it), into slots d.."""
         d, dev = len(self.decoding), self.engine.device
-        starts = [self._reuse_prefix(seq, d + i) for i, seq in enumerate(group)]
+        starts = [self.prefix.reuse(seq, d + i) for i, seq in enumerate(group)]
         T = max(len(s.prompt) - st for s, st in zip(group, starts))
         ids = torch.zeros(len(group), T, dtype=torch.long)
         for i, (s, st) in enumerate(zip(group, starts)):
@@ -375,7 +260,7 @@ class Scheduler:
         for i, seq in enumerate(group):
             seq.prefilled = len(seq.prompt)
             self.engine.slot_tokens[d + i] = list(seq.prompt)
-            self._remember(seq, logits[i])
+            self.prefix.remember(seq, logits[i])
             self.decoding.append(seq)
             if self._first_token(seq, logits[i:i + 1], SeqEvent(prompt_tokens=len(seq.prompt))):
                 done.append(d + i)
@@ -409,7 +294,8 @@ class Scheduler:
         assert seq is not None
         slot = len(self.decoding)
         start = seq.prefilled
-        chunk = seq.prompt[start:start + PREFILL_STEP]
+        step = batching.PREFILL_STEP if self.decoding else max(batching.PREFILL_STEP, batching.PREFILL_STEP_ALONE)
+        chunk = seq.prompt[start:start + step]
         dev = self.engine.device
         ids = torch.tensor(chunk, dtype=torch.long, device=dev)[None]
         pos = torch.arange(start, start + len(chunk), device=dev)[None]
@@ -426,7 +312,7 @@ class Scheduler:
         if seq.prefilled < len(seq.prompt):
             return
         self.engine.slot_tokens[slot] = list(seq.prompt)
-        self._remember(seq, logits[-1])
+        self.prefix.remember(seq, logits[-1])
         self.prefilling = None
         first = SeqEvent(prompt_logprobs=seq._prompt_lp if seq.prompt_logprobs else None,
                          prompt_tokens=len(seq.prompt))
@@ -490,83 +376,29 @@ class Scheduler:
         self._emit_final(seq, event)
         return True
 
-    def _reuse_prefix(self, seq: Sequence, slot: int, whole: bool = False) -> int:
-        """Put the longest cached prefix of ``seq.prompt`` (at most all but its last token, or all of it
-        with ``whole``) into ``slot``; returns its length (prefill starts there). Sequences that want prompt
-        logprobs compute all."""
-        best, src = self._cached_prefix(seq, slot, whole)
-        in_place = best and src == slot and len(self.engine.slot_tokens[slot]) == best  # nothing else to lose
-        if best and src > slot:  # a free slot: swap, so what ``slot`` cached moves there instead of being lost
-            self._swap_slots(src, slot)
-        elif not in_place:  # ``slot`` gets overwritten past the prefix: park what it caches first (also when
-            self._park(slot)  # it shares only a system prompt with ``seq``), then copy the prefix from where it is
-            best, src = self._cached_prefix(seq, slot, whole)
-            if best and src != slot:
-                self._copy_kv(src, slot, best)
-                self._touch(src)
-        self._touch(slot)
-        self.engine.slot_tokens[slot] = seq.prompt[:best]
-        seq.prefilled = best
-        self.prompt_tokens_cached_total += best
-        return best
-
     def _remove(self, indices: list[int]) -> None:
         """Take finished rows out of the decoding block, keeping it contiguous from slot 0."""
         if not indices:
             return
         old_d = len(self.decoding)
+        toks = self.engine.slot_tokens
         for i in sorted(indices, reverse=True):
             last = len(self.decoding) - 1
             seq = self.decoding[i]
             # its KV stays cached, answer included (a later turn may reuse it): in place when it is the last
             # row, else swapped with the last row, which moves into the hole
-            self.engine.slot_tokens[i] = seq.prompt + seq.generated[:-1]
-            self._touch(i)
+            toks[i] = seq.prompt + seq.generated[:-1]
+            self.prefix.touch(i)
             if i != last:
                 moved = self.decoding[last]
-                self.engine.slot_tokens[last] = (moved.prompt + moved.generated)[:moved.length]
-                self._swap_slots(last, i)
+                toks[last] = (moved.prompt + moved.generated)[:moved.length]
+                self.prefix.swap(last, i)
                 self.decoding[i] = moved
             self.decoding.pop()
         new_d = len(self.decoding)
         if self.prefilling is not None and self.prefilling.prefilled > 0 and new_d != old_d:
-            self.engine.slot_tokens[old_d] = self.prefilling.prompt[:self.prefilling.prefilled]
-            self._swap_slots(old_d, new_d)
-
-    def _touch(self, slot: int) -> None:
-        self._tick += 1
-        self.slot_stamp[slot] = self._tick
-
-    def _park(self, slot: int) -> None:
-        """Move what ``slot`` caches into the least recently used parking slot (past ``max_batch``), unless
-        that one holds something more recent."""
-        toks, stamp = self.engine.slot_tokens, self.slot_stamp
-        parking = range(self.max_batch, self.engine.max_batch)
-        if not parking or not toks[slot]:
-            return
-        j = min(parking, key=lambda i: stamp[i] if toks[i] else -1)
-        if not toks[j] or stamp[j] < stamp[slot]:
-            self._swap_slots(slot, j)
-
-    def _swap_slots(self, a: int, b: int) -> None:
-        """Exchange the KV (and ``slot_tokens``, and when each was last used) of slots ``a`` and ``b``."""
-        self.slot_stamp[a], self.slot_stamp[b] = self.slot_stamp[b], self.slot_stamp[a]
-        toks = self.engine.slot_tokens
-        n = max(len(toks[a]), len(toks[b]))
-        if n:
-            for layer in self.engine.model.layers:
-                cache = layer.attention.kv_cache
-                for c in (cache.k_cache, cache.v_cache):
-                    saved = c[a, :, :n].clone()
-                    c[a, :, :n].copy_(c[b, :, :n])
-                    c[b, :, :n].copy_(saved)
-        toks[a], toks[b] = toks[b], toks[a]
-
-    def _copy_kv(self, src: int, dst: int, length: int) -> None:
-        for layer in self.engine.model.layers:
-            cache = layer.attention.kv_cache
-            cache.k_cache[dst, :, :length] = cache.k_cache[src, :, :length]
-            cache.v_cache[dst, :, :length] = cache.v_cache[src, :, :length]
+            toks[old_d] = self.prefilling.prompt[:self.prefilling.prefilled]
+            self.prefix.swap(old_d, new_d)
 
     def _emit(self, seq: Sequence, event: SeqEvent) -> None:
         event.prompt_tokens = len(seq.prompt)

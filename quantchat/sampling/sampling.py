@@ -25,7 +25,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> "SamplingParams":
+        """Raise a clear error for values no path can honour (run once, when the parameters are made)."""
         if not (self.temperature >= 0):
             raise QuantchatError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -34,6 +38,9 @@ class SamplingParams:
             raise QuantchatError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (self.repetition_penalty > 0):
             raise QuantchatError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (-2.0 <= getattr(self, name) <= 2.0):
+                raise QuantchatError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
         if self.max_new_tokens < 0:
             raise QuantchatError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         return self

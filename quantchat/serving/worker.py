@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from quantchat.engine.generate import Engine
-from quantchat.engine.scheduler import Scheduler, SeqEvent, Sequence, TokenLogprob
+from quantchat.engine.scheduler import Scheduler
+from quantchat.engine.sequence import SeqEvent, Sequence, TokenLogprob
 from quantchat.errors import BadRequestError, ContextLengthError, QuantchatError
 from quantchat.sampling.sampling import SamplingParams
 from quantchat.serving.protocol import GenerateRequest
@@ -81,14 +82,13 @@ class Worker:
                 f"{max_new if req.max_tokens is not None else 'at least 1'} for the completion). "
                 "Please reduce the prompt or max_tokens."
             )
-        params = SamplingParams(
-            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, seed=req.seed, max_new_tokens=max_new,
-            stop=list(req.stop), ignore_eos=req.ignore_eos,
-        )
         try:
-            params.validate()
+            params = SamplingParams(
+                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, seed=req.seed, max_new_tokens=max_new,
+                stop=list(req.stop), ignore_eos=req.ignore_eos,
+            )
         except QuantchatError as e:
             raise BadRequestError(str(e)) from None
         return ids, params
