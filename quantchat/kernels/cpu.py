@@ -19,11 +19,14 @@ Small M (decode, M <= 12) runs a float32 GEMV straight from the packed codes (AV
 threads split the output rows); larger M (prefill) dequantizes tiles of rows into an L2-sized
 float32 buffer per thread and runs sgemm on them. Results match dequantize-then-matmul to float32
 rounding (the activations are not quantized). Threads: torch's pool (``torch.get_num_threads()``).
-Opt-in (``path=PATH_AUTO_I16``): a faster GEMV on int16-rounded activations (see below).
+Opt-in (``path=PATH_AUTO_I16``): a faster GEMV on int16-rounded activations. The paths are the enums
+``defs.Path`` / ``defs.R8Path`` (also here as ``PATH_*`` / ``R8_*``), defined once in ``defs.py``, which
+also lays out the fused decode step's plan; each build gets them as the generated header ``quantchat_defs.h``.
 
 The C++ source (``cpu_kernels.cpp``) is compiled with the system C++ compiler (``$CXX``, else g++ /
 c++; no ninja or setuptools needed) into ``quantchat_home()/kernels`` (``$QUANTCHAT_KERNELS_DIR``
-overrides), keyed by a hash of the source, flags, compiler and torch build, and registered as
+overrides), keyed by a hash of the sources, the generated header, flags, compiler and torch build, with a
+progress bar on a terminal while it builds (``quantchat.progress``), and registered as
 ``torch.ops.quantchat.int4_linear`` / ``int8_linear``. When it cannot be built or loaded (no
 compiler, no AVX2/FMA, not x86-64, ``QUANTCHAT_NO_KERNELS=1``) ``available()`` is False and
 ``unavailable_reason()`` says why; callers then use torch's ops.
@@ -38,6 +41,7 @@ import shutil
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,9 +233,11 @@ def _run_build(cxx: str, v: Variant, out: Path) -> None:
         procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for c in _compile_commands(cxx, v, objects, defs_dir)]
         results = []
-        for p in procs:
-            results.append((p, p.communicate(timeout=BUILD_TIMEOUT_S)[0]))
-            progress.update()
+        with ThreadPoolExecutor(len(procs)) as pool:  # the bar moves as each compile finishes
+            futures = {pool.submit(p.communicate, timeout=BUILD_TIMEOUT_S): p for p in procs}
+            for f in as_completed(futures):
+                results.append((futures[f], f.result()[0]))
+                progress.update()
         for p, output in results:
             if p.returncode != 0:
                 raise KernelsUnavailable(f"compilation failed ({cxx}, exit {p.returncode}):\n{output.strip()[-2000:]}")
@@ -329,7 +335,7 @@ def _load_variant_impl(v: Variant) -> tuple[object, dict]:
     info["isa"] = ops.isa_info()
     # smoke test: catches a broken build before any model uses it
     x = torch.ones(1, 16)
-    y = ops.int8_linear(x, torch.ones(2, 16, dtype=torch.int8), torch.full((2,), 0.5), 0)
+    y = ops.int8_linear(x, torch.ones(2, 16, dtype=torch.int8), torch.full((2,), 0.5), defs.Path.AUTO)
     if not torch.equal(y, torch.full((1, 2), 8.0)):
         raise KernelsUnavailable(f"kernel smoke test of the {v.name} build gave a wrong result")
     return ops, info

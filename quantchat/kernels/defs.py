@@ -145,16 +145,28 @@ def _indices(prefix: str, names: Sequence[str]) -> str:
     return "".join(f"constexpr int64_t {prefix}{_camel(n)} = {i};\n" for i, n in enumerate(names))
 
 
-def _layout(prefix: str, fields: tuple) -> str:
-    out, t, m = [], 0, 0
+def layout(fields: tuple) -> tuple[dict[str, int], dict[str, int], int, int]:
+    """Where ``fields`` (``LAYER`` or ``FINAL``) put each field: (first tensor per field, first meta number
+    per linear field, tensors in all, meta numbers in all)."""
+    tensor_at, meta_at, t, m = {}, {}, 0, 0
     for name, kind in fields:
-        out.append(f"constexpr int64_t {prefix}{_camel(name)} = {t};\n")
+        tensor_at[name] = t
         if kind == LINEAR:
-            out.append(f"constexpr int64_t {prefix}Meta{_camel(name)} = {m};\n")
+            meta_at[name] = m
             t, m = t + len(LINEAR_TENSORS), m + len(LINEAR_META)
         else:
             t += 1
-    out.append(f"constexpr int64_t {prefix}Tensors = {t};\nconstexpr int64_t {prefix}Meta = {m};\n")
+    return tensor_at, meta_at, t, m
+
+
+def _layout(prefix: str, fields: tuple) -> str:
+    tensor_at, meta_at, n_tensors, n_meta = layout(fields)
+    out = []
+    for name, t in tensor_at.items():
+        out.append(f"constexpr int64_t {prefix}{_camel(name)} = {t};\n")
+        if name in meta_at:
+            out.append(f"constexpr int64_t {prefix}Meta{_camel(name)} = {meta_at[name]};\n")
+    out.append(f"constexpr int64_t {prefix}Tensors = {n_tensors};\nconstexpr int64_t {prefix}Meta = {n_meta};\n")
     return "".join(out)
 
 
