@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantchat.kernels import cpu
+from quantchat.kernels import cpu, defs
 from quantchat.quant import rtn
 
 # evaluated at import, before conftest redirects QUANTCHAT_HOME to a per-session temp dir
@@ -493,7 +493,7 @@ def test_bad_arguments_raise():
     with pytest.raises(RuntimeError):
         cpu.int4_linear(x, packed.t().contiguous().t(), s, z, 32, 64)  # non-contiguous codes
     with pytest.raises(RuntimeError):
-        cpu.int4_linear(x, packed, s, z, 32, 64, path=9)
+        cpu.int4_linear(x, packed, s, z, 32, 64, path=max(defs.Path) + 1)  # no such path
     q8, s8, _ = int8_weight(8, 64)
     with pytest.raises(RuntimeError):
         cpu.int8_linear(x, q8.to(torch.uint8), s8)

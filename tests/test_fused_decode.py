@@ -10,7 +10,7 @@ import torch
 from quantchat.engine import fused_decode
 from quantchat.engine.fused_decode import FusedDecoder
 from quantchat.engine.generate import Engine
-from quantchat.kernels import cpu
+from quantchat.kernels import cpu, defs
 from quantchat.loading.hf_loader import load_model
 from quantchat.model.config import ModelConfig
 from quantchat.model.llama import Transformer
@@ -226,6 +226,21 @@ def test_unsupported_models_fall_back_with_a_reason(monkeypatch):
     monkeypatch.setenv("QUANTCHAT_NO_FUSED", "1")
     assert "QUANTCHAT_NO_FUSED" in fused_decode.unsupported_reason(model)
     assert Engine(model, IdsOnlyTokenizer(), max_seq_len=32).fused is None
+
+
+def test_plan_layout_mismatch_is_a_clear_error(monkeypatch):
+    """The plan is filled by the field names of kernels/defs.py: a field the decoder does not fill is a
+    PlanMismatch naming it (not a fallback, not a crash); lists of the wrong length are refused by DecodePlan."""
+    model = random_model()
+    model.setup_caches(1, 32)
+    meta, tensors = fused_decode._plan_inputs(model)
+    with pytest.raises(RuntimeError, match="tensor count"):
+        cpu.decode_plan_class()(meta, 1e-5, tensors[:-1])
+    with pytest.raises(RuntimeError, match="meta size"):
+        cpu.decode_plan_class()(meta[:-1], 1e-5, tensors)
+    monkeypatch.setattr(defs, "LAYER", defs.LAYER + (("q_norm", defs.TENSOR),))
+    with pytest.raises(defs.PlanMismatch, match="missing \\['q_norm'\\]"):
+        FusedDecoder.build(model)
 
 
 def test_rebuilt_cache_is_noticed_and_bad_positions_refused():

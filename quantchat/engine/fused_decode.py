@@ -7,10 +7,10 @@ which runs rmsnorm, the packed linears, rope, the cache write, grouped-query att
 LM head as plain loops between quantchat's linear kernels. Same results as the model's forward to
 float32 rounding (tests/test_fused_decode.py). Building the decoder re-lays every int4 linear (group size a
 multiple of 32) in the row-interleaved layout (``QuantizedLinear.interleave_rows_``; the same bytes, no
-copy kept), whose kernel multiplies them with activations rounded to int8 per 32 columns (``cpu.R8_Q8``,
+copy kept), whose kernel multiplies them with activations rounded to int8 per 32 columns (``R8Path.Q8``,
 as llama.cpp's Q4 x Q8_0 dot products) in the step: 2-4x faster batched decode for a rounding error of
 about 0.4 % of |x| per 32-column block. Integer sums make each row's result independent of the batch.
-int8 linears (the LM head) run on activations rounded to int16 per row (``cpu.PATH_GEMV_I16``: exact
+int8 linears (the LM head) run on activations rounded to int16 per row (``Path.GEMV_I16``: exact
 integer sums, KL 2e-8 on the default model's head). Prefill (the model's own forward) rounds activations
 to int16 per weight group: see ``interleave_rows_``. ``QUANTCHAT_NO_Q8=1`` keeps the int4 layout and float
 activations everywhere (float32-exact).
@@ -19,6 +19,9 @@ Used by ``Engine.decode`` when the model qualifies (``FusedDecoder.build`` retur
 the reason in ``unsupported_reason``): CPU, float32 activations and cache, quantchat's kernels built,
 every linear float (``nn.Linear`` / ``TransposedLinear``) or quantchat-kernel int4 / int8, no
 embedding scale or other model-specific extras. ``QUANTCHAT_NO_FUSED=1`` turns it off.
+
+The plan's layout (which tensors and numbers, in which order) is defined once, in quantchat/kernels/defs.py:
+this module fills its fields by name, the C++ reads them by the named indices generated from it.
 """
 
 from __future__ import annotations
@@ -26,50 +29,54 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from quantchat.kernels import cpu
+from quantchat import envs
+from quantchat.kernels import cpu, defs
+from quantchat.kernels.defs import LinearKind, Path
 from quantchat.model.linear import TransposedLinear
 from quantchat.model.llama import Transformer
 from quantchat.quant.linear import QuantizedLinear
 
-KIND_FLOAT, KIND_INT4, KIND_INT8, KIND_FLOAT_T, KIND_INT4_R8 = 0, 1, 2, 3, 4
 _EMPTY = torch.empty(0)
 
 
-def _linear_entry(m: nn.Module) -> tuple[list[int], list[Tensor]]:
-    """(kind, group_size, in_features, out_features) and the four tensors of one linear, as DecodePlan
-    takes them."""
+def _linear(kind: LinearKind, m: nn.Module, group_size: int, a: Tensor, b: Tensor = _EMPTY,
+            c: Tensor = _EMPTY) -> dict:
     bias = getattr(m, "bias", None)
     bias = _EMPTY if bias is None else bias.detach().float().contiguous()
+    return dict(kind=kind, group_size=group_size, in_features=m.in_features, out_features=m.out_features,
+                a=a, b=b, c=c, bias=bias)
+
+
+def _linear_entry(m: nn.Module) -> dict:
+    """One linear as DecodePlan takes it (the fields of ``defs.LINEAR_META`` and ``defs.LINEAR_TENSORS``)."""
     if isinstance(m, QuantizedLinear):
         if m.r8:
-            return ([KIND_INT4_R8, m.group_size, m.in_features, m.out_features],
-                    [m.qweight, m.scales, m.mins, bias])
+            return _linear(LinearKind.INT4_R8, m, m.group_size, m.qweight, m.scales, m.mins)
         codes = m.resident_codes()
         if codes is None:
             raise ValueError("a quantized linear is not in quantchat's kernel layout")
         if m.bits == 4:
-            return ([KIND_INT4, m.group_size, m.in_features, m.out_features],
-                    [codes["qweight"], codes["scales"], codes["mins"], bias])
-        # int8: the second field is int8_linear's kernel path: the int16-activation GEMV at any batch size
+            return _linear(LinearKind.INT4, m, m.group_size, codes["qweight"], codes["scales"], codes["mins"])
+        # int8: group_size holds int8_linear's kernel path: the int16-activation GEMV at any batch size
         # (rounding per row: a sequence gets the same logits in any batch), or float with QUANTCHAT_NO_Q8
-        path = 0 if cpu.env_flag("QUANTCHAT_NO_Q8") else 3  # cpu.PATH_AUTO / cpu.PATH_GEMV_I16
-        return [KIND_INT8, path, m.in_features, m.out_features], [codes["qweight"], codes["scales"], _EMPTY, bias]
+        path = Path.AUTO if envs.QUANTCHAT_NO_Q8 else Path.GEMV_I16
+        return _linear(LinearKind.INT8, m, path, codes["qweight"], codes["scales"])
     if isinstance(m, TransposedLinear):
         w = m.weight_t.detach()
-        kind = KIND_FLOAT_T
+        kind = LinearKind.FLOAT_T
     elif type(m) is nn.Linear:
         w = m.weight.detach()
-        kind = KIND_FLOAT
+        kind = LinearKind.FLOAT
     else:
         raise ValueError(f"{type(m).__name__} layers are not supported")
     if w.dtype != torch.float32 or not w.is_contiguous():
         raise ValueError("float linears must be contiguous float32")
-    return [kind, 0, m.in_features, m.out_features], [w, _EMPTY, _EMPTY, bias]
+    return _linear(kind, m, 0, w)
 
 
 def _precondition(model: nn.Module) -> str | None:
     """Why the fused step cannot run this model, from everything but its linears (None: it may)."""
-    if cpu.env_flag("QUANTCHAT_NO_FUSED"):
+    if envs.QUANTCHAT_NO_FUSED:
         return "disabled by QUANTCHAT_NO_FUSED"
     if type(model) is not Transformer:
         return f"{type(model).__name__} is not quantchat's LLaMA-family Transformer"
@@ -96,29 +103,21 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 def _plan_inputs(model: Transformer) -> tuple[list[int], list[Tensor]]:
+    """DecodePlan's (meta, tensors), by the field names of ``defs.PLAN_META`` / ``LAYER`` / ``FINAL``
+    (``defs.PlanMismatch`` if they and this function disagree)."""
     cfg = model.config
-    meta = [cfg.n_layer, cfg.dim, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.sliding_window or 0,
-            cfg.intermediate_size]
-    tensors: list[Tensor] = []
-
-    def add_linear(m: nn.Module) -> None:
-        lm, lt = _linear_entry(m)
-        meta.extend(lm)
-        tensors.extend(lt)
-
+    meta = dict(n_layer=cfg.n_layer, dim=cfg.dim, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head,
+                head_dim=cfg.head_dim, sliding_window=cfg.sliding_window or 0, hidden=cfg.intermediate_size)
+    layers = []
     for layer in model.layers:
         att, ff = layer.attention, layer.feed_forward
-        tensors.append(layer.attention_norm.weight.detach())
-        add_linear(att.wqkv)
-        add_linear(att.wo)
-        tensors.append(layer.ffn_norm.weight.detach())
-        add_linear(ff.w13)
-        add_linear(ff.w2)
-        tensors += [att.kv_cache.k_cache, att.kv_cache.v_cache]
-    tensors.append(model.norm.weight.detach())
-    add_linear(model.output)
-    tensors += [model.rope_cos, model.rope_sin]
-    return meta, tensors
+        layers.append(dict(
+            attn_norm=layer.attention_norm.weight.detach(), wqkv=_linear_entry(att.wqkv), wo=_linear_entry(att.wo),
+            ffn_norm=layer.ffn_norm.weight.detach(), w13=_linear_entry(ff.w13), w2=_linear_entry(ff.w2),
+            k_cache=att.kv_cache.k_cache, v_cache=att.kv_cache.v_cache))
+    final = dict(norm=model.norm.weight.detach(), head=_linear_entry(model.output), rope_cos=model.rope_cos,
+                 rope_sin=model.rope_sin)
+    return defs.plan_lists(meta, layers, final)
 
 
 def _linears(model: Transformer) -> list[nn.Module]:
@@ -143,7 +142,7 @@ class FusedDecoder:
             raise ValueError(f"fused decode unavailable: {reason}")
         try:
             _plan_inputs(model)  # every linear qualifies: only then re-lay the int4 ones
-            if not cpu.env_flag("QUANTCHAT_NO_Q8"):
+            if not envs.QUANTCHAT_NO_Q8:
                 for m in _linears(model):
                     if isinstance(m, QuantizedLinear):
                         m.interleave_rows_()

@@ -19,11 +19,14 @@ Small M (decode, M <= 12) runs a float32 GEMV straight from the packed codes (AV
 threads split the output rows); larger M (prefill) dequantizes tiles of rows into an L2-sized
 float32 buffer per thread and runs sgemm on them. Results match dequantize-then-matmul to float32
 rounding (the activations are not quantized). Threads: torch's pool (``torch.get_num_threads()``).
-Opt-in (``path=PATH_AUTO_I16``): a faster GEMV on int16-rounded activations (see below).
+Opt-in (``path=PATH_AUTO_I16``): a faster GEMV on int16-rounded activations. The paths are the enums
+``defs.Path`` / ``defs.R8Path`` (also here as ``PATH_*`` / ``R8_*``), defined once in ``defs.py``, which
+also lays out the fused decode step's plan; each build gets them as the generated header ``quantchat_defs.h``.
 
 The C++ source (``cpu_kernels.cpp``) is compiled with the system C++ compiler (``$CXX``, else g++ /
 c++; no ninja or setuptools needed) into ``quantchat_home()/kernels`` (``$QUANTCHAT_KERNELS_DIR``
-overrides), keyed by a hash of the source, flags, compiler and torch build, and registered as
+overrides), keyed by a hash of the sources, the generated header, flags, compiler and torch build, with a
+progress bar on a terminal while it builds (``quantchat.progress``), and registered as
 ``torch.ops.quantchat.int4_linear`` / ``int8_linear``. When it cannot be built or loaded (no
 compiler, no AVX2/FMA, not x86-64, ``QUANTCHAT_NO_KERNELS=1``) ``available()`` is False and
 ``unavailable_reason()`` says why; callers then use torch's ops.
@@ -38,21 +41,28 @@ import shutil
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from quantchat import envs
+from quantchat.kernels import defs
 from quantchat.kernels.cpu_features import cpu_flags, cpu_model
 from quantchat.paths import quantchat_home
+from quantchat.progress import Progress
+
+# the flat names callers use (cpu.PATH_AUTO, cpu.R8_Q8, ...), from the enums of defs.py (what each path does:
+# there)
+PATHS = {f"PATH_{p.name}": p for p in defs.Path} | {f"R8_{p.name}": p for p in defs.R8Path}
+globals().update(PATHS)
 
 __all__ = [
     "KernelsUnavailable", "available", "load", "unavailable_reason", "build_info",
-    "int4_linear", "int8_linear", "int4r8_linear", "sample_logits", "R8_EXACT", "R8_Q8", "R8_EXACT_SMALL", "R8_I16",
-    "R8_AMX_1", "R8_AMX_2", "R8_AMX_3", "R8_PREFILL", "PATH_AUTO", "PATH_GEMV", "PATH_TILED", "PATH_GEMV_I16",
-    "PATH_AUTO_I16", "PATH_AMX_1", "PATH_AMX_2", "PATH_AMX_3", "PATH_PREFILL", "VARIANTS", "load_variant",
-    "select_variant", "describe", "decode_plan_class",
+    "int4_linear", "int8_linear", "int4r8_linear", "sample_logits", "VARIANTS", "load_variant",
+    "select_variant", "describe", "decode_plan_class", *PATHS,
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -60,11 +70,16 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # cache key)
 SOURCES = (SOURCE, SOURCE.with_name("decode_step.cpp"), SOURCE.with_name("sampling.cpp"),
            SOURCE.parent / "x86" / "amx_gemm.cpp")
-HEADERS = tuple(sorted(SOURCE.parent.rglob("*.h")))  # cpu_kernels.h, x86/*.h (the parts of cpu_kernels.cpp)
+HEADERS = tuple(sorted(SOURCE.parent.rglob("*.h")))  # cpu_kernels.h, decode_*.h, x86/*.h (included by the sources)
+DEFS_HEADER = "quantchat_defs.h"  # defs.header(), written next to each build (the paths, the decode plan's layout)
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG", "-fvisibility=hidden", "-w"]
 BUILD_TIMEOUT_S = 600
 KEEP_BUILDS = 6  # cached builds kept in kernels_dir() (per ISA variant / source version / torch / compiler)
 VARIANT_ENV = "QUANTCHAT_CPU_VARIANT"  # forces a variant (a lower one than the CPU allows, for tests / comparing)
+
+
+def _forced_variant() -> str:
+    return envs.QUANTCHAT_CPU_VARIANT or ""
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,7 @@ def select_variant(flags: frozenset[str] | None = None, forced: str | None = Non
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64"):
         raise KernelsUnavailable(f"not an x86-64 CPU ({platform.machine()})")
-    forced = os.environ.get(VARIANT_ENV, "").strip() if forced is None else forced
+    forced = _forced_variant() if forced is None else forced
     if forced:
         v = variant(forced)
         missing = missing_flags(v, flags)
@@ -146,31 +161,6 @@ def select_variant(flags: frozenset[str] | None = None, forced: str | None = Non
     if best is None:
         raise KernelsUnavailable(f"CPU lacks {', '.join(missing_flags(VARIANTS[0], flags))}")
     return best, f"the best this CPU supports{why_not}"
-
-
-# kernel choice (the ``path`` argument): AUTO = float GEMV for M <= 12, tiles + sgemm above; GEMV / TILED
-# force one (tests, benchmarks). Opt-in: GEMV_I16 = GEMV with the activations rounded to int16 (int4: per
-# weight group, int8: per row; exact integer products; int4 ~1.2-1.7x, int8 ~1.1x faster than the float
-# GEMV; output error ~2e-5 of its magnitude: far below bfloat16 rounding, but not float32-exact; int8
-# rows come out the same in any batch); AUTO_I16 = that GEMV for M <= 12, above it tiles (int4) or a GEMM
-# on int16 activations per 128 columns (int8: QuantizedLinear's default, prefill). The fused decode step
-# runs int8 layers (the LM head) on GEMV_I16.
-PATH_AUTO, PATH_GEMV, PATH_TILED, PATH_GEMV_I16, PATH_AUTO_I16 = 0, 1, 2, 3, 4
-# AMX_1/2/3: the AMX-BF16 GEMM (amx variant only) with 1, 2 or 3 bf16 products per float product (see
-# x86/amx_gemm.h); PREFILL: the fastest prefill path of this build for the rows given (AMX from 48 rows where
-# there, else AUTO_I16): QuantizedLinear's int8 default
-PATH_AMX_1, PATH_AMX_2, PATH_AMX_3, PATH_PREFILL = 5, 6, 7, 8
-# int4r8_linear's paths: EXACT = float32 activations (up to 16 rows: one 8-row block dequantized into L1 at
-# a time and multiplied with up to 6 rows at once, each row's sums in a fixed order; above: dequantized
-# tiles + sgemm); Q8 = GEMV on int8 activations (per 32 columns, as llama.cpp's Q8_0): the decode path,
-# 2-3x the float GEMV's speed; EXACT_SMALL = EXACT's small-M kernel at any M (tests, benchmarks); I16 =
-# GEMM on int16 activations (per row and weight group; vpmaddwd on 16 rows unpacked at a time, a 6 x 16
-# register block): the prefill path (QuantizedLinear's default), 1.1-2.3x EXACT at every M, output error
-# ~3e-5 of its magnitude, each row's result independent of the other rows
-R8_EXACT, R8_Q8, R8_EXACT_SMALL, R8_I16 = 0, 1, 2, 3
-# as PATH_AMX_* / PATH_PREFILL for the r8 layout (R8_PREFILL: AMX from 48 rows, else R8_I16; QuantizedLinear's
-# int4 default)
-R8_AMX_1, R8_AMX_2, R8_AMX_3, R8_PREFILL = 4, 5, 6, 7
 
 
 class KernelsUnavailable(RuntimeError):
@@ -192,12 +182,12 @@ _loaded: dict[str, object] = {}  # variant name -> its torch.ops namespace (ever
 # build and load
 # ------------------------------------------------------------------------------------------------
 def kernels_dir() -> Path:
-    env = os.environ.get("QUANTCHAT_KERNELS_DIR")
+    env = envs.QUANTCHAT_KERNELS_DIR
     return Path(env).expanduser() if env else quantchat_home() / "kernels"
 
 
 def _compiler() -> str:
-    for cand in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    for cand in (envs.CXX, "g++", "c++", "clang++"):
         if cand and shutil.which(cand):
             return shutil.which(cand)  # type: ignore[return-value]
     raise KernelsUnavailable("no C++ compiler found (set $CXX or install g++)")
@@ -215,13 +205,14 @@ def _variant_flags(v: Variant) -> list[str]:
     return [*CXX_FLAGS, *v.cxx_flags, f"-DQC_NS={v.namespace}", f"-DQC_VARIANT=\"{v.name}\""]
 
 
-def _compile_commands(cxx: str, v: Variant, objects: list[Path]) -> list[list[str]]:
-    """One ``-c`` command per source (they run side by side: most of the time is parsing torch headers)."""
+def _compile_commands(cxx: str, v: Variant, objects: list[Path], defs_dir: Path) -> list[list[str]]:
+    """One ``-c`` command per source (they run side by side: most of the time is parsing torch headers);
+    ``defs_dir`` holds ``quantchat_defs.h``."""
     inc, _ = _torch_dirs()
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     flags = [f for f in _variant_flags(v) if f != "-shared"]
-    return [[cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}", f"-I{SOURCE.parent}", "-c", str(src),
-             "-o", str(obj)] for src, obj in zip(SOURCES, objects)]
+    return [[cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}", f"-I{SOURCE.parent}", f"-I{defs_dir}",
+             "-c", str(src), "-o", str(obj)] for src, obj in zip(SOURCES, objects)]
 
 
 def _link_command(cxx: str, objects: list[Path], out: Path) -> list[str]:
@@ -231,26 +222,38 @@ def _link_command(cxx: str, objects: list[Path], out: Path) -> list[str]:
 
 
 def _run_build(cxx: str, v: Variant, out: Path) -> None:
-    """Compile the sources in parallel and link them into ``out``; KernelsUnavailable with the compiler's
-    message when that fails."""
+    """Compile the sources in parallel and link them into ``out`` (a progress bar per source and the
+    link); KernelsUnavailable with the compiler's message when that fails."""
     objects = [out.with_name(f"{out.stem}.{i}.o") for i in range(len(SOURCES))]
+    defs_dir = out.with_name(f"{out.stem}.include")
+    progress = Progress(len(SOURCES) + 1, f"building CPU kernels ({v.name})", unit="step")
     try:
+        defs_dir.mkdir(exist_ok=True)
+        (defs_dir / DEFS_HEADER).write_text(defs.header())
         procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for c in _compile_commands(cxx, v, objects)]
-        results = [(p, p.communicate(timeout=BUILD_TIMEOUT_S)[0]) for p in procs]
+                 for c in _compile_commands(cxx, v, objects, defs_dir)]
+        results = []
+        with ThreadPoolExecutor(len(procs)) as pool:  # the bar moves as each compile finishes
+            futures = {pool.submit(p.communicate, timeout=BUILD_TIMEOUT_S): p for p in procs}
+            for f in as_completed(futures):
+                results.append((futures[f], f.result()[0]))
+                progress.update()
         for p, output in results:
             if p.returncode != 0:
                 raise KernelsUnavailable(f"compilation failed ({cxx}, exit {p.returncode}):\n{output.strip()[-2000:]}")
         res = subprocess.run(_link_command(cxx, objects, out), capture_output=True, text=True,
                              timeout=BUILD_TIMEOUT_S)
+        progress.update()
         if res.returncode != 0 or not out.is_file():
             tail = (res.stderr or res.stdout).strip()[-2000:]
             raise KernelsUnavailable(f"linking failed ({cxx}, exit {res.returncode}):\n{tail}")
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelsUnavailable(f"compiler failed to run: {e}") from e
     finally:
+        progress.close()
         for o in objects:
             o.unlink(missing_ok=True)
+        shutil.rmtree(defs_dir, ignore_errors=True)
 
 
 def _cache_key(cxx: str, v: Variant) -> str:
@@ -259,7 +262,8 @@ def _cache_key(cxx: str, v: Variant) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelsUnavailable(f"C++ compiler {cxx} does not run: {e}") from e
     h = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(_variant_flags(v)).encode(), cxx.encode(),
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), defs.header().encode(),
+                 " ".join(_variant_flags(v)).encode(), cxx.encode(),
                  version.encode(), torch.__version__.encode(), str(getattr(torch.version, "git_version", "")).encode(),
                  str(Path(torch.__file__).resolve().parent).encode()):
         h.update(part)
@@ -269,7 +273,7 @@ def _cache_key(cxx: str, v: Variant) -> str:
 
 def _build(cxx: str, v: Variant, so_path: Path) -> float:
     """Compile into so_path (under a file lock; another process may have built it meanwhile)."""
-    import fcntl
+    import fcntl  # POSIX only: here, not at the top, so that the module imports (kernels unavailable) elsewhere
 
     so_path.parent.mkdir(parents=True, exist_ok=True)
     with open(so_path.parent / "build.lock", "w") as lock:
@@ -306,11 +310,6 @@ def _registered(v: Variant) -> bool:
         return False
 
 
-def env_flag(name: str) -> bool:
-    """Whether the environment switch ``name`` is on (set to anything but empty or 0)."""
-    return os.environ.get(name, "").strip() not in ("", "0")
-
-
 def _load_variant_impl(v: Variant) -> tuple[object, dict]:
     """Build (once) and load variant ``v``; its ops namespace and how it was got."""
     missing = missing_flags(v)
@@ -336,7 +335,7 @@ def _load_variant_impl(v: Variant) -> tuple[object, dict]:
     info["isa"] = ops.isa_info()
     # smoke test: catches a broken build before any model uses it
     x = torch.ones(1, 16)
-    y = ops.int8_linear(x, torch.ones(2, 16, dtype=torch.int8), torch.full((2,), 0.5), 0)
+    y = ops.int8_linear(x, torch.ones(2, 16, dtype=torch.int8), torch.full((2,), 0.5), defs.Path.AUTO)
     if not torch.equal(y, torch.full((1, 2), 8.0)):
         raise KernelsUnavailable(f"kernel smoke test of the {v.name} build gave a wrong result")
     return ops, info
@@ -354,7 +353,7 @@ def load_variant(name: str):
 
 
 def _load_impl() -> tuple[object, Variant]:
-    if env_flag("QUANTCHAT_NO_KERNELS"):
+    if envs.QUANTCHAT_NO_KERNELS:
         raise KernelsUnavailable("disabled by QUANTCHAT_NO_KERNELS")
     chosen, why = select_variant()
     tried = []
@@ -362,7 +361,7 @@ def _load_impl() -> tuple[object, Variant]:
         try:
             ops, info = _load_variant_impl(v)
         except KernelsUnavailable as e:
-            if os.environ.get(VARIANT_ENV, "").strip():
+            if _forced_variant():
                 raise
             tried.append(f"{v.name}: {e}")
             continue
@@ -452,7 +451,7 @@ def describe() -> dict:
         "flags": {f: (None if flags is None else f in flags) for f in wanted},
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
         "variants": [{"name": v.name, "adds": v.adds, "missing": missing_flags(v)} for v in VARIANTS],
-        "forced": os.environ.get(VARIANT_ENV, "").strip() or None,
+        "forced": _forced_variant() or None,
     }
     if available():
         info = build_info()
@@ -485,7 +484,7 @@ def _restore(y: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 def int4_linear(
     x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor, group_size: int, in_features: int,
-    path: int = PATH_AUTO,
+    path: int = defs.Path.AUTO,
 ) -> Tensor:
     """``x @ W.T`` with ``W = rtn.dequantize_int4_resident(unpack(packed), scales, mins)``, for x
     [..., in_features]; output [..., N]. scales and mins: float16 [N, G] (``rtn.int4_resident``).
@@ -505,7 +504,7 @@ def int4_linear(
     return _restore(y, shape, dtype)
 
 
-def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, path: int = PATH_AUTO) -> Tensor:
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, path: int = defs.Path.AUTO) -> Tensor:
     """``x @ (qweight * scales[:, None]).T`` for x [..., K]; output [..., N]."""
     op = _int8_op
     if op is None:
@@ -518,7 +517,7 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, path: int = PATH_AUT
 
 def int4r8_linear(
     x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor, out_features: int, group_size: int,
-    in_features: int, path: int = R8_EXACT,
+    in_features: int, path: int = defs.R8Path.EXACT,
 ) -> Tensor:
     """``int4_linear`` on weights in the row-interleaved layout of ``rtn.interleave_rows8`` (packed uint8
     [N8, Kp/2], scales / mins float16 [N8, G]); output [..., out_features]. ``R8_EXACT`` (default):

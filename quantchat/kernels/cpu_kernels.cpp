@@ -4,42 +4,26 @@
 // Built at first use by quantchat/kernels/cpu.py, once per CPU variant (avx2: -mavx2 -mfma -mf16c;
 // avx512_vnni: + -mavx512{f,bw,vl,dq,vnni}; amx: + -mavx512bf16 -mamx-{tile,int8,bf16}), each into its own
 // library with its ops in its own namespace (QC_NS = quantchat_<variant>):
-//   torch.ops.quantchat_<variant>.int4_linear(x, packed, scales, mins, group_size, in_features, path=0)
-//   torch.ops.quantchat_<variant>.int8_linear(x, qweight, scales, path=0)
+//   torch.ops.quantchat_<variant>.int4_linear(x, packed, scales, mins, group_size, in_features, path=kPathAuto)
+//   torch.ops.quantchat_<variant>.int8_linear(x, qweight, scales, path=kPathAuto)
 // The code a variant adds is chosen at compile time (QC_VNNI: x86/common.h; QC_HAVE_AMX: x86/amx_gemm.cpp)
 // next to the AVX2 code it replaces, which stays the reference (and gives the same integer sums).
 //
-// This file: the ops (each path number to its kernel), their shape functions and the registration. The
+// This file: the ops (each path to its kernel), their shape functions and the registration. The
 // kernels, one file per concern, in x86/ (one translation unit with this file, included in this order):
-//   common.h    path numbers, tile sizes, the sgemm tile call, argument checks
+//   common.h    tile sizes, the sgemm tile call, argument checks
 //   int4.h      int4, portable layout: float / int16-activation GEMVs, dequantized tiles
 //   int4_r8.h   int4, rows interleaved by 8: the int8-activation decode GEMV, the exact small-M kernel, tiles
 //   gemm_i16.h  the int16-activation GEMM (prefill without AMX) and its int4 panels
 //   int8.h      int8: GEMVs (the LM head), tiles, int8 panels for the int16 GEMM
 //   amx_gemm.*  the AMX-BF16 GEMM (its own translation unit)
 //
-// path (kPath* below): 0 = auto (float GEMV for M <= 12 (int8: 12), dequantized tiles + sgemm above), 1 = float
-// GEMV, 2 = tiles, 3 = GEMV with int16 activations, 4 = auto with the int16 GEMV for M <= 12 (int4: tiles
-// above, int8: the int16-activation GEMM above), 5-7 = the AMX-BF16 GEMM with 1-3 bf16 passes, 8 = prefill:
-// AMX from kAmxMinM rows where this build and the OS allow it, else 4 (int8) / 0 (int4).
-//
-// int4 format (quantchat.quant.rtn, stored as is): packed uint8 [N, Kp/2], byte j of a row holds
-// column 2j in its low nibble and 2j+1 in its high nibble; scales float16 [N, G]; mins float16 [N, G];
-// w[n, k] = code * scale[n, g] + min[n, g] with g = k / group_size; Kp = G * group_size >= K
-// (min = -zero * scale, llama.cpp Q4_1's m). The float16 values are widened with F16C (vcvtph2ps):
-// the GEMV converts the scales / mins of each 4-row block once into a per-thread float buffer, the
-// tiled path one group at a time.
-//
-// GEMV (decode): per call, x is copied once into a "nibble order" buffer xp [M, Kp] (per block of
-// 16 columns: the 8 even columns, then the 8 odd ones; zeros past in_features), so that one
-// vpmovzxbd of 8 packed bytes gives 16 codes: (v & 15) are the even columns, (v >> 4) the odd ones.
-// y[m, n] = sum_g s[n,g] * (sum_{k in g} q[n,k] xp[m,k]) + sum_g min[n,g] Sx[m,g], with the
-// per-group sums Sx computed once per call (M = 1; M = 2: two weight rows x two x rows). M >= 3 (batched
-// decode): each weight row is dequantized in registers, 16 values at a time (w = code * scale + min),
-// and multiply-added into up to 8 x rows at once. Accumulation is float32 (no activation quantization).
-//
-// Tiles (prefill): each thread dequantizes T rows of the weight into a float32 buffer [T, Kp] (a
-// few hundred KiB, L2-resident) and calls sgemm on it, writing y[:, n0:n0+T] in place.
+// The paths (kPath*, kR8*) come from quantchat_defs.h, generated from quantchat/kernels/defs.py at build
+// time (what each one does: there): kPathAuto = float GEMV for M <= 12, dequantized tiles + sgemm above;
+// kPathGemv / kPathTiled force one; kPathGemvI16 = GEMV with int16 activations; kPathAutoI16 = that up to
+// 12 rows (int4: tiles above, int8: the int16-activation GEMM above); kPathAmx1-3 = the AMX-BF16 GEMM with
+// 1-3 bf16 passes; kPathPrefill = AMX from kAmxMinM rows where this build and the OS allow it, else
+// kPathAutoI16 (int8) / kPathAuto (int4).
 //
 // Threads: at::parallel_for over output rows (torch's OpenMP pool, torch.get_num_threads()).
 // Inside the parallel region MKL's sgemm runs single-threaded (OpenMP nesting is off).
@@ -51,6 +35,7 @@
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "quantchat_defs.h"
 #include "x86/amx_gemm.h"
 
 #include <immintrin.h>
@@ -76,7 +61,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
-// ---- the ops: each path number to its kernel (x86/*.h) -------------------------------------
+// ---- the ops: each path to its kernel (x86/*.h) ---------------------------------------------
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group_size, int64_t in_features, int64_t path) {
@@ -91,8 +76,10 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   // the float GEMV reads 16 codes at a time, the int16 one 32: other group sizes take the tiled path
   const bool small = M <= kMaxGemvM, small_i16 = M <= kMaxGemvI16M;
   const bool f_ok = group_size % 16 == 0, i_ok = group_size % 32 == 0;
-  const int kTiled = 0, kGemv = 1, kGemvI16 = 3, kAmx = 5;
-  int mode, passes = kAmxPasses;
+  enum class Mode { kTiled, kGemv, kGemvI16, kAmx };
+  using enum Mode;
+  Mode mode;
+  int passes = kAmxPasses;
   // prefill: AMX where there, else float activations as before (the r8 layout has the int16 GEMM)
   if (path == kPathPrefill) path = use_amx(M) && Kp % 32 == 0 ? kPathAmx1 + kAmxPasses - 1 : kPathAuto;
   switch (path) {
@@ -102,11 +89,11 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
       mode = Kp % 32 == 0 ? kAmx : kTiled;
       passes = static_cast<int>(path - kPathAmx1 + 1);
       break;
-    case 0: mode = small && f_ok ? kGemv : kTiled; break;
-    case 1: mode = f_ok ? kGemv : kTiled; break;
-    case 2: mode = kTiled; break;
-    case 3: mode = i_ok ? kGemvI16 : (f_ok ? kGemv : kTiled); break;
-    case 4: mode = !small_i16 ? kTiled : (i_ok ? kGemvI16 : (f_ok ? kGemv : kTiled)); break;
+    case kPathAuto: mode = small && f_ok ? kGemv : kTiled; break;
+    case kPathGemv: mode = f_ok ? kGemv : kTiled; break;
+    case kPathTiled: mode = kTiled; break;
+    case kPathGemvI16: mode = i_ok ? kGemvI16 : (f_ok ? kGemv : kTiled); break;
+    case kPathAutoI16: mode = !small_i16 ? kTiled : (i_ok ? kGemvI16 : (f_ok ? kGemv : kTiled)); break;
     default: TORCH_CHECK(false, "int4_linear: unknown path ", path);
   }
   if (mode == kAmx) {
@@ -131,7 +118,7 @@ at::Tensor int4r8_linear(const at::Tensor& x_in, const at::Tensor& packed, const
   const int64_t N8 = packed.size(0), Kp = packed.size(1) * 2, G = scales.size(1);
   TORCH_CHECK(N8 % 8 == 0, "int4r8_linear: rows must be a multiple of 8 (padded)");
   TORCH_CHECK(out_features > N8 - 8 && out_features <= N8, "int4r8_linear: out_features inconsistent with rows");
-  TORCH_CHECK(path >= 0 && path <= kR8LastPath, "int4r8_linear: unknown path ", path);
+  TORCH_CHECK(path >= 0 && path <= kR8Last, "int4r8_linear: unknown path ", path);
   const at::Tensor x = as_float_rows(x_in);
   const int64_t M = x.size(0);
   at::Tensor y = x.new_empty({M, out_features});
@@ -150,7 +137,7 @@ at::Tensor int4r8_linear(const at::Tensor& x_in, const at::Tensor& packed, const
     int4r8_gemv(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
   } else if (path == kR8I16) {
     int4r8_i16_gemm(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
-  } else if (path == 2 || M <= kR8SmallMaxM) {
+  } else if (path == kR8ExactSmall || M <= kR8SmallMaxM) {
     int4r8_exact_small(q, x.data_ptr<float>(), x.stride(0), M, y.data_ptr<float>());
   } else {
     int4r8_tiled(q, x, y);
@@ -174,8 +161,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
   at::Tensor y = x.new_empty({M, N});
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
-  const int8_t* w = qweight.data_ptr<int8_t>();
-  const float* s = scales.data_ptr<float>();
+  const Int8 q{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), N, K};
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
   float* yp = y.data_ptr<float>();
@@ -186,44 +172,16 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
     const int64_t Kp = (K + 31) / 32 * 32;
     quantchat_kernels::amx_bf16_gemm(N, K, Kp, xp, ldx, M, yp, N, static_cast<int>(path - kPathAmx1 + 1),
                                      [&](int64_t n0, int64_t rows, float* out) {
-                                       for (int64_t r = 0; r < rows; ++r) {
-                                         int8_dequant_rows(w, K, s, n0 + r, 1, out + r * Kp);
-                                         std::fill(out + r * Kp + K, out + (r + 1) * Kp, 0.0f);
-                                       }
+                                       int8_dequant_rows_padded(q, n0, rows, Kp, out);
                                      });
-  } else if (path == 4 && !small) {  // prefill: the int16-activation GEMM
-    const int64_t Kp = (K + kI8Group - 1) / kI8Group * kI8Group;
-    i16_gemm(N, Kp, kI8Group, xp, ldx, K, M, yp, false, [&](int64_t p, int16_t* panel, float* sf, float*) {
-      int8_panel_i16(w, s, N, K, Kp, p, panel, sf);
-    });
-  } else if (path == 3 || (path == 4 && small)) {
-    const int64_t Kp = (K + 15) / 16 * 16;
-    std::vector<int16_t> xq(static_cast<size_t>(M * Kp));
-    std::vector<float> dx(static_cast<size_t>(M));
-    prep_x_i16_rows(xp, ldx, M, K, Kp, xq.data(), dx.data());
-    const int16_t* xqp = xq.data();
-    const float* dxp = dx.data();
-    const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / K);
-    at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
-      int8_gemv_i16_rows(w, K, s, xqp, Kp, dxp, M, yp, N, nb, ne);
-    });
-  } else if (path == 1 || (path == 0 && small)) {
-    const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / K);
-    at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
-      int8_gemv_rows(w, K, s, xp, ldx, M, yp, N, nb, ne);
-    });
+  } else if (path == kPathAutoI16 && !small) {  // prefill without AMX: the int16-activation GEMM
+    int8_i16_gemm(q, xp, ldx, M, yp);
+  } else if (path == kPathGemvI16 || (path == kPathAutoI16 && small)) {
+    int8_gemv_i16(q, xp, ldx, M, yp);
+  } else if (path == kPathGemv || (path == kPathAuto && small)) {
+    int8_gemv(q, xp, ldx, M, yp);
   } else {
-    const int64_t T = tile_rows(K);
-    const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(T, (N + 1) / 2));
-    const GemmArgs ga{x, y};
-    at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
-      const at::Tensor buf = x.new_empty({std::min(T, ne - nb) * K});
-      for (int64_t n = nb; n < ne; n += T) {
-        const int64_t t = std::min(T, ne - n);
-        int8_dequant_rows(w, K, s, n, t, buf.data_ptr<float>());
-        gemm_tile(ga, n, t, K, buf, K);
-      }
-    });
+    int8_tiled(q, x, y);
   }
   return y;
 }
@@ -295,6 +253,8 @@ at::Tensor int4r8_linear(const at::Tensor& x, const at::Tensor& packed, const at
 #define QC_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
 QC_LIBRARY(QC_NS, m) {
+  // the default paths: kPathAuto, kR8Exact
+  static_assert(kPathAuto == 0 && kR8Exact == 0, "the schemas' default path=0");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int group_size, int in_features, "
         "int path=0) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, int path=0) -> Tensor");

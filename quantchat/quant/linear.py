@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantchat.kernels.cpu import env_flag
+from quantchat import envs
+from quantchat.kernels import cpu
+from quantchat.kernels.defs import Path, R8Path
 from quantchat.quant import rtn
 
 
 def use_own_cpu_kernels() -> bool:
     """quantchat's AVX2 kernels are built and loadable (``QUANTCHAT_NO_KERNELS=1`` turns them off)."""
-    from quantchat.kernels import cpu
-
     return cpu.available()
 
 METHODS_BITS = {"int8": 8, "int4": 4}
@@ -129,15 +129,15 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.codes: dict[str, Tensor] | None = None  # portable format, kept only on request
         self.r8 = False  # int4 rows interleaved for the int8-activation decode GEMV (see interleave_rows_)
-        # forward's kernel path in that layout: cpu.R8_PREFILL (7: the AMX-BF16 GEMM from 48 rows on the amx
-        # kernel variant, else cpu.R8_I16: int16 activations per weight group), cpu.R8_EXACT (0, float
-        # activations) or cpu.R8_Q8 (1, int8 activations: the fused decode step's)
-        self.r8_path = 7
-        # int8 / plain-layout int4 forward's kernel path: cpu.PATH_PREFILL (8: AMX from 48 rows where the
-        # variant has it, else cpu.PATH_AUTO_I16: int16 activations, per row up to 12 rows as the fused decode
-        # step, per 128 columns above for int8) or cpu.PATH_AUTO (0, float activations: with
+        # forward's kernel path in that layout: R8Path.PREFILL (the AMX-BF16 GEMM from 48 rows on the amx
+        # kernel variant, else R8Path.I16: int16 activations per weight group), R8Path.EXACT (float
+        # activations) or R8Path.Q8 (int8 activations: the fused decode step's)
+        self.r8_path = R8Path.PREFILL
+        # int8 / plain-layout int4 forward's kernel path: Path.PREFILL (AMX from 48 rows where the variant
+        # has it, else Path.AUTO_I16 (int8): int16 activations, per row up to 12 rows as the fused decode
+        # step, per 128 columns above; Path.AUTO (int4)) or Path.AUTO (float activations: with
         # QUANTCHAT_NO_Q8=1, as everywhere)
-        self.i8_path = 0 if env_flag("QUANTCHAT_NO_Q8") else 8
+        self.i8_path = Path.AUTO if envs.QUANTCHAT_NO_Q8 else Path.PREFILL
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -210,15 +210,15 @@ class QuantizedLinear(nn.Module):
     def interleave_rows_(self) -> bool:
         """Re-lay int4 weights held for quantchat's CPU kernels in the row-interleaved "r8" layout
         (``rtn.interleave_rows8``, in place; the same bytes plus padding to 8 rows). Its decode kernel
-        (``cpu.R8_Q8``, run by the fused decode step) multiplies them with activations rounded to int8 per 32
+        (``R8Path.Q8``, run by the fused decode step) multiplies them with activations rounded to int8 per 32
         columns, as llama.cpp's Q4 x Q8_0 dot products: 1.3-1.6x faster decode, 2-4x at batched decode,
         each row's result independent of the other rows (exact integer sums). ``forward`` (prefill) rounds
-        activations to int16 per row and weight group instead (``r8_path = cpu.R8_I16``: vpmaddwd on the
+        activations to int16 per row and weight group instead (``r8_path = R8Path.I16``: vpmaddwd on the
         codes, 1.15-1.35x the prefill speed of dequantized tiles + sgemm on this AVX2 machine; KL 6e-7
         against float activations on the default model, perplexity equal to 4 digits, top-1 agreement
         99.9 %: the size of change a float16 KV cache makes). int8 prompt activations cost +0.05 %
         perplexity and flipped the greedy answer to "What is the capital of France?" from "The capital of
-        France is Paris." to llama.cpp's French ramble, so prefill does not use them. ``cpu.R8_EXACT`` keeps
+        France is Paris." to llama.cpp's French ramble, so prefill does not use them. ``R8Path.EXACT`` keeps
         float activations. True if the module is (now) in that layout; False where it does not apply (int8,
         torch's kernel layouts, group sizes that are not a multiple of 32)."""
         if self.r8:
@@ -233,8 +233,6 @@ class QuantizedLinear(nn.Module):
     # -- compute -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.own_kernel:
-            from quantchat.kernels import cpu
-
             if self.r8:
                 y = cpu.int4r8_linear(x, self.qweight, self.scales, self.mins, self.out_features,
                                       self.group_size, self.in_features, self.r8_path)

@@ -1,4 +1,4 @@
-// Shared by the linear kernels: path numbers, tile sizes, the sgemm tile call, argument checks.
+// Shared by the linear kernels: tile sizes, the prefill paths' AMX threshold, the sgemm tile call, argument checks.
 //
 // A part of the kernels' translation unit: cpu_kernels.cpp includes the parts in this order (common.h first).
 // The helpers stay in an anonymous namespace: one library per CPU variant, nothing exported from here.
@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "cpu_kernels.h"
+#include "quantchat_defs.h"  // the paths (kPath*, kR8*): generated from quantchat/kernels/defs.py
 #include "x86/amx_gemm.h"
 
 #include <immintrin.h>
@@ -30,14 +31,8 @@ using quantchat_kernels::hsum;
 
 // auto path: GEMV for M <= these, dequantized tiles + sgemm above (measured crossovers, 1 thread)
 constexpr int64_t kMaxGemvM = 12;     // int4, float GEMV
-constexpr int64_t kMaxGemvI16M = 12;  // int4, int16-activation GEMV (path 4)
+constexpr int64_t kMaxGemvI16M = 12;  // int4, int16-activation GEMV (kPathAutoI16)
 
-// int4r8_linear's paths (cpu.py: R8_*)
-constexpr int64_t kR8Exact = 0, kR8Q8 = 1, kR8ExactSmall = 2, kR8I16 = 3, kR8Amx1 = 4, kR8Amx2 = 5, kR8Amx3 = 6,
-                  kR8Prefill = 7, kR8LastPath = 7;
-// int8_linear's paths (cpu.py: PATH_*)
-constexpr int64_t kPathAuto = 0, kPathGemv = 1, kPathTiled = 2, kPathGemvI16 = 3, kPathAutoI16 = 4, kPathAmx1 = 5,
-                  kPathAmx2 = 6, kPathAmx3 = 7, kPathPrefill = 8, kPathLast = 8;
 // the prefill paths (kR8Prefill, kPathPrefill): the AMX GEMM from this many rows (where the build and the OS
 // allow it), with this many bf16 passes; below, or without AMX, the int16-activation GEMM / GEMV
 #ifndef QC_AMX_MIN_M

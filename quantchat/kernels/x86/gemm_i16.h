@@ -53,7 +53,7 @@ void prep_x_i16_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t 
 
 
 // ------------------------------------------------------------------------------------------------
-// path 3 (prefill): int16 activations (per row and weight group, dx = absmax / 32767) times the int4
+// kR8I16 (prefill): int16 activations (per row and weight group, dx = absmax / 32767) times the int4
 // codes, exact integer sums per weight group (vpmaddwd: 16 multiply-adds per instruction, twice the
 // FMA's), scaled per group in float: y[m, n] = sum_g s[n,g] dx[m,g] sum_{k in g} q xq + sum_g min[n,g]
 // sx[m,g], with sx[m,g] = dx[m,g] sum_{k in g} xq. Each thread unpacks 16 weight rows (two 8-row blocks)

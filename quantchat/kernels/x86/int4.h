@@ -1,5 +1,23 @@
 // int4 in the portable layout (quantchat.quant.rtn): float and int16-activation GEMVs, dequantized tiles + sgemm.
 //
+// int4 format (quantchat.quant.rtn, stored as is): packed uint8 [N, Kp/2], byte j of a row holds
+// column 2j in its low nibble and 2j+1 in its high nibble; scales float16 [N, G]; mins float16 [N, G];
+// w[n, k] = code * scale[n, g] + min[n, g] with g = k / group_size; Kp = G * group_size >= K
+// (min = -zero * scale, llama.cpp Q4_1's m). The float16 values are widened with F16C (vcvtph2ps):
+// the GEMV converts the scales / mins of each 4-row block once into a per-thread float buffer, the
+// tiled path one group at a time.
+//
+// GEMV (decode): per call, x is copied once into a "nibble order" buffer xp [M, Kp] (per block of
+// 16 columns: the 8 even columns, then the 8 odd ones; zeros past in_features), so that one
+// vpmovzxbd of 8 packed bytes gives 16 codes: (v & 15) are the even columns, (v >> 4) the odd ones.
+// y[m, n] = sum_g s[n,g] * (sum_{k in g} q[n,k] xp[m,k]) + sum_g min[n,g] Sx[m,g], with the
+// per-group sums Sx computed once per call (M = 1; M = 2: two weight rows x two x rows). M >= 3 (batched
+// decode): each weight row is dequantized in registers, 16 values at a time (w = code * scale + min),
+// and multiply-added into up to 8 x rows at once. Accumulation is float32 (no activation quantization).
+//
+// Tiles (prefill): each thread dequantizes T rows of the weight into a float32 buffer [T, Kp] (a
+// few hundred KiB, L2-resident) and calls sgemm on it, writing y[:, n0:n0+T] in place.
+//
 // A part of the kernels' translation unit: cpu_kernels.cpp includes the parts in this order (after common.h).
 // The helpers stay in an anonymous namespace: one library per CPU variant, nothing exported from here.
 #pragma once

@@ -33,9 +33,9 @@ namespace {
 // dx / 2 per element). y[m, n] = sum_g s[n,g] sum_{b in g} dx[m,b] sum_k q xq + sum_g min[n,g] sx[m,g],
 // sx[m,g] = sum_{b in g} dx[m,b] sum_k xq (the same rounded x). Integer sums are exact (int16 over 32
 // columns: at most 8 * 2 * 15 * 127 = 30480), so a row's result does not depend on the batch it is in.
-// path 1 (q8 GEMV) is what the fused decode step uses; path 0 keeps the float activations (exact float,
-// as int4_linear's): up to kR8SmallMaxM rows the small-M kernel below (path 2 forces it), above that
-// dequantized tiles and sgemm. The Python forward and prefill run path 0.
+// kR8Q8 (the q8 GEMV) is what the fused decode step uses; kR8Exact keeps the float activations (exact float,
+// as int4_linear's): up to kR8SmallMaxM rows the small-M kernel below (kR8ExactSmall forces it), above that
+// dequantized tiles and sgemm. The Python forward and prefill run kR8Prefill (AMX, else kR8I16).
 struct Int4R8 {
   const uint8_t* w;    // [N8, Kp/2] interleaved
   const uint16_t* s;   // [N8 / 8, G, 8] float16
@@ -281,12 +281,12 @@ void int4r8_dequant_blocks(const Int4R8& q, int64_t b0, int64_t nblk, float* out
   }
 }
 
-// path 2 (EXACT with few activation rows): one 8-row block at a time is dequantized (the same
+// kR8ExactSmall (kR8Exact with few activation rows): one 8-row block at a time is dequantized (the same
 // fma(code, scale, min) as the tiles) into a column-major L1 buffer wb[k][8], then multiplied with up to
 // kR8RowsPerPass activation rows at once; each (row, output) sum runs over k in a fixed order (two
 // partial sums, even and odd k), so a row's result does not depend on how many rows came with it.
 constexpr int64_t kR8RowsPerPass = 6;
-constexpr int64_t kR8SmallMaxM = 16;  // path 0 runs this kernel up to here (faster than the tiles: measured)
+constexpr int64_t kR8SmallMaxM = 16;  // kR8Exact runs this kernel up to here (faster than the tiles: measured)
 
 void int4r8_dequant_block_cols(const Int4R8& q, int64_t b, float* wb) {
   const int64_t G = q.G, Kp = q.Kp, gs = q.gs;

@@ -1,4 +1,5 @@
-// int8 per output channel: float GEMV, tiles, the int16-activation GEMV (the LM head at decode; vpdpwssd on AVX-512 VNNI), int8 panels for the int16 GEMM.
+// int8 per output channel: float GEMV, tiles, the int16-activation GEMV (the LM head at decode; vpdpwssd on AVX-512 VNNI),
+// int8 panels for the int16 GEMM and the AMX GEMM.
 //
 // A part of the kernels' translation unit: cpu_kernels.cpp includes the parts in this order (after gemm_i16.h).
 // The helpers stay in an anonymous namespace: one library per CPU variant, nothing exported from here.
@@ -140,7 +141,7 @@ void int8_dequant_rows(const int8_t* w, int64_t K, const float* s, int64_t n0, i
 }
 
 // ------------------------------------------------------------------------------------------------
-// int8 GEMV with int16 activations (path 3, and path 4 for M <= kMaxGemvM8): x is rounded per call
+// int8 GEMV with int16 activations (kPathGemvI16, and kPathAutoI16 for M <= kMaxGemvM8): x is rounded per call
 // and row to int16, x ~= dx[m] * xq (dx = absmax / 32767, error <= dx / 2 per element: about 1e-5 of
 // the output, far below bfloat16 rounding), and the products are exact integer sums (vpmaddwd on the
 // sign-extended weights): y = s[n] dx[m] sum_k q xq. Half the instructions per multiply-add of the
@@ -254,7 +255,7 @@ void int8_gemv_i16_rows(const int8_t* w, int64_t K, const float* s, const int16_
   }
 }
 
-// int8 weights in the int16-activation GEMM (path 4 above kMaxGemvM8 rows: prefill): groups of kI8Group
+// int8 weights in the int16-activation GEMM (kPathAutoI16 above kMaxGemvM8 rows: prefill without AMX): groups of kI8Group
 // columns (the integer sums of a group stay below 2^31: 64 pairs x 2 x 128 x 32767), the row's scale for
 // every group, no mins. Panel rows 16p..16p+15: 8 rows x 16 columns at a time, sign-extended and
 // transposed (8 x 8 32-bit pairs) into [pair][row] order.
@@ -298,6 +299,74 @@ void int8_panel_i16(const int8_t* w, const float* s, int64_t N, int64_t K, int64
       for (int64_t g = 0; g < G; ++g) sf[g * 16 + h * 8 + i] = sc;
     }
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// int8_linear's kernels over all M rows of x and N outputs (cpu_kernels.cpp maps the paths to them)
+// ------------------------------------------------------------------------------------------------
+struct Int8 {
+  const int8_t* w;  // [N, K]
+  const float* s;   // [N]
+  int64_t N, K;
+};
+
+// rows [n0, n0 + rows) dequantized into out [rows, Kp] (zeros past K): the AMX GEMM's panels
+void int8_dequant_rows_padded(const Int8& q, int64_t n0, int64_t rows, int64_t Kp, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    int8_dequant_rows(q.w, q.K, q.s, n0 + r, 1, out + r * Kp);
+    std::fill(out + r * Kp + q.K, out + (r + 1) * Kp, 0.0f);
+  }
+}
+
+// the int16-activation GEMM (prefill without AMX)
+void int8_i16_gemm(const Int8& q, const float* x, int64_t ldx, int64_t M, float* y) {
+  const int8_t* w = q.w;
+  const float* s = q.s;
+  const int64_t N = q.N, K = q.K;
+  const int64_t Kp = (K + kI8Group - 1) / kI8Group * kI8Group;
+  i16_gemm(N, Kp, kI8Group, x, ldx, K, M, y, false, [&](int64_t p, int16_t* panel, float* sf, float*) {
+    int8_panel_i16(w, s, N, K, Kp, p, panel, sf);
+  });
+}
+
+// the GEMV on int16 activations (rounded per row)
+void int8_gemv_i16(const Int8& q, const float* x, int64_t ldx, int64_t M, float* y) {
+  const int64_t N = q.N, K = q.K;
+  const int64_t Kp = (K + 15) / 16 * 16;
+  std::vector<int16_t> xq(static_cast<size_t>(M * Kp));
+  std::vector<float> dx(static_cast<size_t>(M));
+  prep_x_i16_rows(x, ldx, M, K, Kp, xq.data(), dx.data());
+  const int16_t* xqp = xq.data();
+  const float* dxp = dx.data();
+  const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / K);
+  at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
+    int8_gemv_i16_rows(q.w, K, q.s, xqp, Kp, dxp, M, y, N, nb, ne);
+  });
+}
+
+// the float GEMV
+void int8_gemv(const Int8& q, const float* x, int64_t ldx, int64_t M, float* y) {
+  const int64_t N = q.N, K = q.K;
+  const int64_t grain = std::max<int64_t>(4, (int64_t{32} << 10) / K);
+  at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
+    int8_gemv_rows(q.w, K, q.s, x, ldx, M, y, N, nb, ne);
+  });
+}
+
+// dequantized tiles + sgemm
+void int8_tiled(const Int8& q, const at::Tensor& x, const at::Tensor& y) {
+  const int64_t N = q.N, K = q.K;
+  const int64_t T = tile_rows(K);
+  const int64_t grain = std::max<int64_t>(16, std::min<int64_t>(T, (N + 1) / 2));
+  const GemmArgs ga{x, y};
+  at::parallel_for(0, N, grain, [&](int64_t nb, int64_t ne) {
+    const at::Tensor buf = x.new_empty({std::min(T, ne - nb) * K});
+    for (int64_t n = nb; n < ne; n += T) {
+      const int64_t t = std::min(T, ne - n);
+      int8_dequant_rows(q.w, K, q.s, n, t, buf.data_ptr<float>());
+      gemm_tile(ga, n, t, K, buf, K);
+    }
+  });
 }
 
 }  // namespace
