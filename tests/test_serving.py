@@ -26,7 +26,8 @@ import uvicorn
 
 from quantchat.loading.resolve import load_engine
 from quantchat.sampling.sampling import SamplingParams
-from quantchat.serving.api import LocalBackend, create_app
+from quantchat.serving.backend import LocalBackend
+from quantchat.serving.openai.app import create_app
 from quantchat.serving.worker import Worker
 from tiny_models import PRINTABLE, make_tiny_chat_model
 
