@@ -8,6 +8,8 @@ from typing import Any
 
 
 class Metrics:
+    """Request counts by route and status, token counters and a 10 s tokens/s window."""
+
     def __init__(self) -> None:
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.prompt_tokens = 0

@@ -198,6 +198,15 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class ResponseHead(BaseModel):
+    """The fields every completion response and chunk starts with."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+
 class TopLogprob(BaseModel):
     token: str
     logprob: float | None
@@ -224,11 +233,8 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(ResponseHead):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -246,12 +252,9 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(OmitNone):
+class ChatCompletionChunk(ResponseHead, OmitNone):
     omit_none = ("usage",)
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -272,20 +275,14 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(ResponseHead):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage
 
 
-class CompletionChunk(OmitNone):
+class CompletionChunk(ResponseHead, OmitNone):
     omit_none = ("usage",)
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None

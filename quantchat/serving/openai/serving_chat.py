@@ -34,7 +34,8 @@ def chat_logprobs(entries: list[dict[str, Any]], top: int) -> ChatLogprobs:
         return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
 
     return ChatLogprobs(content=[
-        ChatTokenLogprob(**one(e["token"], e["logprob"]), top_logprobs=[TopLogprob(**one(t, v)) for t, v in e["top"][:top]])
+        ChatTokenLogprob(**one(e["token"], e["logprob"]),
+                         top_logprobs=[TopLogprob(**one(t, v)) for t, v in e["top"][:top]])
         for e in entries])
 
 
