@@ -26,7 +26,8 @@ import uvicorn
 
 from quantchat.loading.resolve import load_engine
 from quantchat.sampling.sampling import SamplingParams
-from quantchat.serving.api import LocalBackend, create_app
+from quantchat.serving.backend import LocalBackend
+from quantchat.serving.openai.app import create_app
 from quantchat.serving.worker import Worker
 from tiny_models import PRINTABLE, make_tiny_chat_model
 
@@ -148,6 +149,31 @@ def test_sse_wire_format(server):
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
     json.loads(events[0][6:])
+
+
+def test_streamed_and_collected_responses_agree(server):
+    """The shared stream helper: the same choices, text, finish reasons and usage either way (seeded n=2)."""
+    def texts_of(path: str, body: dict) -> tuple[dict, dict]:
+        full = post(server, path, body).json()
+        with httpx.stream("POST", server.url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+            events = [json.loads(e[6:]) for e in r.read().decode().split("\n\n") if e and e != "data: [DONE]"]
+        got: dict[int, list] = {}
+        for ev in events[:-1]:
+            for c in ev["choices"]:
+                part = c["delta"].get("content", "") if "delta" in c else c["text"]
+                got.setdefault(c["index"], ["", None])[0] += part
+                got[c["index"]][1] = c["finish_reason"] or got[c["index"]][1]
+        want = {c["index"]: [c["message"]["content"] if "message" in c else c["text"], c["finish_reason"]]
+                for c in full["choices"]}
+        assert events[-1]["usage"] == full["usage"]
+        return got, want
+
+    sampling = {"max_tokens": 6, "n": 2, "seed": 11, "temperature": 0.8}
+    got, want = texts_of("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **sampling})
+    assert got == want and len(want) == 2
+    got, want = texts_of("/v1/completions", {"prompt": ["ab", "cd"], "echo": True, **sampling})
+    assert got == want and len(want) == 4 and want[2][0].startswith("cd")
 
 
 def test_completion_echo_logprobs_token_ids(client, worker):

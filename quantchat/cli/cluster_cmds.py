@@ -88,7 +88,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 # -- worker -------------------------------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace) -> int:
-    from quantchat.serving.api import LocalBackend
+    from quantchat.serving.backend import LocalBackend
     from quantchat.serving.worker_server import Registrar, create_worker_app
 
     secret = read_secret(args)
@@ -144,7 +144,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 # -- api ----------------------------------------------------------------------------------------
 def cmd_api(args: argparse.Namespace) -> int:
-    from quantchat.serving.api import create_app
+    from quantchat.serving.openai.app import create_app
     from quantchat.serving.controller import ControllerBackend
 
     secret = read_secret(args)

@@ -110,7 +110,8 @@ def run_uvicorn(app, host: str, port: int, log_level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from quantchat.serving.api import LocalBackend, create_app
+    from quantchat.serving.backend import LocalBackend
+    from quantchat.serving.openai.app import create_app
 
     keys = read_api_keys(args)
     check_worker_args(args)

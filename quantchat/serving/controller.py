@@ -19,7 +19,7 @@ Controller routes; all but ``/health`` need ``Authorization: Bearer <shared secr
 
 Workers whose last heartbeat is older than ``expiry`` seconds are dropped.
 
-``ControllerBackend`` implements ``quantchat.serving.api.Backend`` over the controller: it asks for a
+``ControllerBackend`` implements ``quantchat.serving.backend.Backend`` over the controller: it asks for a
 worker, streams ``/worker/generate`` from it, and when the worker fails before the first event
 (connection refused or reset, 5xx) reports it and retries on another worker.
 """
@@ -52,8 +52,10 @@ from quantchat.errors import (
     UnavailableError,
     UnknownModelError,
 )
-from quantchat.serving.api import BodyLimit, error_response
-from quantchat.serving.protocol import GenerateRequest, TokenizeRequest
+from quantchat.serving.middleware import BodyLimit
+from quantchat.serving.openai.errors import error_response
+from quantchat.serving.openai.protocol import TokenizeRequest
+from quantchat.serving.protocol import GenerateRequest
 from quantchat.serving.worker_server import error_event, require_secret
 
 DEFAULT_PORT = 21001

@@ -35,8 +35,11 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantchat.errors import ContextLengthError, QuantchatError
-from quantchat.serving.api import BodyLimit, LocalBackend, error_for, error_response
-from quantchat.serving.protocol import GenerateRequest, TokenizeRequest
+from quantchat.serving.backend import LocalBackend
+from quantchat.serving.middleware import BodyLimit
+from quantchat.serving.openai.errors import error_for, error_response
+from quantchat.serving.openai.protocol import TokenizeRequest
+from quantchat.serving.protocol import GenerateRequest
 
 DEFAULT_HEARTBEAT_INTERVAL = 5.0
 WORKER_MAX_BODY = 4 * 1024 * 1024

@@ -1,0 +1,87 @@
+"""ASGI middleware (plain, so streamed responses pass through untouched): API keys and counts, body limits."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders
+
+from quantchat.serving.metrics import Metrics
+from quantchat.serving.openai.errors import error_response
+
+PUBLIC_PATHS = ("/health",)
+
+
+class AuthAndCount:
+    """The API key on every route but /health and the page's files (401), security headers, request
+    counts by route and status."""
+
+    def __init__(self, app, keys: set[str], metrics: Metrics, web: bool) -> None:
+        self.app, self.keys, self.metrics, self.web = app, [k.encode("utf-8") for k in keys], metrics, web
+
+    def authorized(self, headers: Headers) -> bool:
+        header = headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else headers.get("x-api-key")
+        raw = (given or "").encode("utf-8", "surrogateescape")
+        return bool(given) and any(secrets.compare_digest(raw, k) for k in self.keys)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        public = path in PUBLIC_PATHS or (self.web and (path == "/" or path.startswith("/static/")))
+        if self.keys and not public and not self.authorized(Headers(scope=scope)):
+            self.metrics.requests[(path, 401)] += 1
+            response = error_response(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
+                                      "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        route = path if path.startswith("/v1/") or path in ("/tokenize", "/detokenize") else "other"
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("X-Frame-Options", "DENY")
+                self.metrics.requests[(route, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413 (declared or streamed)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_big(self) -> JSONResponse:
+        return error_response(413, f"request body larger than {self.max_bytes} bytes", "invalid_request_error")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.too_big()(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            return await self.app(scope, limited, send)
+        except BodyTooLarge:
+            return await self.too_big()(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    pass

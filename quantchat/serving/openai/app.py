@@ -1,0 +1,132 @@
+"""The OpenAI-compatible HTTP API (and the web chat page) over a ``Backend``.
+
+Routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (streaming as SSE),
+``/tokenize``, ``/detokenize``, ``/health``, ``/metrics`` (Prometheus text), ``/`` (chat page).
+Every route but ``/health`` and the page's static files needs the API key when one is set.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from quantchat.errors import QuantchatError, UnknownModelError
+from quantchat.serving.backend import Backend
+from quantchat.serving.metrics import Metrics
+from quantchat.serving.middleware import AuthAndCount, BodyLimit
+from quantchat.serving.openai.errors import error_for, error_response
+from quantchat.serving.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ListedModel,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from quantchat.serving.openai.serving_chat import create_chat_completion
+from quantchat.serving.openai.serving_completion import create_completion
+
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
+
+
+def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+               web: bool = True, title: str = "quantchat") -> FastAPI:
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics()
+    keys = {k for k in (api_keys or set()) if k}
+    app.state.backend, app.state.metrics = backend, metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg = "the request body is not valid JSON"
+        return error_response(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}", "invalid_request_error",
+                              ".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(QuantchatError)
+    async def on_quantchat(request: Request, exc: QuantchatError):
+        return error_for(exc)
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health():
+        if backend.ready():
+            return {"status": "ok"}
+        failed = getattr(backend, "load_error", None)
+        if failed:
+            return JSONResponse({"status": "error", "message": failed}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return PlainTextResponse(metrics.render(await backend.stats()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models():
+        models = await backend.models()
+        return JSONResponse(ModelList(data=[
+            ListedModel(id=m["id"], created=m.get("created", 0), max_model_len=m.get("max_model_len"))
+            for m in models]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        for m in await backend.models():
+            if m["id"] == model_id:
+                return JSONResponse(ModelCard(id=m["id"], created=m.get("created", 0)).model_dump())
+        raise UnknownModelError(f"The model '{model_id}' does not exist")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return await backend.tokenize(body.model, body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return JSONResponse(DetokenizeResponse(prompt=await backend.detokenize(body.model, body.tokens)).model_dump())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await create_chat_completion(body, request, backend, metrics)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await create_completion(body, request, backend, metrics)
+
+    if web:
+        install_web(app)
+    app.add_middleware(AuthAndCount, keys=keys, metrics=metrics, web=web)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    return app
+
+
+def install_web(app: FastAPI) -> None:
+    """Serve the chat page and its assets from the package (no CDN, no build step)."""
+    web_dir = resources.files("quantchat.serving") / "web"
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
+    async def index():
+        page = web_dir / "index.html"
+        if not page.is_file():
+            return HTMLResponse("<h1>quantchat</h1><p>The chat page is not installed.</p>")
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"])
+    async def static(name: str):
+        f = web_dir / name
+        if "/" in name or name.startswith(".") or not f.is_file():
+            return error_response(404, f"no such file: {name}", "invalid_request_error")
+        suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
+        return Response(f.read_bytes(), media_type=STATIC_TYPES.get(suffix, "application/octet-stream"))
