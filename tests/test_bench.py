@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantchat.benchmark import measure, runner
+from quantchat.benchmark import measure, plots, runner
 from quantchat.benchmark import synthetic as syn
+from quantchat.benchmark.results import Results, run_meta
 from quantchat.errors import QuantchatError
 from tiny_models import make_tiny_llama
 
@@ -165,6 +166,14 @@ def fake_row(label: str, engine: str, family: str, ms: float, ttft: dict[int, fl
             "ttft": [{"prompt_len": L, "ms": {"median": t, "min": t, "max": t, "runs": [t]}} for L, t in ttft.items()]}
 
 
+def bench_report(variants: list[dict], peers: list[dict], ratios: list[dict]) -> dict:
+    """A results.json as written before the common meta block (no "kind")."""
+    return {"meta": {"cpu_model": "cpu", "nproc": 2, "torch": "x", "llama_cpp_python": "0.3"},
+            "source": {"name": "m"}, "model": {"n_params": 1e6, "n_layer": 2, "dim": 64, "context": 256},
+            "options": {"prompt_lengths_kept": [64, 128], "device": "cpu", "dtype": "float32", "threads": 2},
+            "method": "m", "variants": variants, "peers": peers, "ratios": ratios, "notes": []}
+
+
 def test_peer_ratios_tables_and_plots(tmp_path):
     variants = [fake_row("none", "quantchat", "float", 20.0, {64: 100.0, 128: 200.0}),
                 fake_row("int4-asym g128", "quantchat", "4bit", 10.0, {64: 80.0, 128: 160.0}),
@@ -179,10 +188,7 @@ def test_peer_ratios_tables_and_plots(tmp_path):
     assert r["int4-sym g128"]["same_bits"] and not r["int4-sym g128"]["same_type"]
     assert r["int4-asym g128"]["decode_speed"] == pytest.approx(1.2)
     assert r["int4-asym g128"]["ttft_speed"] == {"64": pytest.approx(0.5), "128": pytest.approx(0.5)}
-    report = {"meta": {"cpu_model": "cpu", "nproc": 2, "torch": "x", "llama_cpp_python": "0.3"},
-              "source": {"name": "m"}, "model": {"n_params": 1e6, "n_layer": 2, "dim": 64, "context": 256},
-              "options": {"prompt_lengths_kept": [64, 128], "device": "cpu", "dtype": "float32", "threads": 2},
-              "method": "m", "variants": variants, "peers": [peer], "ratios": ratios, "notes": []}
+    report = Results.from_dict(bench_report(variants, [peer], ratios))
     runner.write_outputs(tmp_path, report)
     md = (tmp_path / "results.md").read_text()
     assert "quantchat / llama.cpp" in md and "1.20x" in md
@@ -204,3 +210,47 @@ def test_llamacpp_worker_on_default_gguf(tmp_path):
     res = json.loads((tmp_path / "res.json").read_text())
     assert proc.returncode == 0, res
     assert res["decode"]["steps"] == 3 and res["ttft"][0]["prompt_len"] == 16 and res["gguf_main_type"] == "Q4_1"
+
+
+def test_results_round_trip_and_plots(tmp_path):
+    """Results: written as JSON, read back equal (kind, meta, fields), plotted from the file; an old file
+    without kind loads too; the common meta block names the machine and masks secrets."""
+    variants = [fake_row("none", "quantchat", "float", 20.0, {64: 100.0}),
+                fake_row("int8", "quantchat", "8bit", 12.0, {64: 70.0, 128: 150.0})]
+    old = bench_report(variants, [], [])
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    legacy = Results.read(tmp_path / "old.json")
+    assert legacy.kind == "bench" and legacy.meta["cpu_model"] == "cpu" and legacy["variants"] == variants
+    assert [r["label"] for r in legacy.rows] == ["none", "int8"]
+
+    meta = run_meta(["quantchat", "bench", "serve", "--api-key", "sk-1", "--secret=s2"])
+    assert {"cpu_model", "nproc", "kernels_variant", "torch", "git_commit", "time", "command", "quantchat"} <= set(meta)
+    assert "sk-1" not in json.dumps(meta) and "s2" not in json.dumps(meta)
+    fresh = Results("bench", {**meta, **old["meta"]}, {k: v for k, v in old.items() if k != "meta"})
+    fresh["ratios"] = []
+    fresh.write(tmp_path / "results.json")
+    back = Results.read(tmp_path / "results.json")
+    assert back == fresh and json.loads((tmp_path / "results.json").read_text())["kind"] == "bench"
+    plots.make_plots(back, tmp_path)
+    check_pngs(tmp_path)
+
+    serve = Results("bench-serve", fields={"options": {}, "rows": [
+        {"setup": "serve (1 worker)", "clients": c, "tokens_per_s": 10.0 * c} for c in (1, 4)]})
+    serve.write(tmp_path / "serve.json")
+    assert Results.read(tmp_path / "serve.json").rows == serve.rows
+    plots.plot_serving(Results.read(tmp_path / "serve.json"), tmp_path / "throughput.png")
+    ppl = Results("eval-ppl", fields={"command": "eval ppl", "model": "m", "quant": "none", "dtype": "float32",
+                                      "window": 8, "window_ppl": [3.0, float("nan"), 4.0]})
+    ppl.write(tmp_path / "ppl.json")
+    back = Results.read(tmp_path / "ppl.json")
+    assert back["window_ppl"] == [3.0, None, 4.0]  # JSON has no NaN
+    old_ppl = {k: v for k, v in back.to_dict().items() if k not in ("kind", "meta")}
+    assert Results.from_dict(old_ppl).kind == "eval-ppl"
+    plots.plot_ppl(back, tmp_path / "ppl_windows.png")
+    mc = Results("eval-mc", fields={"model": "m", "quant": "int8", "accuracy": 0.5,
+                                    "subjects": {"a": {"n": 2, "correct": 1, "accuracy": 0.5}}})
+    plots.plot_mc(Results.read(mc.write(tmp_path / "mc.json")), tmp_path / "mc.png")
+    import matplotlib.image as mpimg
+
+    for name in ("throughput.png", "ppl_windows.png", "mc.png"):
+        assert mpimg.imread(tmp_path / name).shape[0] > 100, name

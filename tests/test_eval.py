@@ -443,7 +443,7 @@ def test_cli_compare_needs_two_models(tiny, tmp_path, capsys):
 # -- llama.cpp as a peer ---------------------------------------------------------------------------
 
 def test_peer_missing_package_is_a_clear_error(tiny, text_file, tmp_path, capsys, monkeypatch):
-    from quantchat.peers import llamacpp
+    from quantchat.benchmark import llamacpp
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
     with pytest.raises(QuantchatError, match=re.escape("pip install 'quantchat[peer]'")):
@@ -472,7 +472,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 def test_peer_llamacpp_perplexity_close_to_ours(tiny_gguf, text_file, tmp_path, capsys):
     pytest.importorskip("llama_cpp")
-    from quantchat.peers.llamacpp import LlamaCppPeer
+    from quantchat.benchmark.llamacpp import LlamaCppPeer
 
     out = tmp_path / "out"
     res = run_main(capsys, "eval", "ppl", "--model", str(tiny_gguf), "--device", "cpu", "--text", str(text_file),

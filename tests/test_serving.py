@@ -783,7 +783,7 @@ def test_bench_serve_against_running_server(server, tmp_path, capsys):
 
 def test_load_generator_counts_refused_requests_as_errors(server):
     """The load generator (aiohttp): a wrong key gives errors, not an exception; the right one tokens."""
-    from quantchat.serving.loadtest import run_load
+    from quantchat.benchmark.loadtest import run_load
 
     bad = run_load(server.url, clients=2, requests_per_client=2, max_tokens=3, api_key="wrong")
     assert bad.errors == 4 and bad.requests == 0 and bad.generated_tokens == 0
@@ -793,7 +793,7 @@ def test_load_generator_counts_refused_requests_as_errors(server):
 
 
 def test_bench_serve_scaling_is_the_median_of_per_round_ratios():
-    from quantchat.serving.bench_serve import scaling
+    from quantchat.benchmark.serving import scaling
 
     rows = [{"clients": 1, "tokens_per_s_rounds": [100.0, 50.0, 100.0]},
             {"clients": 8, "tokens_per_s_rounds": [300.0, 200.0, 250.0]}]
@@ -803,7 +803,7 @@ def test_bench_serve_scaling_is_the_median_of_per_round_ratios():
 
 
 def test_bench_serve_reports_the_batching_gain_of_decode_steps():
-    from quantchat.serving.bench_serve import batching_gain, time_split
+    from quantchat.benchmark.serving import batching_gain, time_split
 
     before = {"steps": {1: [10, 0.1]}, "prefill_s": 1.0}
     after = {"steps": {1: [12, 0.12], 8: [100, 2.0]}, "prefill_s": 1.5}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ def proc_status_mb() -> dict[str, float]:
                 if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                     out[key] = int(rest.split()[0]) * 1024 / MB
     except OSError:
-        import resource  # no /proc: the peak is all we can get (ru_maxrss is in KiB on Linux, bytes on macOS)
+        # no /proc: the peak is all we can get (ru_maxrss is in KiB on Linux, bytes on macOS)
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak = peak / MB if platform.system() == "Darwin" else peak * 1024 / MB
@@ -64,6 +65,28 @@ def cpu_busy_jiffies() -> tuple[int, int]:
     user, nice, system, idle, iowait, irq, softirq = fields[:7]
     steal = fields[7] if len(fields) > 7 else 0
     return user + nice + system + irq + softirq, steal
+
+
+class ChildUsage:
+    """CPU accounting around running a child process (``with ChildUsage() as u: subprocess.run(...)``):
+    ``wall``, ``child_cpu`` (the children's user + system seconds), ``foreign_busy_cores`` (other processes'
+    CPU use during the run, in cores) and ``steal_cores`` (the hypervisor's)."""
+
+    def __enter__(self) -> ChildUsage:
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.b0, self.s0 = cpu_busy_jiffies()
+        self.ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        b1, s1 = cpu_busy_jiffies()
+        self.child_cpu = (ru1.ru_utime - self.ru0.ru_utime) + (ru1.ru_stime - self.ru0.ru_stime)
+        wall = max(self.wall, 1e-6)
+        self.foreign_busy_cores = max(0.0, (b1 - self.b0) / self.hz - self.child_cpu) / wall
+        self.steal_cores = (s1 - self.s0) / self.hz / wall
 
 
 def busy_cores(window_s: float) -> float:

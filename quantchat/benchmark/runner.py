@@ -11,14 +11,19 @@ int8 / int4-sym / int4-asym are quantized at load time (the size reported is the
 bytes in memory); awq / gptq are quantized once with ``quantchat quantize`` into a cache folder
 (reused) and loaded from there. ``--synthetic`` benchmarks random-weight models with the shapes of
 TinyLlama-1.1B or LLaMA-2-7B (``quantchat.benchmark.synthetic``). ``--peer llama.cpp`` measures
-llama.cpp on the model's GGUF the same way (``quantchat.peers.llamacpp_speed``) and prints ratios.
+llama.cpp on the model's GGUF the same way (``quantchat.benchmark.llamacpp``) and prints ratios.
 
-Outputs in ``--out`` (default ./quantchat-results/bench-<timestamp>/): results.json (every field),
-results.md (the tables), and PNG plots (decode latency, TTFT vs prompt length, memory).
+Outputs in ``--out`` (default ./quantchat-results/bench-<timestamp>/): results.json (every field, in the
+``Results`` format of benchmark.results), results.md (the tables), and PNG plots (decode latency, TTFT vs
+prompt length, memory). The methods come from quantchat.quant.methods.
+
+Torch, the quantizer and matplotlib are imported inside the functions that need them: the CLI imports this
+module at start-up (for its defaults), and ``quantchat --help`` must not load torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,18 +35,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quantchat.benchmark import measure
-from quantchat.errors import QuantchatError
+from rich.console import Console
+from rich.table import Table
 
-METHODS = ("none", "int8", "int4-sym", "int4-asym", "awq", "gptq")
-LOAD_TIME_METHODS = ("int8", "int4-sym", "int4-asym")
-CALIBRATED_METHODS = ("awq", "gptq")
+from quantchat.benchmark import llamacpp, measure
+from quantchat.benchmark import synthetic as syn
+from quantchat.benchmark.results import PACKAGE_ROOT, Results, run_meta
+from quantchat.errors import QuantchatError
+from quantchat.model.config import ModelConfig
+from quantchat.paths import quantchat_home
+from quantchat.quant import methods
+
+VARIANTS = (methods.NONE, *methods.names())  # what --quant takes: float weights and every method
 DEFAULT_QUANTS = "none,int8,int4-asym"
 DEFAULT_PROMPT_LENGTHS = (64, 128, 256, 512, 1024, 2048)
 PEERS = ("llama.cpp",)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MEMORY_HEADROOM = 0.9  # a variant runs only if its estimated memory is below this share of MemAvailable
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the quantchat package
 
 
 @dataclass
@@ -84,26 +94,25 @@ class Variant:
 
 def parse_variants(text: str, group_size: int | None) -> list[tuple[str, int | None]]:
     """'none,int8,int4-asym:64,awq' -> [(method, group size or None)]; duplicates dropped."""
-    from quantchat.quant.quantize import DEFAULT_GROUP_SIZE
-
     out: list[tuple[str, int | None]] = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
         method, _, gs = item.partition(":")
-        if method not in METHODS:
-            raise QuantchatError(f"--quant: unknown variant '{method}'; choose from {', '.join(METHODS)}")
-        if method in ("none", "int8"):
+        if method not in VARIANTS:
+            raise QuantchatError(f"--quant: unknown variant '{method}'; choose from {', '.join(VARIANTS)}")
+        if not is_grouped(method):
             if gs:
                 raise QuantchatError(f"--quant: {method} takes no group size ('{item}')")
             g = None
         else:
             try:
-                g = int(gs) if gs else (group_size or DEFAULT_GROUP_SIZE)
+                g = int(gs) if gs else (group_size or methods.DEFAULT_GROUP_SIZE)
             except ValueError:
                 raise QuantchatError(f"--quant: bad group size in '{item}'") from None
-            if g not in (32, 64, 128, 256):
-                raise QuantchatError(f"--quant: group size must be 32, 64, 128 or 256 ('{item}')")
+            if g not in methods.GROUP_SIZES:
+                sizes = ", ".join(map(str, methods.GROUP_SIZES))
+                raise QuantchatError(f"--quant: group size must be {sizes.replace(', 256', ' or 256')} ('{item}')")
         if (method, g) not in out:
             out.append((method, g))
     if not out:
@@ -115,8 +124,14 @@ def variant_label(method: str, gs: int | None) -> str:
     return method if gs is None else f"{method} g{gs}"
 
 
+def is_grouped(method: str) -> bool:
+    """Whether a variant takes a group size: the 4-bit methods (int8 is per output channel)."""
+    return method != methods.NONE and methods.get(method).bits == 4
+
+
 def variant_family(method: str) -> str:
-    return {"none": "float", "int8": "8bit"}.get(method, "4bit")
+    """float / 8bit / 4bit: what a llama.cpp GGUF compares with."""
+    return "float" if method == methods.NONE else f"{methods.get(method).bits}bit"
 
 
 def default_out_dir() -> Path:
@@ -141,40 +156,31 @@ def worker_env(threads: int) -> dict[str, str]:
 
 def run_worker(job: dict, progress: Callable[[str], None], threads: int) -> dict:
     """Run one job in a fresh ``python -m quantchat.benchmark.worker`` process; its messages go to progress."""
-    import resource
-
     with tempfile.TemporaryDirectory(prefix="quantchat-bench-") as tmp:
         job_path, res_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job))
         cmd = [sys.executable, "-m", "quantchat.benchmark.worker", str(job_path), str(res_path)]
-        hz = os.sysconf("SC_CLK_TCK")
-        b0, s0 = measure.cpu_busy_jiffies()
-        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", env=worker_env(threads))
-        tail: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail = (tail + [line])[-30:]
-            if line.strip():
-                progress(f"    {line}")
-        rc = proc.wait()
-        wall = time.perf_counter() - t0
-        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        b1, s1 = measure.cpu_busy_jiffies()
-        child_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        with measure.ChildUsage() as usage:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace", env=worker_env(threads))
+            tail: list[str] = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail = (tail + [line])[-30:]
+                if line.strip():
+                    progress(f"    {line}")
+            rc = proc.wait()
         try:
             res = json.loads(res_path.read_text())
         except (OSError, json.JSONDecodeError):
             res = {"error": f"worker exited with status {rc} without a result", "output_tail": "\n".join(tail)}
     if rc != 0 and "error" not in res:
         res["error"] = f"worker exited with status {rc}"
-    res["worker_wall_s"] = wall
-    res["worker_cpu_s"] = child_cpu
-    res["foreign_busy_cores"] = max(0.0, (b1 - b0) / hz - child_cpu) / max(wall, 1e-6)
-    res["steal_cores"] = (s1 - s0) / hz / max(wall, 1e-6)
+    res["worker_wall_s"] = usage.wall
+    res["worker_cpu_s"] = usage.child_cpu
+    res["foreign_busy_cores"] = usage.foreign_busy_cores
+    res["steal_cores"] = usage.steal_cores
     return res
 
 
@@ -182,14 +188,10 @@ def run_worker(job: dict, progress: Callable[[str], None], threads: int) -> dict
 # preparing variants
 # ---------------------------------------------------------------------------------------------
 def _bench_cache() -> Path:
-    from quantchat.paths import quantchat_home
-
     return quantchat_home() / "bench"
 
 
 def _source_key(hf_dir: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256(str(Path(hf_dir).resolve()).encode())
     for p in sorted(Path(hf_dir).glob("*.safetensors")) + [Path(hf_dir) / "config.json"]:
         st = p.stat()
@@ -202,7 +204,7 @@ def quantize_cached(hf_dir: Path, name: str, method: str, gs: int, threads: int,
     """awq/gptq folder of a model in the bench cache, made with ``quantchat quantize`` when missing.
 
     Returns (folder, seconds spent quantizing, whether it was reused)."""
-    from quantchat.quant.checkpoint import is_quantized_dir
+    from quantchat.quant.checkpoint import is_quantized_dir  # torch
 
     out = _bench_cache() / "quantized" / f"{name}-{_source_key(hf_dir)}-{method}-g{gs}"
     if is_quantized_dir(out) and (out / "manifest.json").is_file():
@@ -228,9 +230,7 @@ def _disk_free(path: Path) -> int:
 
 def prepare_synthetic(v: Variant, name: str, cfg: dict, dtype: str, progress: Callable[[str], None]) -> None:
     """Build (or reuse) the synthetic folder of a variant; sets v.model_path / size, or v.skipped."""
-    from quantchat.benchmark import synthetic as syn
-
-    from quantchat.quant.checkpoint import FORMAT_VERSION
+    from quantchat.quant.checkpoint import FORMAT_VERSION  # torch
 
     kind = dtype if v.method == "none" else \
         (v.method if v.group_size is None else f"{v.method}-g{v.group_size}") + f"-v{FORMAT_VERSION}"
@@ -259,7 +259,7 @@ def prepare_synthetic(v: Variant, name: str, cfg: dict, dtype: str, progress: Ca
     v.model_path = str(folder)
     v.size_bytes, v.size_kind = folder_weight_bytes(folder), "disk"
     v.load_path = "float folder" if v.method == "none" else "quantized folder (random codes)"
-    if v.method in CALIBRATED_METHODS:
+    if v.method != methods.NONE and methods.get(v.method).calibrated:
         v.note = f"synthetic: random codes in {v.method}'s packed int4 layout (no calibration)"
 
 
@@ -294,22 +294,19 @@ def estimate_memory(v: Variant, n_params: int, dtype: str, kv_bytes: int) -> int
     return (v.size_bytes or 0) + kv_bytes
 
 
-def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> dict:
+def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> Results:
     """Run the whole benchmark; writes results.json / results.md / plots into the output folder; returns the report."""
     progress = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     validate(opts)
     specs = parse_variants(opts.quants, opts.group_size)
     peer_version = None
     if opts.peer:  # fail before any slow work
-        from quantchat.peers.llamacpp_speed import require_llama_cpp
-
-        peer_version = require_llama_cpp()
+        peer_version = llamacpp.require_llama_cpp()
         if opts.synthetic:
             raise QuantchatError("--peer llama.cpp needs the model as a GGUF file; synthetic models have none "
                                  "(benchmark a .gguf with --model instead)")
 
-    from quantchat.loading.resolve import pick_device, resolve_model
-    from quantchat.model.config import ModelConfig
+    from quantchat.loading.resolve import pick_device, resolve_model  # torch
 
     dev = pick_device(opts.device)
     device = str(dev)
@@ -320,12 +317,10 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
 
     source: dict = {}
     if opts.synthetic:
-        from quantchat.benchmark import synthetic as syn
-
         cfg = syn.synthetic_config(opts.synthetic, opts.synthetic_overrides)
         source = {"name": opts.synthetic, "synthetic": True, "note": syn.SYNTHETIC_NOTE}
     else:
-        from quantchat.quant.checkpoint import is_quantized_dir
+        from quantchat.quant.checkpoint import is_quantized_dir  # torch
 
         src = resolve_model(opts.model, progress=lambda m: None if m.startswith("tensor ") else progress(m))
         cfg = json.loads((src.hf_dir / "config.json").read_text())
@@ -368,10 +363,10 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         peers, peer_notes = plan_peers(source, variants, threads, progress)
         notes.extend(peer_notes)
 
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), **measure.machine_info(), "quantchat_device": device,
-            "dtype": dtype, "threads": threads, "llama_cpp_python": peer_version}
-    report = {
-        "meta": meta, "source": source,
+    meta = {**run_meta(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **measure.machine_info(),
+            "quantchat_device": device, "dtype": dtype, "threads": threads, "llama_cpp_python": peer_version}
+    report = Results("bench", meta, {
+        "source": source,
         "options": {**asdict(opts), "device": device, "dtype": dtype, "threads": threads,
                     "prompt_lengths_kept": kept,
                     "prompt_lengths_skipped": [L for L in dict.fromkeys(opts.prompt_lengths) if L >= context],
@@ -385,14 +380,14 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
                    "median of {r} runs. Each variant runs in a fresh process.").format(
                        c=opts.decode_context, w=opts.warmup_steps, s=opts.steps, r=opts.ttft_runs),
         "variants": [], "peers": [], "ratios": [], "notes": notes, "partial": True,
-    }
+    })
     out_dir.mkdir(parents=True, exist_ok=True)
     progress(f"bench: {source['name']} ({mcfg.n_params / 1e6:.0f}M params), {len(variants)} variant(s), "
              f"{device} {dtype}, {threads} thread(s); results in {out_dir}")
 
     if not cuda and (any(v.method != "none" for v in variants) or source.get("quantized")):
         # build quantchat's CPU kernels here, once, so that no worker's memory or time includes a compile
-        from quantchat.kernels import cpu as cpu_kernels
+        from quantchat.kernels import cpu as cpu_kernels  # torch
 
         if not cpu_kernels.is_built():
             progress("building quantchat's CPU kernels (once, about 15 s)...")
@@ -402,10 +397,9 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         else:
             info = cpu_kernels.build_info()
             meta["kernels"] = {k: info.get(k) for k in ("variant", "why", "isa")}
+            meta["kernels_variant"] = info.get("variant")
     if opts.peer:
-        from quantchat.peers.llamacpp_speed import peer_build_info
-
-        meta["llama_cpp_build"] = peer_build_info()
+        meta["llama_cpp_build"] = llamacpp.peer_build_info()
     job_base = {"device": device, "dtype": dtype, "threads": threads, "steps": opts.steps,
                 "warmup_steps": opts.warmup_steps, "decode_context": opts.decode_context, "prompt_lengths": kept,
                 "ttft_runs": opts.ttft_runs, "max_seq_len": max_seq_len, "seed": opts.seed, "compile": opts.compile}
@@ -462,7 +456,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         notes.append(f"other processes used up to {max(foreign):.1f} CPU cores during the run: "
                      "timings may be off; re-run on a quiet machine")
     report["partial"] = False
-    report["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     write_outputs(out_dir, report, plots=opts.plots, progress=progress)
     return report
 
@@ -477,7 +471,7 @@ def prepare_variant(v: Variant, source: dict, context: int, threads: int, progre
         v.size_bytes, v.size_kind = folder_weight_bytes(hf_dir), "disk"
         if str(source.get("origin", "")).lower().endswith(".gguf"):
             v.note = "loads the float32 folder converted from the GGUF"
-    elif v.method in LOAD_TIME_METHODS:
+    elif methods.get(v.method).load_time:
         v.model_path, v.quant, v.load_path = str(hf_dir), v.method, "quantized at load"
         v.size_kind = "packed"  # filled in from the worker's weight bytes
     else:
@@ -486,10 +480,6 @@ def prepare_variant(v: Variant, source: dict, context: int, threads: int, progre
         v.model_path, v.load_path = str(folder), "quantized folder"
         v.size_bytes, v.size_kind, v.prepare_s = folder_weight_bytes(folder), "disk", secs
         v.note = "quantized folder reused from the cache" if reused else f"quantized in {secs:.0f} s"
-
-
-# the GGUF type llama.cpp runs for each quantchat variant (GGUF blocks are 32 weights, whatever the group size)
-PEER_GGUF_TYPES = {"int8": "q8_0", "int4-sym": "q4_0", "int4-asym": "q4_1", "awq": "q4_1", "gptq": "q4_1"}
 
 
 def export_peer_gguf(source: dict, qtype: str, threads: int, progress: Callable[[str], None]) -> Path:
@@ -519,26 +509,25 @@ def plan_peers(source: dict, variants: list[Variant], threads: int,
     The model's own GGUF (when it is one) runs as it is; for each quantchat variant whose GGUF type
     (int8: q8_0, int4-sym: q4_0, int4-asym / awq / gptq: q4_1) the own GGUF does not already have, a
     GGUF is exported from the same source model with ``quantchat export-gguf`` (cached). Without an
-    own GGUF and with no export possible this is an error.
+    own GGUF and with no export possible this is an error. The types come from quant.methods
+    (``peer_gguf_type``; GGUF blocks are 32 weights, whatever the group size).
     """
-    from quantchat.peers.llamacpp_speed import gguf_bits_family, gguf_main_type, gguf_types
-
     progress = progress or (lambda m: None)
     notes: list[str] = []
     peers: list[dict] = []
 
     def add(path: Path, how: str) -> None:
-        types = gguf_types(path)
-        main = gguf_main_type(types)
+        types = llamacpp.gguf_types(path)
+        main = llamacpp.gguf_main_type(types)
         peers.append({"label": f"llama.cpp {main}", "gguf": str(path), "gguf_main_type": main, "gguf_types": types,
-                      "family": gguf_bits_family(main), "gguf_type": main.lower(), "gguf_origin": how,
+                      "family": llamacpp.gguf_bits_family(main), "gguf_type": main.lower(), "gguf_origin": how,
                       "size_bytes": path.stat().st_size, "size_kind": "disk"})
 
     origin = Path(source.get("origin") or "")
     if origin.suffix.lower() == ".gguf" and origin.is_file():
         add(origin, "the model's own GGUF")
     have = {p["gguf_type"] for p in peers}
-    wanted = [PEER_GGUF_TYPES[v.method] for v in variants if v.method in PEER_GGUF_TYPES]
+    wanted = [peer_gguf_type(v.method) for v in variants if peer_gguf_type(v.method)]
     for qtype in dict.fromkeys(wanted):
         if qtype in have:
             continue
@@ -555,6 +544,11 @@ def plan_peers(source: dict, variants: list[Variant], threads: int,
     return peers, notes
 
 
+def peer_gguf_type(method: str) -> str | None:
+    """The GGUF type llama.cpp runs beside a quantchat variant (None for float weights)."""
+    return None if method == methods.NONE or method not in methods.METHODS else methods.get(method).peer_gguf_type
+
+
 def peer_ratios(variants: list[dict], peers: list[dict]) -> list[dict]:
     """quantchat / llama.cpp speed ratios (> 1: quantchat faster) for every measured variant and peer."""
     out = []
@@ -568,7 +562,7 @@ def peer_ratios(variants: list[dict], peers: list[dict]) -> list[dict]:
             v_ttft = {t["prompt_len"]: t["ms"]["median"] for t in v.get("ttft", []) if "ms" in t}
             out.append({
                 "variant": v["label"], "peer": p["label"], "same_bits": v.get("family") == p.get("family"),
-                "same_type": PEER_GGUF_TYPES.get(v.get("method", "")) == p.get("gguf_type"),
+                "same_type": peer_gguf_type(v.get("method", "")) == p.get("gguf_type"),
                 "decode_speed": p["decode"]["latency_ms"]["median"] / v["decode"]["latency_ms"]["median"],
                 "ttft_speed": {str(L): p_ttft[L] / v_ttft[L] for L in v_ttft if L in p_ttft and v_ttft[L] > 0},
                 "rss": (v.get("rss_mb") or 0) / p["rss_mb"] if p.get("rss_mb") else None,
@@ -589,15 +583,11 @@ def summary_line(r: dict) -> str:
             f"TTFT ms {{{ttft}}}; load {r.get('load_s', 0):.2f} s; {mem}")
 
 
-def save_json(out_dir: Path, report: dict) -> Path:
-    path = out_dir / "results.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(path)
-    return path
+def save_json(out_dir: Path, report: Results) -> Path:
+    return report.write(out_dir / "results.json")
 
 
-def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+def table_rows(report: Results) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table (shared by the rich and the markdown output)."""
     lengths = report["options"]["prompt_lengths_kept"]
     gpu = any(r.get("cuda_max_allocated_mb") is not None for r in report["variants"])
@@ -627,7 +617,7 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def ratio_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+def ratio_rows(report: Results) -> tuple[list[str], list[list[str]]]:
     lengths = report["options"]["prompt_lengths_kept"]
     header = ["variant", "vs", "match", "decode speed"] + [f"TTFT@{L} speed" for L in lengths] + ["RSS ratio"]
     rows = []
@@ -642,7 +632,7 @@ def ratio_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def header_lines(report: dict) -> list[str]:
+def header_lines(report: Results) -> list[str]:
     m, o, src, mdl = report["meta"], report["options"], report["source"], report["model"]
     lines = [f"model: {src['name']} ({mdl['n_params'] / 1e6:.0f}M params, {mdl['n_layer']} layers, dim {mdl['dim']}, "
              f"context {mdl['context']})" + (" — SYNTHETIC: " + src["note"] if src.get("synthetic") else ""),
@@ -666,7 +656,7 @@ FOOTNOTES = ("size: safetensors files loaded (llama.cpp: the GGUF file); † pac
              "decode ms/token: median [p10–p90].")
 
 
-def markdown(report: dict) -> str:
+def markdown(report: Results) -> str:
     def table(header, rows):
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
@@ -682,10 +672,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_rich(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def print_rich(report: Results) -> None:
     console = Console()
     if not console.is_terminal:  # piped into a file: don't squeeze the table into 80 columns
         console = Console(width=200)
@@ -711,16 +698,16 @@ def print_rich(report: dict) -> None:
         console.print(f"note: {n}", markup=False, highlight=False)
 
 
-def write_outputs(out_dir: Path, report: dict, plots: bool = True,
+def write_outputs(out_dir: Path, report: Results, plots: bool = True,
                   progress: Callable[[str], None] | None = None) -> list[Path]:
     files = [save_json(out_dir, report)]
     (out_dir / "results.md").write_text(markdown(report))
     files.append(out_dir / "results.md")
     if plots:
-        from quantchat.benchmark.plots import make_plots
+        from quantchat.benchmark.plots import make_plots  # matplotlib: kept off the CLI's start-up path
 
         files += make_plots(report, out_dir)
-    report["files"] = [str(f) for f in files]
+    report.fields["files"] = [str(f) for f in files]
     save_json(out_dir, report)
     if progress:
         progress(f"wrote {', '.join(f.name for f in files)} in {out_dir}")

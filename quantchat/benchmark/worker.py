@@ -5,7 +5,8 @@ The job (JSON, written by the runner) names the engine (``quantchat`` or ``llama
 The result (JSON) holds load time, memory readings, the decode per-token latencies and the time to
 first token per prompt length; or ``{"error": ...}`` (exit status 2) for an error the user can fix.
 Running each variant in its own process keeps load time and resident memory honest: no allocator
-state, caches or imports carried over from an earlier variant.
+state, caches or imports carried over from an earlier variant. For the same reason each engine's imports
+are made inside its function: the llama.cpp worker never loads torch, and quantchat's import time is timed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+from quantchat.errors import QuantchatError
 
 T_START = time.perf_counter()
 
@@ -100,11 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return 64
     job = json.loads(Path(argv[0]).read_text())
     out = Path(argv[1])
-    from quantchat.errors import QuantchatError
-
     try:
         if job.get("engine", "quantchat") == "llama.cpp":
-            from quantchat.peers.llamacpp_speed import measure_llamacpp
+            from quantchat.benchmark.llamacpp import measure_llamacpp
 
             res = measure_llamacpp(job)
         else:

@@ -1,21 +1,21 @@
 """``quantchat bench``: decode latency, time to first token, load time and memory per quantization variant.
 
-``quantchat bench [options]`` runs the speed/memory benchmark (quantchat.benchmark.runner). Further
-benchmarks become subcommands of ``bench`` (``quantchat bench serve ...``): a module listed in
-BENCH_SUBCOMMAND_MODULES provides ``register_bench(bench_subparsers)``; with no subcommand named,
-``quantchat bench`` runs the speed/memory benchmark.
+``quantchat bench [options]`` runs the speed/memory benchmark (quantchat.benchmark.runner);
+``quantchat bench serve ...`` the serving throughput benchmark (quantchat.benchmark.serving). The other
+benchmarks of the package run as ``python -m quantchat.benchmark.core_bench | kernel_bench | quant_bench``
+(see docs/benchmarks.md). The benchmark modules that load torch are imported when their command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 
-from quantchat.cli.common import status
+from quantchat import envs
+from quantchat.benchmark.runner import DEFAULT_PROMPT_LENGTHS, DEFAULT_QUANTS, PEERS, VARIANTS, BenchOptions
+from quantchat.benchmark.synthetic import SYNTHETIC_CONFIGS
+from quantchat.cli.common import add_kv_cache_arg, status
 from quantchat.errors import QuantchatError
-
-# modules adding subcommands to `quantchat bench` (e.g. a future "quantchat.cli.bench_serve_cmds" for `bench serve`)
-BENCH_SUBCOMMAND_MODULES: list[str] = ["quantchat.serving.bench_serve"]
+from quantchat.quant import methods
 
 
 def int_list(text: str) -> list[int]:
@@ -26,7 +26,7 @@ def int_list(text: str) -> list[int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from quantchat.benchmark.runner import BenchOptions, print_rich, run_bench
+    from quantchat.benchmark.runner import print_rich, run_bench
 
     if args.threads is not None and args.threads < 1:
         raise QuantchatError("--threads must be at least 1")
@@ -43,13 +43,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    from quantchat.benchmark.runner import DEFAULT_PROMPT_LENGTHS, DEFAULT_QUANTS
-    from quantchat.benchmark.synthetic import SYNTHETIC_CONFIGS
-
     p.add_argument("--model", "-m", default=None,
                    help="HF folder, .gguf file or quantized folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quant", default=DEFAULT_QUANTS,
-                   help="comma-separated variants: none, int8, int4-sym, int4-asym, awq, gptq; METHOD:GROUP sets a "
+                   help=f"comma-separated variants: {', '.join(VARIANTS)}; METHOD:GROUP sets a "
                         f"group size (default: {DEFAULT_QUANTS})")
     p.add_argument("--group-size", type=int, default=None, help="int4/awq/gptq group size (default 128)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads, same for every engine (default: all cores)")
@@ -61,7 +58,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-runs", type=int, default=3, help="runs per prompt length, median (default 3)")
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC_CONFIGS), default=None,
                    help="random-weight model of these published shapes (speed/memory only; quality meaningless)")
-    p.add_argument("--peer", choices=["llama.cpp"], default=None,
+    p.add_argument("--peer", choices=list(PEERS), default=None,
                    help="also measure llama.cpp, same threads and prompts: on the model's own GGUF and on GGUFs "
                         "exported for the variants (int8: q8_0, int4-sym: q4_0, int4-asym/awq/gptq: q4_1); "
                         "needs llama-cpp-python (pip install 'quantchat[peer]')")
@@ -79,7 +76,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "of quantization variants of one model, each in a fresh process.")
     add_run_args(p)
     p.set_defaults(func=cmd_bench)
-    if BENCH_SUBCOMMAND_MODULES:
-        bench_sub = p.add_subparsers(dest="bench_command", required=False, metavar="SUBCOMMAND")
-        for name in BENCH_SUBCOMMAND_MODULES:
-            importlib.import_module(name).register_bench(bench_sub)
+    bench_sub = p.add_subparsers(dest="bench_command", required=False, metavar="SUBCOMMAND")
+    register_serve(bench_sub)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from quantchat.benchmark.serving import run_bench_serve  # httpx, aiohttp, matplotlib: not at start-up
+
+    return run_bench_serve(args, status)
+
+
+def register_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="throughput, latency and TTFT with concurrent clients (1 vs 2 workers)")
+    p.add_argument("--url", default=None, help="drive this running server instead of starting one")
+    p.add_argument("--api-key", default=envs.QUANTCHAT_API_KEY, help="API key for --url")
+    p.add_argument("--model", "-m", default=None, help="model for the servers started here (default: embedded)")
+    p.add_argument("--quant", default="int4-asym", choices=[methods.NONE, *methods.load_time_names()],
+                   help="quantization of the started servers (default int4-asym)")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    add_kv_cache_arg(p)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads in total (split between workers)")
+    p.add_argument("--clients", type=int_list, default=[1, 4, 8], help="concurrent clients (default 1,4,8)")
+    p.add_argument("--workers", type=int_list, default=[1, 2],
+                   help="worker counts behind a controller, at the largest client count (default 1,2; '' = none)")
+    p.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="repeat the client sweep this many times, interleaved; report medians (default 3)")
+    p.add_argument("--out", default=None, help="output folder (default ./quantchat-results/bench-serve-<time>/)")
+    p.set_defaults(func=cmd_bench_serve)

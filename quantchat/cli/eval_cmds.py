@@ -2,66 +2,39 @@
 
 Each subcommand prints its headline numbers on stdout and writes ``result.json`` and ``result.md``
 (plus plots for ppl, kl and mc) into ``--out DIR`` (default ``./quantchat-results/<command>-<timestamp>/``).
+result.json is a ``Results`` file (quantchat.benchmark.results) of kind eval-ppl / eval-kl / eval-mc /
+eval-compare; the plots are drawn from it (quantchat.benchmark.plots). The modules that load torch are
+imported when a command runs (``quantchat --help`` stays torch-free).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from quantchat import progress
+from quantchat.benchmark.results import Results, markdown_table, prepare_out_dir, write_results
 from quantchat.cli.common import (add_kv_cache_arg, add_model_args, add_sampling_args, load_from_args,
                                   sampling_from_args, status)
 from quantchat.errors import QuantchatError
+from quantchat.paths import default_model_path
 from quantchat.quant import methods
-from quantchat.quant.calibration import EVAL_TOKENS
 
-DEFAULT_MAX_TOKENS = EVAL_TOKENS  # calibration windows from the built-in corpus skip these
 
 
 # -- shared helpers --------------------------------------------------------------------------------
 
-@contextmanager
-def progress_bar(description: str):
-    """A rich progress bar on stderr (transient); yields update(done, total)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    if not console.is_terminal:  # logs: a plain line at every 10 %
-        last, t0 = [0], time.perf_counter()
-
-        def log(done: int, total: int) -> None:
-            step = 10 * done // max(total, 1)
-            if step > last[0]:
-                last[0] = step
-                status(f"{description}: {done}/{total} ({time.perf_counter() - t0:.0f} s)")
-
-        yield log
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
 def read_text_arg(path: str | None) -> tuple[str, str]:
     """(text, name): the file's text, or the built-in corpus."""
     if path is None:
-        from quantchat.quant.calibration import builtin_corpus
+        from quantchat.quant.calibration import builtin_corpus  # torch: off the CLI's start-up path
 
         return builtin_corpus(), "builtin (Python pydoc topics)"
     p = Path(path).expanduser()
@@ -72,7 +45,12 @@ def read_text_arg(path: str | None) -> tuple[str, str]:
 
 
 def corpus_ids(tokenizer, text: str, max_tokens: int | None) -> list[int]:
-    if max_tokens is not None and max_tokens < 0:
+    """The text's token ids, the first ``max_tokens`` of them (None: the EVAL_TOKENS that calibration
+    windows from the built-in corpus skip; 0: all)."""
+    from quantchat.quant.calibration import EVAL_TOKENS  # torch: off the CLI's start-up path
+
+    max_tokens = EVAL_TOKENS if max_tokens is None else max_tokens
+    if max_tokens < 0:
         raise QuantchatError("--max-tokens must be >= 0 (0 = the whole text)")
     ids = tokenizer.encode(text, add_bos=False)
     return ids[:max_tokens] if max_tokens else ids
@@ -108,6 +86,14 @@ def eval_load(args: argparse.Namespace, max_seq_len: int):
     return load_from_args(a)
 
 
+def save(out: Path, kind: str, title: str, data: dict, md: str) -> tuple[Results, list[Path]]:
+    """result.json (a ``Results`` of ``kind``; ``context``, the key older readers know, repeats ``meta``)
+    and result.md."""
+    results = Results(kind, fields=data)
+    results.fields["context"] = results.meta
+    return results, list(write_results(out, title, results, md))
+
+
 def finish(out: Path, files: list[Path]) -> None:
     status(f"wrote {', '.join(f.name for f in files)} to {out}")
 
@@ -119,8 +105,9 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     g.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts (default: the window, non-overlapping)")
-    g.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help=f"evaluate the first N tokens of the text (default {DEFAULT_MAX_TOKENS}; 0 = all)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="evaluate the first N tokens of the text (default: the tokens that calibration on the "
+                        "built-in corpus skips, quant.calibration.EVAL_TOKENS; 0 = all)")
 
 
 def add_out_arg(p: argparse.ArgumentParser) -> None:
@@ -132,8 +119,6 @@ def add_out_arg(p: argparse.ArgumentParser) -> None:
 
 def peer_gguf(model_arg: str | None) -> Path:
     """The GGUF llama.cpp should open for ``--model``."""
-    from quantchat.paths import default_model_path
-
     if model_arg is None:
         path = default_model_path()
         if path is None:
@@ -150,18 +135,16 @@ def peer_gguf(model_arg: str | None) -> Path:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from quantchat.eval import report
+    from quantchat.benchmark import llamacpp, plots
     from quantchat.eval.perplexity import count_windows, perplexity
 
     stride = check_window_args(args)
     peer_path = None
     if args.peer:
-        from quantchat.peers.llamacpp import import_llama_cpp
-
-        import_llama_cpp()  # a clear error before any work
+        llamacpp.import_llama_cpp()  # a clear error before any work
         peer_path = peer_gguf(args.model)
     text, text_name = read_text_arg(args.text)
-    out = report.prepare_out_dir(args.out, "ppl")
+    out = prepare_out_dir(args.out, "ppl")
     loaded = eval_load(args, args.window)
     model, tok = loaded.engine.model, loaded.engine.tokenizer
     check_window_fits(args, model)
@@ -169,10 +152,10 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     n_windows = count_windows(len(ids), args.window, stride)
     if n_windows == 0:
         raise QuantchatError(f"text too short for perplexity: {len(ids)} tokens")
-    with progress_bar("perplexity (quantchat)") as bar:
-        t0 = time.perf_counter()
-        res = perplexity(model, ids, window=args.window, stride=stride, progress=bar)
-        secs = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = perplexity(model, ids, window=args.window, stride=stride, progress=progress.callback(
+        "perplexity (quantchat)", "window"))
+    secs = time.perf_counter() - t0
     info = model_info(args, loaded)
     data = {
         "command": "eval ppl", **info, "text": text_name, "window": args.window, "stride": stride,
@@ -184,22 +167,20 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     print(f"perplexity: {res.ppl:.4f}  ({info['model']}, {args.dtype}, quant {info['quant']}; "
           f"{secs:.1f} s, {data['tokens_per_s']:.0f} tok/s)")
     rows = [["quantchat", info["quant"], args.dtype, f"{res.ppl:.4f}", res.tokens_scored, f"{secs:.1f}", "-"]]
-    series = {f"quantchat ({args.dtype if info['quant'] == 'none' else info['quant']})": res.window_ppl}
     if peer_path is not None:
         import torch
 
-        from quantchat.peers.llamacpp import LlamaCppPeer
-
-        with LlamaCppPeer(peer_path, n_ctx=args.window, n_threads=args.peer_threads or torch.get_num_threads()) as peer:
+        with llamacpp.LlamaCppPeer(peer_path, n_ctx=args.window,
+                                   n_threads=args.peer_threads or torch.get_num_threads()) as peer:
             if peer.n_vocab != model.config.vocab_size:
                 raise QuantchatError(f"llama.cpp's vocabulary ({peer.n_vocab}) differs from the model's "
                                      f"({model.config.vocab_size})")
             peer_ids = peer.tokenize(text)
             same = peer_ids[:len(ids)] == ids
-            with progress_bar("perplexity (llama.cpp)") as bar:
-                t0 = time.perf_counter()
-                pres = peer.perplexity(ids, window=args.window, stride=stride, progress=bar)
-                psecs = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pres = peer.perplexity(ids, window=args.window, stride=stride,
+                                   progress=progress.callback("perplexity (llama.cpp)", "window"))
+            psecs = time.perf_counter() - t0
             data["peer"] = {"engine": "llama.cpp", "llama_cpp_python": peer.version, "gguf": str(peer_path),
                             "threads": peer.n_threads, "ppl": pres.ppl, "tokens_scored": pres.tokens_scored,
                             "seconds": psecs, "tokens_per_s": len(ids) / psecs if psecs else None,
@@ -212,14 +193,12 @@ def cmd_ppl(args: argparse.Namespace) -> int:
             status("note: llama.cpp tokenizes this text differently; both scored quantchat's token ids")
         rows.append(["llama.cpp", "gguf as stored", "-", f"{pres.ppl:.4f}", pres.tokens_scored, f"{psecs:.1f}",
                      f"{res.ppl / pres.ppl:.4f}"])
-        series[f"llama.cpp ({peer_path.name})"] = pres.window_ppl
     md = (f"Model: {info['model']} ({info['path']}), text: {text_name}, {len(ids)} tokens, "
           f"window {args.window}, stride {stride}\n\n"
-          + report.markdown_table(["engine", "quant", "dtype", "perplexity", "tokens scored", "seconds",
-                                   "quantchat / llama.cpp"], rows))
-    files = list(report.write_results(out, "quantchat eval ppl", data, md))
-    files.append(report.plot_window_ppl(out / "ppl_windows.png", series,
-                                        title=f"perplexity per window ({info['model']}, window {args.window})"))
+          + markdown_table(["engine", "quant", "dtype", "perplexity", "tokens scored", "seconds",
+                            "quantchat / llama.cpp"], rows))
+    results, files = save(out, "eval-ppl", "quantchat eval ppl", data, md)
+    files.append(plots.plot_ppl(results, out / "ppl_windows.png"))
     finish(out, files)
     return 0
 
@@ -227,13 +206,13 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 # -- eval kl ---------------------------------------------------------------------------------------
 
 def cmd_kl(args: argparse.Namespace) -> int:
-    from quantchat.eval import report
+    from quantchat.benchmark import plots
     from quantchat.eval.kl import check_same_tokenizer, kl_divergence
     from quantchat.eval.perplexity import count_windows, model_logits_fn
 
     stride = check_window_args(args)
     text, text_name = read_text_arg(args.text)
-    out = report.prepare_out_dir(args.out, "kl")
+    out = prepare_out_dir(args.out, "kl")
     ref_args = copy.copy(args)
     ref_args.model = None if args.reference == "default" else args.reference
     ref_args.quant, ref_args.group_size = None, None
@@ -248,11 +227,10 @@ def cmd_kl(args: argparse.Namespace) -> int:
     ids = corpus_ids(ref.engine.tokenizer, text, args.max_tokens)
     if count_windows(len(ids), args.window, stride) == 0:
         raise QuantchatError(f"text too short: {len(ids)} tokens")
-    with progress_bar("KL divergence") as bar:
-        t0 = time.perf_counter()
-        res = kl_divergence(model_logits_fn(ref.engine.model, ids), model_logits_fn(mod.engine.model, ids), ids,
-                            window=args.window, stride=stride, progress=bar)
-        secs = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = kl_divergence(model_logits_fn(ref.engine.model, ids), model_logits_fn(mod.engine.model, ids), ids,
+                        window=args.window, stride=stride, progress=progress.callback("KL divergence", "window"))
+    secs = time.perf_counter() - t0
     s = res.summary()
     data = {"command": "eval kl", "model": model_info(args, mod), "reference": model_info(ref_args, ref),
             "text": text_name, "window": args.window, "stride": stride, "tokens_total": len(ids),
@@ -276,10 +254,10 @@ def cmd_kl(args: argparse.Namespace) -> int:
              ["RMS Δp", f"{100 * s['delta_p_rms']:.3f}%"], ["tokens", s["tokens"]], ["seconds", f"{secs:.1f}"]]
     m, r = data["model"], data["reference"]
     md = (f"Model: {m['model']} (quant {m['quant']}, {m['dtype']}) vs reference {r['model']} ({r['dtype']}); "
-          f"text: {text_name}, window {args.window}, stride {stride}\n\n" + report.markdown_table(["", "value"], rows))
-    files = list(report.write_results(out, "quantchat eval kl", data, md))
-    files.append(report.plot_kl_histogram(out / "kl_histogram.png", res.kl.tolist(),
-                                          title=f"KL({r['model']} || {m['model']} {m['quant']}) per token"))
+          f"text: {text_name}, window {args.window}, stride {stride}\n\n" + markdown_table(["", "value"], rows))
+    _, files = save(out, "eval-kl", "quantchat eval kl", data, md)
+    files.append(plots.plot_kl_histogram(out / "kl_histogram.png", res.kl.tolist(),
+                                         title=f"KL({r['model']} || {m['model']} {m['quant']}) per token"))
     finish(out, files)
     return 0
 
@@ -287,7 +265,7 @@ def cmd_kl(args: argparse.Namespace) -> int:
 # -- eval mc ---------------------------------------------------------------------------------------
 
 def cmd_mc(args: argparse.Namespace) -> int:
-    from quantchat.eval import report
+    from quantchat.benchmark import plots
     from quantchat.eval.mc import ModelScorer, evaluate_mc, load_mc_dataset
 
     subjects = [s for item in (args.subjects or []) for s in item.split(",") if s]
@@ -296,14 +274,14 @@ def cmd_mc(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise QuantchatError("--limit must be >= 1")
     dataset = load_mc_dataset(args.data, split=args.split, subjects=subjects or None, shots=args.shots)
-    out = report.prepare_out_dir(args.out, "mc")
+    out = prepare_out_dir(args.out, "mc")
     n_q = sum(len(s.questions[:args.limit]) for s in dataset.subjects)
     status(f"{dataset.layout} layout, {len(dataset.subjects)} subjects, {n_q} {dataset.split} questions, "
            f"{args.shots}-shot")
     loaded = load_from_args(args)
     scorer = ModelScorer(loaded.engine.model, loaded.engine.tokenizer, max_len=loaded.engine.max_seq_len)
-    with progress_bar("multiple choice") as bar:
-        res = evaluate_mc(dataset, scorer, shots=args.shots, limit=args.limit, progress=bar)
+    res = evaluate_mc(dataset, scorer, shots=args.shots, limit=args.limit,
+                      progress=progress.callback("multiple choice", "question"))
     info = model_info(args, loaded)
     data = {"command": "eval mc", **info, "data": str(dataset.root), **res.to_dict()}
     for name, s in res.subjects.items():
@@ -316,12 +294,10 @@ def cmd_mc(args: argparse.Namespace) -> int:
     rows.append(["**overall**", res.n, res.correct, f"{100 * res.accuracy:.2f}%"])
     md = (f"Model: {info['model']} (quant {info['quant']}, {info['dtype']}); data: {dataset.root} "
           f"({dataset.layout}, {dataset.split} split, {args.shots}-shot); mean over subjects "
-          f"{100 * res.macro_accuracy:.2f}%\n\n" + report.markdown_table(["subject", "questions", "correct", "accuracy"],
-                                                                        rows))
-    files = list(report.write_results(out, "quantchat eval mc", data, md))
-    files.append(report.plot_bars(out / "mc_accuracy.png", list(res.subjects),
-                                  [s["accuracy"] for s in res.subjects.values()], "accuracy",
-                                  f"{info['model']} ({info['quant']}): {100 * res.accuracy:.1f}% overall"))
+          f"{100 * res.macro_accuracy:.2f}%\n\n" + markdown_table(["subject", "questions", "correct", "accuracy"],
+                                                                 rows))
+    results, files = save(out, "eval-mc", "quantchat eval mc", data, md)
+    files.append(plots.plot_mc(results, out / "mc_accuracy.png"))
     finish(out, files)
     return 0
 
@@ -329,11 +305,9 @@ def cmd_mc(args: argparse.Namespace) -> int:
 # -- eval compare ----------------------------------------------------------------------------------
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import gc
-
     import torch
 
-    from quantchat.eval import compare, report
+    from quantchat.eval import compare
 
     models = args.model
     if len(models) < 2:
@@ -349,7 +323,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
     if params.seed is None:
         params.seed = 0  # the same sampling stream for every model
-    out = report.prepare_out_dir(args.out, "compare")
+    out = prepare_out_dir(args.out, "compare")
     infos, answers = [], []
     for spec, quant in zip(models, quants):
         a = copy.copy(args)
@@ -359,9 +333,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         q = info["quant"]
         infos.append({"label": info["model"] + (f" [{q}]" if q != "none" else ""), "source": info["path"],
                       **{k: info[k] for k in ("quant", "dtype", "device", "load_s")}})
-        with progress_bar(f"answering ({infos[-1]['label']})") as bar:
-            answers.append(compare.answer_all(loaded.engine, prompts, params, chat=not args.no_chat,
-                                              system=args.system, progress=bar))
+        answers.append(compare.answer_all(loaded.engine, prompts, params, chat=not args.no_chat, system=args.system,
+                                          progress=progress.callback(f"answering ({infos[-1]['label']})", "prompt")))
         del loaded
         gc.collect()
         if torch.cuda.is_available():
@@ -370,16 +343,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         m["label"] = label
     doc = compare.summarize(infos, prompts, answers, params)
     doc = {"command": "eval compare", "chat": not args.no_chat, **doc}
-    md = compare.markdown(doc)
-    files = list(report.write_results(out, "quantchat eval compare", doc, md))
+    md = compare_markdown(doc)
+    _, files = save(out, "eval-compare", "quantchat eval compare", doc, md)
     if args.json:
-        import json
-
         print(json.dumps({k: v for k, v in doc.items()}, indent=1, ensure_ascii=False))
     else:
-        from rich.console import Console
-        from rich.table import Table
-
         table = Table(title="side by side", show_lines=True)
         table.add_column("prompt")
         for m in infos:
@@ -393,6 +361,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"identical answers: {doc['identical_answers']} of {len(prompts)}")
     finish(out, files)
     return 0
+
+
+def compare_markdown(doc: dict) -> str:
+    """result.md of ``eval compare``: a summary per model, then every prompt's answers side by side."""
+    labels = [m["label"] for m in doc["models"]]
+    headers = ["#", "prompt"] + [h for label in labels for h in (label, "tok/s")]
+    rows = []
+    for i, r in enumerate(doc["prompts"], 1):
+        cells = [i, r["prompt"]]
+        for label in labels:
+            a = r["answers"][label]
+            cells += [a["text"], f"{a['tokens_per_s']:.1f}"]
+        rows.append(cells)
+    summary = markdown_table(
+        ["model", "source", "quant", "mean decode tok/s", "generated tokens", "load s"],
+        [[m["label"], m["source"], m["quant"] or "none", f"{m['mean_tokens_per_s']:.1f}", m["generated_tokens"],
+          f"{m['load_s']:.1f}"] for m in doc["models"]],
+    )
+    return (summary + f"\n\nIdentical answers: {doc['identical_answers']} of {len(doc['prompts'])}\n\n"
+            + markdown_table(headers, rows))
 
 
 # -- registration ----------------------------------------------------------------------------------

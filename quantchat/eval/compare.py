@@ -2,6 +2,7 @@
 
 Models are loaded one after another (only one is in memory at a time). By default prompts go
 through each model's chat template as one user message; ``chat=False`` continues the raw text.
+The results are written and printed by ``quantchat eval compare`` (quantchat.cli.eval_cmds).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from quantchat.errors import QuantchatError
-from quantchat.eval.report import markdown_table
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -105,22 +105,3 @@ def summarize(models: list[dict], prompts: Sequence[str], answers: list[list[dic
     identical = sum(len({answers[j][i]["text"] for j in range(len(models))}) == 1 for i in range(len(prompts)))
     params_dict = asdict(params) if hasattr(params, "__dataclass_fields__") else dict(vars(params))
     return {"models": models, "sampling": params_dict, "prompts": rows, "identical_answers": identical}
-
-
-def markdown(doc: dict) -> str:
-    labels = [m["label"] for m in doc["models"]]
-    headers = ["#", "prompt"] + [h for label in labels for h in (label, "tok/s")]
-    rows = []
-    for i, r in enumerate(doc["prompts"], 1):
-        cells = [i, r["prompt"]]
-        for label in labels:
-            a = r["answers"][label]
-            cells += [a["text"], f"{a['tokens_per_s']:.1f}"]
-        rows.append(cells)
-    summary = markdown_table(
-        ["model", "source", "quant", "mean decode tok/s", "generated tokens", "load s"],
-        [[m["label"], m["source"], m["quant"] or "none", f"{m['mean_tokens_per_s']:.1f}", m["generated_tokens"],
-          f"{m['load_s']:.1f}"] for m in doc["models"]],
-    )
-    return (summary + f"\n\nIdentical answers: {doc['identical_answers']} of {len(doc['prompts'])}\n\n"
-            + markdown_table(headers, rows))

@@ -22,14 +22,13 @@ the table shows the median over --runs samples of the time per call, the effecti
 "other load" is the CPU time other processes used meanwhile (cores): the machine may be shared,
 and a busy core stalls a 2-thread OpenMP region until the OS runs the descheduled thread again.
 
-Usage: python bench/kernel_bench.py [--threads 1,2] [--m 1,64] [--runs 7] [--shapes 3072x576,...]
-       [--max-load 0.25] [--attempts 3] [--out bench/results/kernels.json]
+Usage: python -m quantchat.benchmark.kernel_bench [--threads 1,2] [--m 1,64] [--runs 7] [--shapes 3072x576,...]
+       [--max-load 0.25] [--attempts 3] [--out quantchat-results/kernels.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -41,10 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from quantchat.kernels import cpu as qk  # noqa: E402
-from quantchat.quant import rtn  # noqa: E402
+from quantchat.benchmark.results import Results
+from quantchat.kernels import cpu as qk
+from quantchat.quant import rtn
 
 SHAPES = ["3072x576", "576x1536", "960x576", "49152x576"]
 HEAD = "49152x576"  # the LM head: float32 and int8 only (as stored by the engine)
@@ -265,7 +263,7 @@ def main() -> None:
                             max(1, args.attempts))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        Results("kernel-bench", fields={"args": vars(args), "rows": rows}).write(args.out)
         print(f"\nwrote {args.out}")
 
 

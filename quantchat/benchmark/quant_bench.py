@@ -7,32 +7,29 @@ of the transformer blocks' linear layers (every tensor each module holds: packed
 bias; int4 pays 0.5 + 4 / group size, plus the zero padding of K = 576 to the group), and
 quantization time.
 
-    .venv/bin/python bench/quant_bench.py --threads 2 --ppl-tokens 32768
+    .venv/bin/python -m quantchat.benchmark.quant_bench --threads 2 --ppl-tokens 32768
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from quantchat.benchmark.measure import weight_bytes  # noqa: E402
-from quantchat.engine.generate import Engine  # noqa: E402
-from quantchat.eval.perplexity import perplexity  # noqa: E402
-from quantchat.loading.hf_loader import load_model  # noqa: E402
-from quantchat.loading.resolve import resolve_model  # noqa: E402
-from quantchat.quant.calibration import builtin_corpus, calibration_batches  # noqa: E402
-from quantchat.quant.quantize import NEEDS_CALIBRATION, QuantSpec, quantize_model  # noqa: E402
-from quantchat.sampling.sampling import SamplingParams  # noqa: E402
-from quantchat.tokenizer.tokenizer import Tokenizer  # noqa: E402
+from quantchat.benchmark.measure import weight_bytes
+from quantchat.benchmark.results import RESULTS_DIR, Results
+from quantchat.engine.generate import Engine
+from quantchat.eval.perplexity import perplexity
+from quantchat.loading.hf_loader import load_model
+from quantchat.loading.resolve import resolve_model
+from quantchat.quant.calibration import builtin_corpus, calibration_batches
+from quantchat.quant import methods
+from quantchat.quant.quantize import QuantSpec, quantize_model
+from quantchat.sampling.sampling import SamplingParams
+from quantchat.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_VARIANTS = "float32,int8,int4-sym:32,int4-asym:32,int4-sym:128,int4-asym:128,awq:128,gptq:128"
 
@@ -87,7 +84,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=512)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant.json"))
+    ap.add_argument("--out", default=str(Path(RESULTS_DIR) / "quant.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     src = resolve_model(args.model)
@@ -107,7 +104,7 @@ def main() -> None:
         if method != "float32":
             spec = QuantSpec.for_method(method, int(gs) if gs else None)
             with torch.inference_mode():
-                quantize_model(model, spec, calib=calib if method in NEEDS_CALIBRATION else None)
+                quantize_model(model, spec, calib=calib if method in methods.calibrated_names() else None)
             qtime = time.perf_counter() - t0
         t1 = time.perf_counter()
         res = perplexity(model, ppl_ids, window=args.window)
@@ -137,8 +134,8 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "model": src.name, "torch": torch.__version__,
-                               "results": rows, "table": table}, indent=1))
+    Results("quant-bench", fields={"args": vars(args), "model": src.name, "torch": torch.__version__,
+                                   "results": rows, "table": table}).write(out)
     out.with_suffix(".md").write_text(table + "\n")
     print(f"\nwrote {out}")
 

@@ -33,9 +33,9 @@ inside the worker every timed run is redone (up to ``--retries`` times) if other
 than ``--max-busy`` cores while it ran. The table shows the worst kept run's foreign load.
 ``--profile`` adds torch.profiler tables (top ops by self CPU time over 20 raw decode steps).
 
-Usage: python bench/core_bench.py [--threads 2] [--runs 3] [--new-tokens 128] [--prompt-len 512]
+Usage: python -m quantchat.benchmark.core_bench [--threads 2] [--runs 3] [--new-tokens 128] [--prompt-len 512]
        [--dtypes float32,bfloat16] [--engines quantchat,transformers] [--model PATH]
-       [--out bench/results/core.json] [--max-wait 900] [--max-busy 0.3] [--retries 5] [--profile]
+       [--out quantchat-results/core.json] [--max-wait 900] [--max-busy 0.3] [--retries 5] [--profile]
 """
 
 from __future__ import annotations
@@ -44,22 +44,19 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-RESULT_MARK = "@@CORE_BENCH_RESULT@@ "
-DECODE_PROMPT_LEN = 16
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 # the measuring tools live in quantchat.benchmark.measure (shared with `quantchat bench`); no torch needed
-from quantchat.benchmark.measure import (  # noqa: E402
+from quantchat.benchmark.measure import (
     PROMPT_SEED,
+    ChildUsage,
     ContentionGuard,
     busy_cores,
-    cpu_busy_jiffies,
     cpu_flags,
     cpu_model_name,
     fmt_stat,
@@ -67,6 +64,11 @@ from quantchat.benchmark.measure import (  # noqa: E402
     prompt_ids,
     stats,
 )
+from quantchat.benchmark.results import PACKAGE_ROOT, RESULTS_DIR, Results, run_meta
+from quantchat.benchmark.runner import worker_env
+
+RESULT_MARK = "@@CORE_BENCH_RESULT@@ "
+DECODE_PROMPT_LEN = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,29 +310,16 @@ def wait_for_quiet(max_load: float, max_busy: float, max_wait: float, check_load
 
 
 def run_worker(args: argparse.Namespace, engine: str, dtype: str, spec_path: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--engine", engine, "--dtype", dtype,
+    cmd = [sys.executable, "-m", "quantchat.benchmark.core_bench", "--worker", "--engine", engine, "--dtype", dtype,
            "--spec", str(spec_path), "--threads", str(args.threads), "--runs", str(args.runs),
            "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
            "--max-busy", str(args.max_busy), "--max-wait", str(args.max_wait), "--retries", str(args.retries)]
     if args.profile:
         cmd.append("--profile")
-    env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(args.threads)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    hz = os.sysconf("SC_CLK_TCK")
-    b0, s0 = cpu_busy_jiffies()
-    import resource
-
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    wall = time.perf_counter() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    b1, s1 = cpu_busy_jiffies()
-    child_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    foreign = max(0.0, (b1 - b0) / hz - child_cpu) / wall
+    with ChildUsage() as usage:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=worker_env(args.threads), cwd=PACKAGE_ROOT)
+    wall, child_cpu, foreign = usage.wall, usage.child_cpu, usage.foreign_busy_cores
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.splitlines()[-25:])
@@ -345,7 +334,7 @@ def run_worker(args: argparse.Namespace, engine: str, dtype: str, spec_path: Pat
     res["max_foreign_busy_cores_timed"] = max(timed) if timed else None  # worst kept timed run
     res["discarded_runs"] = sum(res[k].get("discarded_runs", 0) for k in
                                 ("decode_generate", "decode_raw", "prefill", "prefill_all_logits") if res.get(k))
-    res["steal_cores"] = (s1 - s0) / hz / wall
+    res["steal_cores"] = usage.steal_cores
     return res
 
 
@@ -451,12 +440,9 @@ def report(args, results: list[dict], meta: dict) -> str:
 
 
 def save(out: Path, args, meta: dict, results: list[dict], partial: bool, profiles=None, text=None) -> None:
-    payload = {"meta": {**meta, "partial": partial},
-               "args": {k: v for k, v in vars(args).items() if k not in ("worker", "engine", "dtype", "spec")},
-               "results": results, "profiles": profiles or {}, "table": text}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(out)
+    Results("core-bench", {**run_meta(), **meta, "partial": partial}, {
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "engine", "dtype", "spec")},
+        "results": results, "profiles": profiles or {}, "table": text}).write(out)
 
 
 def main() -> None:
@@ -468,7 +454,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--engines", default="quantchat,transformers")
     ap.add_argument("--model", default=None, help="GGUF file or HF folder (default: the default model)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "core.json"))
+    ap.add_argument("--out", default=str(Path(RESULTS_DIR) / "core.json"))
     ap.add_argument("--max-load", type=float, default=1.5,
                     help="wait before starting until the 1-min load average is below this")
     ap.add_argument("--max-busy", type=float, default=0.3,
@@ -499,8 +485,7 @@ def main() -> None:
         if e not in ("quantchat", "transformers"):
             ap.error(f"unknown engine {e}")
 
-    sys.path.insert(0, str(REPO))
-    from quantchat.loading.resolve import resolve_model
+    from quantchat.loading.resolve import resolve_model  # torch: the driver imports it once the args are good
 
     src = resolve_model(args.model, progress=lambda m: print(f"  {m}", file=sys.stderr))  # converts once
     cfg = json.loads((src.hf_dir / "config.json").read_text())
@@ -512,9 +497,6 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import signal
-    import tempfile
-
     def on_term(signum, frame):  # clean up and keep the partial results when terminated
         raise SystemExit(f"terminated by signal {signum}")
 

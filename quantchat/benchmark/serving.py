@@ -2,7 +2,8 @@
 
 Either drives a running server (``--url``) or starts its own on loopback: ``quantchat serve`` (one worker)
 for the clients sweep, then controller + 1 and + 2 workers + API (the seed's 1-pod vs 2-pod comparison)
-at the largest client count. Writes result.json, result.md and throughput.png.
+at the largest client count. Writes result.json (``Results`` of kind bench-serve: options, rows), result.md
+and throughput.png. The command line is defined in quantchat.cli.bench_cmds.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from quantchat.cli.common import add_kv_cache_arg
+import httpx
+
+from quantchat.benchmark.loadtest import run_load, wait_healthy
+from quantchat.benchmark.plots import plot_serving
+from quantchat.benchmark.results import Results, markdown_table, prepare_out_dir, write_results
 from quantchat.errors import QuantchatError
-from quantchat.serving.loadtest import run_load, wait_healthy
 
 
 def free_port() -> int:
@@ -54,8 +58,6 @@ def model_args(a: argparse.Namespace) -> list[str]:
 def engine_time(url: str, api_key: str | None) -> dict[str, Any] | None:
     """The worker's loop time from ``/metrics``: decode steps and seconds by batch size, prefill seconds
     (None when the server does not report them, e.g. behind a controller)."""
-    import httpx
-
     try:
         r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=10)
     except httpx.HTTPError:
@@ -140,8 +142,6 @@ def scaling(rows: list[dict[str, Any]], low: int, high: int) -> tuple[float, lis
 
 
 def cluster_rows(a: argparse.Namespace, n_workers: int, clients: int, progress) -> list[dict[str, Any]]:
-    import httpx
-
     secret = "bench-" + os.urandom(12).hex()
     env = {**os.environ, "QUANTCHAT_SECRET": secret}
     threads = max(1, (a.threads or os.cpu_count() or 1) // n_workers)
@@ -175,32 +175,8 @@ def cluster_rows(a: argparse.Namespace, n_workers: int, clients: int, progress) 
         stop(procs)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    setups = list(dict.fromkeys(r["setup"] for r in rows))
-    for s in setups:
-        pts = sorted((r["clients"], r["tokens_per_s"]) for r in rows if r["setup"] == s)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("generated tokens/s (all clients)")
-    ax.set_title("serving throughput")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def cmd_bench_serve(a: argparse.Namespace) -> int:
-    from quantchat.cli.common import status
-    from quantchat.eval.report import markdown_table, prepare_out_dir, write_results
-
+def run_bench_serve(a: argparse.Namespace, status: Callable[[str], None]) -> int:
+    """``quantchat bench serve`` with its parsed options ``a``; progress lines go to ``status``."""
     clients = a.clients
     if not clients or min(clients) < 1 or a.requests < 1 or a.max_tokens < 1 or a.rounds < 1:
         raise QuantchatError("--clients, --requests, --max-tokens and --rounds must be positive")
@@ -239,38 +215,9 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
                    + (f" (median of rounds: {each})" if len(ratio[1]) > 1 else "") + "\n"
                    + batching_gain(first, min(clients), max(clients)))
     print(table + summary)
-    write_results(out, "quantchat bench serve", {"options": {k: v for k, v in vars(a).items() if k != "func"
-                                                             and k != "api_key"}, "rows": rows},
-                  table + summary)
-    plot(rows, out / "throughput.png")
+    results = Results("bench-serve", fields={"options": {k: v for k, v in vars(a).items() if k != "func"
+                                                         and k != "api_key"}, "rows": rows})
+    write_results(out, "quantchat bench serve", results, table + summary)
+    plot_serving(results, out / "throughput.png")
     status(f"results in {out}")
     return 0 if rows and not any(r["errors"] for r in rows) else 1
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-
-
-def register_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="throughput, latency and TTFT with concurrent clients (1 vs 2 workers)")
-    p.add_argument("--url", default=None, help="drive this running server instead of starting one")
-    p.add_argument("--api-key", default=os.environ.get("QUANTCHAT_API_KEY"), help="API key for --url")
-    p.add_argument("--model", "-m", default=None, help="model for the servers started here (default: embedded)")
-    p.add_argument("--quant", default="int4-asym", help="quantization of the started servers (default int4-asym)")
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-seq-len", type=int, default=1024)
-    add_kv_cache_arg(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads in total (split between workers)")
-    p.add_argument("--clients", type=int_list, default=[1, 4, 8], help="concurrent clients (default 1,4,8)")
-    p.add_argument("--workers", type=int_list, default=[1, 2],
-                   help="worker counts behind a controller, at the largest client count (default 1,2; '' = none)")
-    p.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="repeat the client sweep this many times, interleaved; report medians (default 3)")
-    p.add_argument("--out", default=None, help="output folder (default ./quantchat-results/bench-serve-<time>/)")
-    p.set_defaults(func=cmd_bench_serve)

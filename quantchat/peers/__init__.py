@@ -1,1 +1,0 @@
-"""Other inference engines run side by side with quantchat on the same model (optional dependencies)."""
