@@ -205,8 +205,12 @@ class Engine:
                 stats.ttft_s = seq.first_token_at - seq.submitted_at
                 stats.decode_s = time.perf_counter() - seq.first_token_at
             stats.finish_reason = ev.finish_reason or ""
-            yield GenerationChunk(ev.token_ids[0] if ev.token_ids else None, ev.text, stats,
-                                  finished=ev.finish_reason is not None)
+            if ev.token_ids and ev.finish_reason is not None:  # the last token, then the final flush apart
+                yield GenerationChunk(ev.token_ids[0], "", stats)
+                yield GenerationChunk(None, ev.text, stats, finished=True)
+            else:
+                yield GenerationChunk(ev.token_ids[0] if ev.token_ids else None, ev.text, stats,
+                                      finished=ev.finish_reason is not None)
 
     def generate_text(self, prompt: list[int], params: SamplingParams) -> tuple[str, GenerationStats]:
         pieces, stats = [], GenerationStats()
