@@ -122,7 +122,7 @@ def test_synthetic_configs_match_published_shapes():
 
 
 def test_synthetic_tiny_scale_folders_load(tmp_path):
-    from quantchat.loading.resolve import load_engine
+    from quantchat.engine.build import load_engine
 
     cfg = syn.synthetic_config("tinyllama-1.1b", TINY_SCALE)
     folders = {"float": syn.build_float_model(tmp_path / "f", cfg, "bfloat16", "tinyllama-1.1b")}

@@ -263,7 +263,7 @@ def test_models_json_lists_default_model():
 
 def test_chat_session_reuses_cache_with_same_result(tiny_dir):
     from quantchat.engine.generate import ChatSession
-    from quantchat.loading.resolve import load_engine
+    from quantchat.engine.build import load_engine
     from quantchat.sampling.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_new_tokens=10)

@@ -518,7 +518,7 @@ _GENERATE_PROBE = r"""
 import json, sys
 import torch
 from quantchat.kernels import cpu
-from quantchat.loading.resolve import load_engine
+from quantchat.engine.build import load_engine
 torch.set_num_threads(2)
 eng = load_engine(None, device="cpu", quant="int4-asym", group_size=32).engine
 tok = eng.tokenizer

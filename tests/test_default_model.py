@@ -28,7 +28,7 @@ CHAT_QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def loaded():
-    from quantchat.loading.resolve import load_engine
+    from quantchat.engine.build import load_engine
 
     return load_engine(None, device="cpu", dtype="float32", max_seq_len=512, kv_cache_dtype="float32")
 

@@ -289,7 +289,7 @@ def test_kv_cache_dtype_choice():
     import torch
 
     from quantchat.errors import QuantchatError
-    from quantchat.loading.resolve import pick_kv_dtype
+    from quantchat.engine.build import pick_kv_dtype
 
     assert pick_kv_dtype("auto", torch.float32, torch.device("cpu")) == torch.float16
     assert pick_kv_dtype("auto", torch.float32, torch.device("cuda")) == torch.float32  # SDPA would convert per step

@@ -506,3 +506,23 @@ def test_convert_default_model(tmp_path, monkeypatch):
     t1 = time.perf_counter()
     assert converted_dir_for_gguf(path) == out
     assert time.perf_counter() - t1 < 2.0  # cached
+
+
+def test_summary_comes_from_the_cached_conversion(tiny, tmp_path, home, stub_tokenizer, monkeypatch):
+    """``gguf_summary`` (what ``quantchat models`` and ``chat``'s packed default read) gives the same
+    answer from the file and from its cached conversion, and once converted it does not parse the file."""
+    src = tmp_path / "summary-model.gguf"
+    src.write_bytes(tiny[0].read_bytes())
+    from_file = gguf_io.gguf_summary(src)
+    assert from_file[0] == "llama" and sum(from_file[1].values()) == len(gguf_io.read_gguf(src).tensor_names)
+    converted_dir_for_gguf(src)
+
+    def no_parse(path):
+        raise AssertionError("parsed the GGUF although its conversion is cached")
+
+    monkeypatch.setattr(gguf_io, "read_gguf", no_parse)
+    assert gguf_io.gguf_summary(src) == from_file
+    rec = gguf_io._converted_path(src) / gguf_io.SOURCE_FILE
+    rec.write_text("{not json")  # a damaged record: read the file itself
+    with pytest.raises(AssertionError, match="parsed the GGUF"):
+        gguf_io.gguf_summary(src)

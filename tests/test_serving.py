@@ -24,7 +24,7 @@ import pytest
 import torch
 import uvicorn
 
-from quantchat.loading.resolve import load_engine
+from quantchat.engine.build import load_engine
 from quantchat.sampling.sampling import SamplingParams
 from quantchat.serving.backend import LocalBackend
 from quantchat.serving.openai.app import create_app

@@ -87,7 +87,7 @@ def worker(args: argparse.Namespace) -> dict:
                  "torch": torch.__version__}
 
     if args.engine == "quantchat":
-        from quantchat.loading.resolve import load_engine
+        from quantchat.engine.build import load_engine
         from quantchat.sampling.sampling import SamplingParams
 
         mem0 = proc_status_mb()

@@ -306,7 +306,8 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
             raise QuantchatError("--peer llama.cpp needs the model as a GGUF file; synthetic models have none "
                                  "(benchmark a .gguf with --model instead)")
 
-    from quantchat.loading.resolve import pick_device, resolve_model  # torch
+    from quantchat.engine.build import pick_device  # torch
+    from quantchat.loading.resolve import resolve_model
 
     dev = pick_device(opts.device)
     device = str(dev)

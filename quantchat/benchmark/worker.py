@@ -32,7 +32,7 @@ def run_quantchat(job: dict) -> dict:
 
     from quantchat.benchmark.measure import (engine_step_fns, kv_cache_bytes, measure_speed, proc_status_mb,
                                              weight_bytes)
-    from quantchat.loading.resolve import load_engine
+    from quantchat.engine.build import load_engine
 
     # one-time costs of any fresh process, kept out of the load time: the modules load_engine imports on
     # first use, and torch's lazy imports on the first module built on the meta device (seconds)

@@ -88,7 +88,7 @@ def packed_gguf_default(args: argparse.Namespace) -> None:
 
 
 def load_from_args(args: argparse.Namespace):
-    from quantchat.loading.resolve import load_engine
+    from quantchat.engine.build import load_engine
 
     if args.threads is not None:
         if args.threads < 1:

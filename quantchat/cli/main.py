@@ -90,12 +90,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows.append({"name": default.stem + " (default)", "path": str(default), "architecture": "llama",
                      "quantization": "gguf", "size_bytes": default.stat().st_size})
         try:
-            from quantchat.loading.gguf_io import read_gguf
+            from quantchat.loading.gguf_io import gguf_summary
 
-            g = read_gguf(default)
-            rows[-1]["architecture"] = g.architecture
-            types = sorted({g.tensor_info(n)[0] for n in g.tensor_names})
-            rows[-1]["quantization"] = "gguf " + "/".join(types)
+            arch, types = gguf_summary(default)
+            rows[-1]["architecture"] = arch
+            rows[-1]["quantization"] = "gguf " + "/".join(sorted(types))
         except QuantchatError:
             pass
     home = quantchat_home()

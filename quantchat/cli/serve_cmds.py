@@ -77,7 +77,7 @@ def build_worker(args: argparse.Namespace, progress=status):
     import torch
 
     from quantchat.benchmark.measure import kv_cache_bytes
-    from quantchat.loading.resolve import load_engine
+    from quantchat.engine.build import load_engine
     from quantchat.serving.worker import Worker
 
     cache_slots = check_worker_args(args)

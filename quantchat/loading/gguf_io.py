@@ -504,19 +504,36 @@ def cache_key(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
+def _converted_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path).expanduser().absolute()
+    return quantchat_home() / "converted" / f"{p.stem}-{cache_key(p)}"
+
+
 def converted_dir_for_gguf(path: str | os.PathLike[str], progress: Progress = None) -> Path:
     """The cached HF conversion of a GGUF under quantchat_home()/converted; converts when missing."""
-    p = Path(path).expanduser().absolute()
-    out = quantchat_home() / "converted" / f"{p.stem}-{cache_key(p)}"
+    out = _converted_path(path)
     if _is_complete(out):
         return out
-    return convert_gguf_to_hf(p, out, progress=progress)
+    return convert_gguf_to_hf(Path(path).expanduser().absolute(), out, progress=progress)
 
 
-def gguf_types(path: Path) -> dict[str, int]:
-    """Tensor type -> number of tensors in a GGUF file."""
+def gguf_summary(path: str | os.PathLike[str]) -> tuple[str, dict[str, int]]:
+    """(architecture, tensor type -> number of tensors) of a GGUF file. Read from its cached conversion
+    when there is one: parsing a GGUF's metadata (a 49k-token vocabulary) takes seconds."""
+    out = _converted_path(path)
+    if _is_complete(out):
+        try:
+            src = json.loads((out / SOURCE_FILE).read_text())
+            return src["architecture"], dict(Counter(src["tensor_types"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # an older or damaged record: read the file itself
     g = read_gguf(path)
-    return dict(Counter(g.tensor_info(n)[0] for n in g.tensor_names))
+    return g.architecture, dict(Counter(g.tensor_info(n)[0] for n in g.tensor_names))
+
+
+def gguf_types(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Tensor type -> number of tensors in a GGUF file."""
+    return gguf_summary(path)[1]
 
 
 def gguf_main_type(types: dict[str, int]) -> str:

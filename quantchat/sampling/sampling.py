@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from quantchat.errors import QuantchatError
+from quantchat.kernels import cpu
 
 
 @dataclass
@@ -118,8 +119,6 @@ def uniforms(generators: list[torch.Generator | None], device: torch.device | st
 
 def _cpu_kernels():
     """quantchat's CPU kernels when they load here, else None."""
-    from quantchat.kernels import cpu
-
     return cpu if cpu.available() else None
 
 

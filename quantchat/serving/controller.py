@@ -39,6 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
@@ -464,8 +465,6 @@ class ControllerBackend:
 
     # -- plumbing ---------------------------------------------------------------------------
     def client(self):
-        import httpx
-
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             self._client = httpx.AsyncClient(
@@ -498,8 +497,6 @@ class ControllerBackend:
             self._session = None
 
     async def _controller(self, method: str, path: str, **kw) -> Any:
-        import httpx
-
         try:
             r = await self.client().request(method, self.url + path, **kw)
         except httpx.HTTPError as e:
@@ -541,8 +538,6 @@ class ControllerBackend:
             self._thread.join(timeout=self.connect_timeout + 1)
 
     def _refresh_loop(self) -> None:
-        import httpx
-
         warned = False
         with httpx.Client(headers=self.headers, timeout=self.connect_timeout) as c:
             while True:
@@ -630,8 +625,6 @@ class ControllerBackend:
 
     async def _call(self, model: str | None, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A small JSON request to a worker of ``model`` (tokenize, detokenize), with retries."""
-        import httpx
-
         tried: list[str] = []
         last = "no worker tried"
         for _ in range(self.retries):

@@ -27,6 +27,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -246,8 +247,6 @@ class Registrar:
         if self._thread is not None:
             self._thread.join(timeout=self.timeout + 1)
         if unregister and self.registered:
-            import httpx
-
             desc = self.describe()
             try:
                 httpx.post(f"{self.url}/unregister", json={"address": desc["address"]} if desc else {},
@@ -296,8 +295,6 @@ class Registrar:
         return False
 
     def _run(self) -> None:
-        import httpx
-
         delay = 0.0
         with httpx.Client(headers=self._headers(), timeout=self.timeout) as client:
             while not self._stop.wait(delay):
