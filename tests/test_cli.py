@@ -208,7 +208,7 @@ def test_complete_echoes_prompt_and_is_deterministic(tiny_dir, greedy_completion
     assert again.returncode == 0, again.stderr
     assert again.stdout == out
     stats = [line for line in nonempty_lines(again.stderr) if "tok/s" in line]
-    assert len(stats) == 1 and "generated 24 tok" in stats[0] and "stop: length" in stats[0], again.stderr
+    assert len(stats) == 1 and "generated 24 tok" in stats[0] and "stop: length (max_tokens)" in stats[0], again.stderr
 
 
 def test_complete_no_echo_and_stop_strings(tiny_dir, greedy_completion):
@@ -220,7 +220,7 @@ def test_complete_no_echo_and_stop_strings(tiny_dir, greedy_completion):
     assert res.returncode == 0, res.stderr
     assert res.stdout == cont[:cut] + "\n"  # no prompt, and the text ends right before the stop string
     stats = [line for line in nonempty_lines(res.stderr) if "tok/s" in line]
-    assert len(stats) == 1 and "stop: stop" in stats[0], res.stderr
+    assert len(stats) == 1 and "stop: stop (stop_string)" in stats[0], res.stderr
 
 
 def test_chat_one_prompt(tiny_dir):

@@ -147,7 +147,7 @@ def test_cli_chat_answers_and_stops_at_end_of_turn(loaded):
         assert leak not in out, (leak, out)
     stats = [line for line in err.splitlines() if "tok/s" in line]
     assert len(stats) == 1, err
-    assert "stop: stop" in stats[0], stats[0]  # ended at <|im_end|>, not by running out of tokens
+    assert "stop: stop (eos)" in stats[0], stats[0]  # ended at <|im_end|>, not by running out of tokens
 
 
 def test_chat_session_stops_at_im_end(engine):

@@ -36,7 +36,8 @@ class GenerationStats:
     generated_tokens: int = 0
     ttft_s: float = 0.0  # start to first sampled token (prefill + sampling)
     decode_s: float = 0.0  # first token to the last one
-    finish_reason: str = ""
+    finish_reason: str = ""  # OpenAI's: "stop" | "length" | ...
+    end: str = ""  # what ended it: "eos" | "stop_string" | "max_tokens" | "context"
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -47,7 +48,7 @@ class GenerationStats:
         return (
             f"[prompt {self.prompt_tokens} tok ({self.cached_tokens} cached), generated {self.generated_tokens} tok, "
             f"{self.decode_tokens_per_s:.1f} tok/s, first token {self.ttft_s * 1000:.0f} ms, "
-            f"stop: {self.finish_reason}]"
+            f"stop: {self.finish_reason}{f' ({self.end})' if self.end else ''}]"
         )
 
 
@@ -199,12 +200,11 @@ class Engine:
             if ev.error:
                 raise QuantchatError(f"generation failed: {ev.error}")
             stats.cached_tokens = seq.cached_tokens
-            stats.generated_tokens = len(seq.generated) + (ev.finish_reason == "stop" and not ev.token_ids
-                                                           and not seq._stopped_by_string)
+            stats.generated_tokens = seq.sampled_tokens
             if seq.first_token_at is not None:
                 stats.ttft_s = seq.first_token_at - seq.submitted_at
                 stats.decode_s = time.perf_counter() - seq.first_token_at
-            stats.finish_reason = ev.finish_reason or ""
+            stats.finish_reason, stats.end = ev.finish_reason or "", seq.end or ""
             if ev.token_ids and ev.finish_reason is not None:  # the last token, then the final flush apart
                 yield GenerationChunk(ev.token_ids[0], "", stats)
                 yield GenerationChunk(None, ev.text, stats, finished=True)

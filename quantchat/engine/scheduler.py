@@ -354,23 +354,22 @@ class Scheduler:
             event.logprobs = token_logprobs(row, torch.tensor([token], device=logits.device), seq.logprobs)
         event.token_ids = [token]
         if token in self.engine.eos_ids and not p.ignore_eos:
-            event.finish_reason = "stop"
+            event.finish_reason, seq.end = "stop", "eos"
             event.token_ids, event.logprobs = [], []  # the end-of-turn token is not part of the answer
             seq.generated.pop()
         else:
             text, hit = seq._stopper.push(seq.decoder.push(token) if seq.decoder else "")
             event.text = text
             if hit:
-                event.finish_reason = "stop"
-                seq._stopped_by_string = True
+                event.finish_reason, seq.end = "stop", "stop_string"
             elif len(seq.generated) >= p.max_new_tokens:
-                event.finish_reason = "length"
+                event.finish_reason, seq.end = "length", "max_tokens"
             elif len(seq.prompt) + len(seq.generated) >= self.engine.max_seq_len:
-                event.finish_reason = "length"
+                event.finish_reason, seq.end = "length", "context"
         if event.finish_reason is None:
             self._emit(seq, event)
             return False
-        if not seq._stopped_by_string and seq.decoder is not None:  # flush held-back text
+        if seq.end != "stop_string" and seq.decoder is not None:  # flush held-back text
             tail, _ = seq._stopper.push(seq.decoder.flush())
             event.text += tail + seq._stopper.flush()
         self._emit_final(seq, event)

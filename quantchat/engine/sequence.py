@@ -53,10 +53,15 @@ class Sequence:
     _gen: torch.Generator | None = None
     _stopper: StopStringMatcher | None = None
     _prompt_lp: list[TokenLogprob] = field(default_factory=list)
-    _stopped_by_string: bool = False
+    end: str | None = None  # why it ended: "eos" | "stop_string" | "max_tokens" | "context" (else unset)
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    @property
+    def sampled_tokens(self) -> int:
+        """Tokens the model produced, the end-of-turn token included (it is not part of ``generated``)."""
+        return len(self.generated) + (self.end == "eos")
 
     @property
     def length(self) -> int:
