@@ -20,12 +20,16 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 from collections.abc import Callable
 from pathlib import Path
 
 from quantchat.benchmark.measure import measure_speed, proc_status_mb
 from quantchat.errors import QuantchatError
 from quantchat.loading.gguf_io import gguf_main_type, gguf_types
+
+if TYPE_CHECKING:
+    import torch
 
 INSTALL_HINT = ("pip install 'quantchat[peer]' (or: pip install llama-cpp-python; it compiles llama.cpp, "
                 "a few minutes)")
@@ -162,7 +166,7 @@ class LlamaCppPeer:
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
 
-    def logits(self, ids: list[int]) -> "torch.Tensor":
+    def logits(self, ids: list[int]) -> torch.Tensor:
         """Logits [len(ids), n_vocab] (float32) for a window evaluated from an empty cache."""
         if len(ids) > self.n_ctx:
             raise QuantchatError(f"window of {len(ids)} tokens exceeds llama.cpp's context of {self.n_ctx}")

@@ -40,10 +40,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantchat.errors import (
     BadRequestError,
@@ -54,7 +52,7 @@ from quantchat.errors import (
     UnknownModelError,
 )
 from quantchat.serving.middleware import BodyLimit
-from quantchat.serving.openai.errors import error_response
+from quantchat.serving.openai.errors import error_response, install_error_handlers
 from quantchat.serving.openai.protocol import TokenizeRequest
 from quantchat.serving.protocol import GenerateRequest
 from quantchat.serving.worker_server import error_event, require_secret
@@ -328,17 +326,7 @@ def create_controller_app(controller: Controller, secret: str, max_body_bytes: i
 
     require_secret(app, secret)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        return error_response(400, f"{loc + ': ' if loc else ''}{first.get('msg', 'invalid request')}",
-                              "invalid_request_error", loc or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+    install_error_handlers(app, quantchat_errors=False)
 
     @app.get("/health")
     async def health():

@@ -28,17 +28,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantchat.errors import ContextLengthError, QuantchatError
 from quantchat.serving.backend import LocalBackend
 from quantchat.serving.middleware import BodyLimit
-from quantchat.serving.openai.errors import error_for, error_response
+from quantchat.serving.openai.errors import error_for, error_response, install_error_handlers
 from quantchat.serving.openai.protocol import TokenizeRequest
 from quantchat.serving.protocol import GenerateRequest
 
@@ -163,20 +161,7 @@ def create_worker_app(backend: LocalBackend, secret: str, max_body_bytes: int = 
 
     require_secret(app, secret)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        return worker_error(QuantchatError(f"{loc + ': ' if loc else ''}{first.get('msg', 'invalid request')}"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
-
-    @app.exception_handler(QuantchatError)
-    async def on_quantchat(request: Request, exc: QuantchatError):
-        return worker_error(exc)
+    install_error_handlers(app, worker_error)
 
     @app.get("/health")
     async def health():

@@ -10,15 +10,13 @@ from __future__ import annotations
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quantchat.errors import QuantchatError, UnknownModelError
+from quantchat.errors import UnknownModelError
 from quantchat.serving.backend import Backend
 from quantchat.serving.metrics import Metrics
 from quantchat.serving.middleware import AuthAndCount, BodyLimit
-from quantchat.serving.openai.errors import error_for, error_response
+from quantchat.serving.openai.errors import error_response, install_error_handlers
 from quantchat.serving.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,24 +41,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
     keys = {k for k in (api_keys or set()) if k}
     app.state.backend, app.state.metrics = backend, metrics
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg = "the request body is not valid JSON"
-        return error_response(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}", "invalid_request_error",
-                              ".".join(loc) or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
-
-    @app.exception_handler(QuantchatError)
-    async def on_quantchat(request: Request, exc: QuantchatError):
-        return error_for(exc)
+    install_error_handlers(app)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantchat.errors import (
     BadRequestError,
@@ -38,3 +42,33 @@ def error_for(e: Exception) -> JSONResponse:
     if isinstance(e, (BadRequestError, ContextLengthError, QuantchatError, ValueError)):
         return error_response(400, str(e), "invalid_request_error", getattr(e, "param", None))
     return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+def validation_error(exc: RequestValidationError) -> BadRequestError:
+    """A request body that failed its pydantic model, as one 400 naming the first bad field."""
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    loc = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        msg = "the request body is not valid JSON"
+    return BadRequestError(f"{loc + ': ' if loc else ''}{msg}", param=loc or None)
+
+
+def install_error_handlers(app: FastAPI, to_response: Callable[[Exception], Response] = error_for,
+                           quantchat_errors: bool = True) -> None:
+    """Every error of ``app`` in OpenAI's shape: bad bodies (400), HTTP errors (their status) and, with
+    ``quantchat_errors``, quantchat's own exceptions, through ``to_response``."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        return to_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    if quantchat_errors:
+        @app.exception_handler(QuantchatError)
+        async def on_quantchat(request: Request, exc: QuantchatError) -> Response:
+            return to_response(exc)
