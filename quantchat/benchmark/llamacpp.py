@@ -20,9 +20,9 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantchat.benchmark.measure import measure_speed, proc_status_mb
 from quantchat.errors import QuantchatError
