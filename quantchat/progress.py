@@ -1,7 +1,7 @@
 """Progress of long steps (conversion, quantization, calibration, checkpoint writes, kernel builds, eval,
-bench) on stderr: a tqdm bar on a terminal, nothing otherwise; ``QUANTCHAT_PROGRESS=lines`` prints a line
-per step with the elapsed time and an ETA instead (for logs), ``off`` silences it, ``bar`` forces bars.
-Torch-free."""
+bench) on stderr: a tqdm bar on a terminal, nothing otherwise (lines where a step asks for them with
+``lines=True``, as AWQ/GPTQ calibration does); ``QUANTCHAT_PROGRESS=lines`` prints a line per step with
+the elapsed time and an ETA instead (for logs), ``off`` silences it, ``bar`` forces bars. Torch-free."""
 
 from __future__ import annotations
 
