@@ -33,7 +33,8 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
     EnvVar("QUANTCHAT_KEEP_FREED_MEMORY", "str", "1",
            "0: let malloc return freed memory to the system after every step (slower decode)"),
     EnvVar("QUANTCHAT_PROGRESS", "str", "auto",
-           "progress output on stderr: auto (bars on a terminal, else nothing) | bar | lines | off"),
+           "progress output on stderr: auto (bars on a terminal, else only AWQ/GPTQ block lines) "
+           "| bar | lines | off"),
     EnvVar("QUANTCHAT_API_KEY", "str", None, "an API key the server requires (also --api-key)"),
     EnvVar("QUANTCHAT_SECRET", "str", None, "the cluster's shared secret for worker registration (also --secret)"),
     EnvVar("CXX", "str", None, "the C++ compiler for the kernels (default: g++, c++ or clang++)"),

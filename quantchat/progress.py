@@ -1,7 +1,7 @@
 """Progress of long steps (conversion, quantization, calibration, checkpoint writes, kernel builds, eval,
-bench) on stderr: a tqdm bar on a terminal, nothing otherwise; ``QUANTCHAT_PROGRESS=lines`` prints a line
-per step with the elapsed time and an ETA instead (for logs), ``off`` silences it, ``bar`` forces bars.
-Torch-free."""
+bench) on stderr: a tqdm bar on a terminal, nothing otherwise (lines where a step asks for them with
+``lines=True``, as AWQ/GPTQ calibration does); ``QUANTCHAT_PROGRESS=lines`` prints a line per step with
+the elapsed time and an ETA instead (for logs), ``off`` silences it, ``bar`` forces bars. Torch-free."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ def mode(lines: bool = False) -> str:
 
 
 class Progress:
-    """One long step of ``total`` units: ``update(n)``, ``close()``; also a context manager."""
+    """One long step of ``total`` units: ``update(n)``, ``close()``; also a context manager. In lines
+    mode a line at most every ``every`` seconds (0: one per update), and always one when done."""
 
-    def __init__(self, total: int | None, desc: str, unit: str = "it", lines: bool = False) -> None:
-        self.total, self.desc, self.unit, self.done = total, desc, unit, 0
+    def __init__(self, total: int | None, desc: str, unit: str = "it", lines: bool = False,
+                 every: float = 1.0) -> None:
+        self.total, self.desc, self.unit, self.done, self.every = total, desc, unit, 0, every
         self.mode = mode(lines)
         self.started = time.perf_counter()
         self._bar = None
@@ -47,7 +49,7 @@ class Progress:
             self._bar.update(n)
         elif self.mode == "lines":
             now = time.perf_counter()
-            if now - self._last_line >= 1.0 or (self.total is not None and self.done >= self.total):
+            if now - self._last_line >= self.every or (self.total is not None and self.done >= self.total):
                 self._last_line = now
                 print(self.line(now), file=sys.stderr, flush=True)
 
@@ -81,7 +83,7 @@ def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "
             p.update()
 
 
-def callback(desc: str, unit: str = "it", lines: bool = False):
+def callback(desc: str, unit: str = "it", lines: bool = False, every: float = 1.0):
     """A ``progress(done, total)`` callback (the shape the quantizers and converters take) that drives
     one bar; the bar closes when done reaches total."""
     state: dict[str, Progress] = {}
@@ -89,7 +91,7 @@ def callback(desc: str, unit: str = "it", lines: bool = False):
     def report(done: int, total: int) -> None:
         p = state.get("p")
         if p is None:
-            p = state["p"] = Progress(total, desc, unit, lines)
+            p = state["p"] = Progress(total, desc, unit, lines, every)
         if done > p.done:
             p.update(done - p.done)
         if done >= total:

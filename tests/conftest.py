@@ -24,3 +24,4 @@ def _module_home(tmp_path_factory):
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Tests never touch the user's quantchat home, except the shared converted default model."""
     monkeypatch.setenv("QUANTCHAT_HOME", str(tmp_path_factory.getbasetemp() / "qc_home"))
+    monkeypatch.delenv("QUANTCHAT_PROGRESS", raising=False)  # progress output as without a terminal

@@ -339,7 +339,7 @@ def test_gptq_model_codes_build_quantized_linears(tiny_dirs, sym, act_order):
     calls: list[tuple[int, int]] = []
     codes = gptq.gptq_model(model, calib, 64, sym, act_order, progress=lambda i, n: calls.append((i, n)),
                             max_tokens=512)
-    assert calls == [(1, 2), (2, 2)]
+    assert calls == [(0, 2), (1, 2), (2, 2)]
     assert set(codes) == {f"layers.{i}.{n}" for i in range(2) for n in LINEARS}
     for name, c in codes.items():
         flin, qlin = float_model.get_submodule(name), model.get_submodule(name)
@@ -374,7 +374,7 @@ def test_awq_model_clips_build_quantized_linears(tiny_dirs):
     calls: list[tuple[int, int]] = []
     clips = awq.awq_model(model, tokens(8, 64, seed=9), 64, True, progress=lambda i, n: calls.append((i, n)),
                           max_tokens=256)
-    assert calls == [(1, 2), (2, 2)]
+    assert calls == [(0, 2), (1, 2), (2, 2)]
     for name, clip in clips.items():
         lin = model.get_submodule(name)
         ql = QuantizedLinear.from_float(lin.weight, lin.bias, 4, 64, True, clip=clip, keep_codes=True)
@@ -382,3 +382,25 @@ def test_awq_model_clips_build_quantized_linears(tiny_dirs):
         assert torch.allclose(ql(x), ql.reference_forward(x), rtol=1e-3, atol=1e-4)
         assert rel(ql(x), lin(x)) < 0.2
 
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_calibration_progress_lines(tiny_dirs, monkeypatch, capsys, method):
+    """No terminal: a line per block with the elapsed time and an ETA for the calibrated stage, nothing for
+    packing; QUANTCHAT_PROGRESS=off silences both; stdout stays empty."""
+    from quantchat.quant.quantize import QuantSpec, quantize_model, stage_progress
+
+    spec = QuantSpec.for_method(method, 64)
+    monkeypatch.delenv("QUANTCHAT_PROGRESS", raising=False)
+    quantize_model(load_model(tiny_dirs["gqa"], cpu_layout=False), spec, calib=tokens(2, 32, seed=3),
+                   progress=stage_progress())
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    stage = "awq search" if method == "awq" else "gptq"
+    assert out == "" and len(lines) == 2, err
+    for i, line in enumerate(lines, 1):
+        assert line.startswith(f"{stage}: {i}/2 block, ") and " s elapsed, ETA " in line, line
+    monkeypatch.setenv("QUANTCHAT_PROGRESS", "off")
+    quantize_model(load_model(tiny_dirs["gqa"], cpu_layout=False), spec, calib=tokens(2, 32, seed=3),
+                   progress=stage_progress())
+    assert capsys.readouterr() == ("", "")

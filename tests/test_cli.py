@@ -341,6 +341,13 @@ def test_quantize_calibrated_methods(tiny_dir, tmp_path, capsys, method):
     res = run_main(capsys, "quantize", str(tiny_dir), "--method", method, "--group-size", "32", "--out", str(out),
                    "--calib-samples", "2", "--calib-seq-len", "32")
     assert res.returncode == 0, res.stderr
-    assert "calibration: 2 samples x 32 tokens" in res.stderr
+    assert "calibration: 2 samples x 32 tokens" in res.stderr and res.stdout == ""
+    # no terminal: a progress line per block with an ETA (nothing for packing / the checkpoint write)
+    n = json.loads((tiny_dir / "config.json").read_text())["num_hidden_layers"]
+    stage = {"awq": "awq search", "gptq": "gptq"}[method]
+    blocks = [line for line in res.stderr.splitlines() if line.startswith(f"{stage}: ")]
+    assert len(blocks) == n and all(" ETA " in line for line in blocks), res.stderr
+    assert blocks[-1].startswith(f"{stage}: {n}/{n} block, ")
+    assert len(nonempty_lines(res.stderr)) == n + 2, res.stderr  # + calibration, quantized lines
     res = run_main(capsys, "complete", "--model", str(out), "--prompt", PROMPT, "-n", "4", "--no-echo")
     assert res.returncode == 0, res.stderr

@@ -395,6 +395,27 @@ def test_convert_round_trip(tiny, tmp_path, stub_tokenizer):
     assert src["files"]["model.safetensors"] == (out / "model.safetensors").stat().st_size
 
 
+def test_convert_progress(tiny, tmp_path, stub_tokenizer, monkeypatch, capsys):
+    """A few status messages and one progress bar over the tensors, not a line per tensor: in lines mode
+    a bounded number of lines ending with the done/total one; nothing without a terminal by default."""
+    path, written = tiny
+    n = len(written["hf"])
+    monkeypatch.setenv("QUANTCHAT_PROGRESS", "lines")
+    msgs: list[str] = []
+    convert_gguf_to_hf(path, tmp_path / "a", progress=msgs.append)
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert out == "" and 1 <= len(lines) <= 3 and n > 3, err
+    assert all(line.startswith(f"converting {path.name}: ") for line in lines)
+    assert lines[-1].startswith(f"converting {path.name}: {n}/{n} tensor, ")
+    assert len(msgs) <= 5 and not any(m.startswith("tensor ") for m in msgs), msgs
+    assert msgs[0].startswith(f"converting {path.name} ({n} tensors) to ") and msgs[-1].startswith("converted in ")
+    for value in ("off", ""):
+        monkeypatch.setenv("QUANTCHAT_PROGRESS", value)  # "" is auto: no terminal here
+        convert_gguf_to_hf(path, tmp_path / f"b{value}")
+        assert capsys.readouterr() == ("", "")
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_matches_transformers_gguf_loader(tmp_path, stub_tokenizer, monkeypatch, tie):
     torch = pytest.importorskip("torch")

@@ -290,3 +290,28 @@ def test_llama_cpp_loads_the_export(dirs, tmp_path):
         ours = load_model(resolve_model(str(out)).hf_dir)(torch.tensor([ids]))[0].numpy()
     assert rel_mse(theirs, ours) < 1e-3  # llama.cpp also rounds the activations to 8 bits
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("tie,bias", [(True, False), (False, True)])
+def test_tensor_count(tie, bias):
+    from quantchat.model.config import ModelConfig
+    from quantchat.model.llama import Transformer
+    from quantchat.quant.gguf_export import gguf_tensors, n_gguf_tensors
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layer=2, n_head=2, n_kv_head=1, head_dim=16, intermediate_size=64,
+                      tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias)
+    model = Transformer(cfg)
+    assert n_gguf_tensors(model) == len(list(gguf_tensors(model)))
+
+
+def test_export_progress(dirs, tmp_path, monkeypatch, capsys):
+    """One bar over the tensors (lines mode: its last line is done/total), nothing on stdout; off: silent."""
+    monkeypatch.setenv("QUANTCHAT_PROGRESS", "lines")
+    res = export_gguf(dirs["int4-sym-untied"], tmp_path / "a.gguf", "q8_0")
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert out == "" and 1 <= len(lines) <= 3, err
+    assert lines[-1].startswith(f"encoding q8_0: {res.n_tensors}/{res.n_tensors} tensor, ")
+    monkeypatch.setenv("QUANTCHAT_PROGRESS", "off")
+    export_gguf(dirs["int4-sym-untied"], tmp_path / "b.gguf", "q8_0")
+    assert capsys.readouterr() == ("", "")

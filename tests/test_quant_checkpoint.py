@@ -234,3 +234,16 @@ def test_safetensors_reader_rejects_damage(tmp_path, case):
         with SafetensorsFile(f) as sf:
             for k in sf.keys():
                 sf.read(k)
+
+
+def test_save_progress(tmp_path, monkeypatch, capsys):
+    """Lines mode: the shard bar ends with a done/total line; off: nothing."""
+    monkeypatch.setenv("QUANTCHAT_PROGRESS", "lines")
+    _, model, out = quantized_dir(tmp_path, "int8", True, shard_bytes=20_000)
+    n = len(list(out.glob("model-*.safetensors")))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("writing q: ")]
+    assert n > 1 and 1 <= len(lines) <= 2 and lines[-1].startswith(f"writing q: {n}/{n} shard, "), lines
+    monkeypatch.setenv("QUANTCHAT_PROGRESS", "off")
+    save_quantized(tmp_path / "q2", model, QuantSpec.for_method("int8"), quantize_model(
+        load_model(tmp_path / "src", cpu_layout=False), QuantSpec.for_method("int8")), tmp_path / "src")
+    assert capsys.readouterr() == ("", "")

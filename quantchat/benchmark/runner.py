@@ -323,7 +323,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     else:
         from quantchat.quant.checkpoint import is_quantized_dir  # torch
 
-        src = resolve_model(opts.model, progress=lambda m: None if m.startswith("tensor ") else progress(m))
+        src = resolve_model(opts.model, progress=progress)
         cfg = json.loads((src.hf_dir / "config.json").read_text())
         source = {"name": src.name, "hf_dir": str(src.hf_dir), "origin": str(src.origin), "synthetic": False}
         if src.origin.is_file():

@@ -15,12 +15,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import time
 
     import torch
-    from rich.progress import Progress
 
     from quantchat.loading.hf_loader import load_model
     from quantchat.loading.resolve import resolve_model
     from quantchat.quant.checkpoint import is_quantized_dir, save_quantized
-    from quantchat.quant.quantize import NEEDS_CALIBRATION, QuantSpec, quantize_model
+    from quantchat.quant.quantize import NEEDS_CALIBRATION, QuantSpec, quantize_model, stage_progress
     from quantchat.tokenizer.tokenizer import Tokenizer
 
     if args.threads is not None:
@@ -52,16 +51,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report_dir = None
     if args.report is not None:
         report_dir = Path(args.report) if args.report else out / "report"
-    with Progress(transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        with torch.inference_mode():
-            codes = quantize_model(model, spec, calib=calib, progress=progress, keep_codes=report_dir is not None)
+    with torch.inference_mode():
+        codes = quantize_model(model, spec, calib=calib, progress=stage_progress(), keep_codes=report_dir is not None)
     save_quantized(out, model, spec, codes, source.hf_dir, max_shard_bytes=int(args.shard_size_mb * 1024**2),
                    source={"origin": str(Path(source.origin).absolute()), "hf_dir": str(Path(source.hf_dir).absolute())})
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))

@@ -24,6 +24,7 @@ import numpy as np
 
 from quantchat.errors import ModelLoadError
 from quantchat.paths import quantchat_home
+from quantchat.progress import Progress as Bar
 
 CONVERTER_VERSION = 1
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
@@ -352,8 +353,9 @@ def hf_tensor(g: GGUFFile, p: _Planned) -> np.ndarray:
     return np.ascontiguousarray(w, dtype="<f4")
 
 
-def _write_safetensors(g: GGUFFile, plan: list[_Planned], out: Path, progress: Progress) -> None:
-    """Stream float32 tensors into a safetensors file, one tensor in memory at a time."""
+def _write_safetensors(g: GGUFFile, plan: list[_Planned], out: Path) -> None:
+    """Stream float32 tensors into a safetensors file, one tensor in memory at a time (a progress bar
+    over the tensors on stderr, see quantchat.progress)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for p in plan:
@@ -362,15 +364,14 @@ def _write_safetensors(g: GGUFFile, plan: list[_Planned], out: Path, progress: P
         offset += n
     hdr = json.dumps(header, separators=(",", ":")).encode()
     hdr += b" " * (-len(hdr) % 8)
-    with open(out, "wb") as f:
+    with open(out, "wb") as f, Bar(len(plan), f"converting {g.path.name}", unit="tensor") as bar:
         f.write(struct.pack("<Q", len(hdr)))
         f.write(hdr)
-        for i, p in enumerate(plan):
-            if progress:
-                progress(f"tensor {i + 1}/{len(plan)}: {p.hf_name}")
+        for p in plan:
             w = hf_tensor(g, p)
             f.write(memoryview(w).cast("B"))
             del w
+            bar.update()
 
 
 # ---------------------------------------------------------------- conversion
@@ -412,7 +413,10 @@ def _rmtree(p: Path) -> None:
 
 def convert_gguf_to_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                        progress: Progress = None) -> Path:
-    """Convert a llama GGUF into a Hugging Face folder (float32 safetensors); returns out_dir."""
+    """Convert a llama GGUF into a Hugging Face folder (float32 safetensors); returns out_dir.
+
+    ``progress`` gets a few status lines (start, tokenizer, hashing, done); the per-tensor progress is a
+    bar on stderr (quantchat.progress)."""
     start = time.perf_counter()
     g = read_gguf(path)
     cfg = hf_config_from_gguf(g)
@@ -427,7 +431,7 @@ def convert_gguf_to_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[
     try:
         if progress:
             progress(f"converting {g.path.name} ({len(plan)} tensors) to {out}")
-        _write_safetensors(g, plan, tmp / WEIGHTS_FILE, progress)
+        _write_safetensors(g, plan, tmp / WEIGHTS_FILE)
         if progress:
             progress("writing tokenizer files")
         try:

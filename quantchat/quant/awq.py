@@ -191,9 +191,9 @@ def awq_model(
 
     Returns {"layers.{i}.attention.wqkv": clip, ...} ([N, G] symmetric, [N, G, 2] asymmetric) for every
     block linear (empty if not ``clip``), to pass to ``rtn.quantize_int4`` with the same group size and
-    symmetry. Block inputs are the float
-    outputs of the previous blocks (as llm-awq). ``progress(done, n_blocks)`` is called after each
-    block; ``stats``, if given, receives (best MSE, plain-RTN MSE) of each scale search;
+    symmetry. Block inputs are the float outputs of the previous blocks (as llm-awq).
+    ``progress(done, n_blocks)`` is called before the first block (done 0) and after each block;
+    ``stats``, if given, receives (best MSE, plain-RTN MSE) of each scale search;
     ``max_tokens`` caps the calibration tokens; ``n_grid`` steps the scale search, ``clip_grid`` the clip
     search. Memory: the inputs of the four linears of one block are kept (for 128 x 512 tokens of a
     dim-576 model, about 0.9 GB in float32).
@@ -204,6 +204,8 @@ def awq_model(
     n_layers = len(model.layers)
     clips: dict[str, Tensor] = {}
     names = ["attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"]
+    if progress:
+        progress(0, n_layers)
     for li, layer in enumerate(model.layers):
         feats = _capture_inputs(layer, x, ctx, names, batch_size)  # x: float output of the block
         att, ff = layer.attention, layer.feed_forward

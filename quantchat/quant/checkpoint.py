@@ -36,6 +36,7 @@ from quantchat.loading.hf_loader import SafetensorsFile, meta_model
 from quantchat.model.config import ModelConfig
 from quantchat.model.llama import Transformer
 from quantchat.paths import build_dir_atomically
+from quantchat.progress import Progress
 from quantchat.quant import rtn
 from quantchat.quant.embedding import QuantizedEmbedding
 from quantchat.quant.linear import QuantizedLinear
@@ -83,7 +84,8 @@ def save_quantized(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Callable[[str], None] | None = None,
     source: dict[str, str] | None = None,
 ) -> Path:
-    """Write a quantized checkpoint (atomically: a temp folder renamed at the end).
+    """Write a quantized checkpoint (atomically: a temp folder renamed at the end); a progress bar over
+    the shards on stderr (quantchat.progress), and ``progress(message)`` after each shard if given.
 
     ``source`` (optional) records where the float model came from ({"origin": path the user named,
     "hf_dir": the loaded folder}): ``quantchat inspect`` uses it as the default reference."""
@@ -119,12 +121,14 @@ def save_quantized(
             shards[-1][name] = t
             size += n
         weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / fname, metadata={"format": "pt", "quantchat": FORMAT})
-            weight_map.update({k: fname for k in shard})
-            if progress:
-                progress(f"wrote {fname}")
+        with Progress(len(shards), f"writing {Path(out_dir).name}", unit="shard") as bar:
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt", "quantchat": FORMAT})
+                weight_map.update({k: fname for k in shard})
+                bar.update()
+                if progress:
+                    progress(f"wrote {fname}")
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=1))

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from quantchat.errors import QuantchatError
+from quantchat.progress import Progress as Bar
 from quantchat.quant import rtn
 
 TYPES = ("q4_0", "q4_1", "q8_0")
@@ -134,6 +135,16 @@ def _weight(module: nn.Module) -> Tensor:
     if isinstance(module, QuantizedEmbedding):
         return rtn.dequantize_int8(module.weight_int8.cpu(), module.scales.float().cpu())
     return module.weight.detach().float().cpu()
+
+
+def n_gguf_tensors(model: nn.Module) -> int:
+    """How many tensors ``gguf_tensors`` yields for ``model``."""
+    n = 2 + (0 if model.config.tie_word_embeddings else 1)  # token_embd, output_norm, output
+    for layer in model.layers:
+        att, ff = layer.attention, layer.feed_forward
+        n += 9 + 3 * (att.wqkv.bias is not None) + (att.wo.bias is not None) + 2 * (ff.w13.bias is not None) \
+            + (ff.w2.bias is not None)
+    return n
 
 
 def gguf_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray, str]]:
@@ -464,7 +475,7 @@ def export_gguf(
         else:
             _add_tokenizer_from_json(w, src.hf_dir, cfg.vocab_size, tokenizer_pre, warnings)
             tokenizer_from = "tokenizer.json"
-        with torch.no_grad():
+        with torch.no_grad(), Bar(n_gguf_tensors(src.model), f"encoding {qtype}", unit="tensor") as bar:
             for tname, arr, role in gguf_tensors(src.model):
                 if not np.isfinite(arr).all():
                     raise QuantchatError(f"{src.hf_dir}: tensor {tname} has NaN or infinite values")
@@ -473,6 +484,7 @@ def export_gguf(
                     warnings.append(f"{tname}: rows of {arr.shape[1]} are not a multiple of {BLOCK}; stored as F16")
                 w.add_tensor(tname, raw, raw_dtype=t)
                 types[tname] = t.name
+                bar.update()
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -272,7 +272,7 @@ def gptq_model(
     so later linears see the quantized earlier ones (AutoGPTQ's default; one forward per linear).
     The model's linear weights are replaced by their dequantized values (in place); the embeddings,
     norms and LM head are left alone. ``max_tokens`` caps the calibration tokens (whole sequences);
-    ``progress(done, n_blocks)`` is called after each block.
+    ``progress(done, n_blocks)`` is called before the first block (done 0) and after each block.
     """
     if bits not in (4, 8):
         raise ValueError(f"GPTQ supports 4 or 8 bits, not {bits}")
@@ -282,6 +282,8 @@ def gptq_model(
     n_layers = len(model.layers)
     steps = [[n] for n in LINEAR_NAMES] if true_sequential else [list(LINEAR_NAMES)]
     result: dict[str, dict[str, Tensor]] = {}
+    if progress:
+        progress(0, n_layers)
     for li, layer in enumerate(model.layers):
         for names in steps:
             mods = {n: layer.get_submodule(n) for n in names}

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from quantchat import progress as bars
 from quantchat.errors import QuantchatError
 from quantchat.quant import rtn
 from quantchat.quant.embedding import QuantizedEmbedding
@@ -126,11 +127,34 @@ def quantize_on_load(spec: QuantSpec, device: torch.device, act_dtype: torch.dty
     return take
 
 
+CALIBRATION_STAGES = {"awq": "awq search", "gptq": "gptq"}  # progress stage of each calibrated method
+PACKING_STAGE = "packing"
+
+
+def stage_progress() -> Callable[[str, int, int], None]:
+    """A ``quantize_model`` progress callback: one quantchat.progress bar per stage on stderr. The
+    calibrated stages (a block takes seconds to minutes) also print a line per block, with the elapsed
+    time and an ETA, where stderr is no terminal; packing shows a bar on a terminal only."""
+    stages: dict[str, Callable[[int, int], None]] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in stages:
+            calibrated = stage in CALIBRATION_STAGES.values()
+            stages[stage] = bars.callback(stage, "block" if calibrated else "module", lines=calibrated,
+                                          every=0.0 if calibrated else 1.0)
+        stages[stage](done, total)
+
+    return report
+
+
 def quantize_model(
     model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, keep_codes: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
-    """Quantize ``model`` in place; returns the portable codes of every swapped module (for saving)."""
+    """Quantize ``model`` in place; returns the portable codes of every swapped module (for saving).
+
+    ``progress(stage, done, total)`` (e.g. ``stage_progress()``) follows the calibration blocks
+    (stage "awq search" or "gptq") and the packing of the modules ("packing")."""
     act_dtype = model.dtype
     names = linear_names(model)
     clips: dict[str, Tensor] = {}
@@ -141,13 +165,16 @@ def quantize_model(
         from quantchat.quant.awq import awq_model
 
         clips = awq_model(model, calib, spec.group_size, spec.symmetric,
-                          progress=(lambda i, n: progress("awq search (blocks)", i, n)) if progress else None)
+                          progress=(lambda i, n: progress(CALIBRATION_STAGES["awq"], i, n)) if progress else None)
     elif spec.method == "gptq":
         from quantchat.quant.gptq import gptq_model
 
         gptq_codes = gptq_model(model, calib, spec.group_size, spec.symmetric, act_order=True,
-                                progress=(lambda i, n: progress("gptq (blocks)", i, n)) if progress else None)
+                                progress=(lambda i, n: progress(CALIBRATION_STAGES["gptq"], i, n)) if progress
+                                else None)
     all_codes: dict[str, dict[str, Tensor]] = {}
+    if progress:
+        progress(PACKING_STAGE, 0, len(names) + 1)
     for i, name in enumerate(names):
         module = model.get_submodule(name)
         if isinstance(module, QuantizedLinear):  # quantized while loading (quantize_on_load)
@@ -158,7 +185,7 @@ def quantize_model(
                       module.in_features, module.out_features, bias, act_dtype, keep_codes)
         all_codes[name] = codes
         if progress:
-            progress("packing", i + 1, len(names) + 1)
+            progress(PACKING_STAGE, i + 1, len(names) + 1)
     tied = model.config.tie_word_embeddings
     head_codes = quantize_codes(model.output.weight, QuantSpec("int8", 8, None, True))
     install_head(model, head_codes, tied, act_dtype, keep_codes)
@@ -170,5 +197,5 @@ def quantize_model(
                                                   s.to(model.output.weight_int8.device), act_dtype)
         all_codes["tok_embeddings"] = {"qweight": q, "scales": s}
     if progress:
-        progress("packing", len(names) + 1, len(names) + 1)
+        progress(PACKING_STAGE, len(names) + 1, len(names) + 1)
     return all_codes
