@@ -179,7 +179,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_controller)
 
     p = sub.add_parser("worker", help="cluster worker: one model, registered with a controller")
-    add_model_args(p)
+    add_model_args(p, max_seq_len=2048)
     add_worker_args(p)
     add_bind_args(p, DEFAULT_WORKER_PORT)
     add_secret_args(p)
@@ -189,7 +189,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: http://HOST:PORT)")
     p.add_argument("--heartbeat-interval", type=float, default=5.0,
                    help="seconds between heartbeats (default 5; keep well under the controller's expiry)")
-    p.set_defaults(func=cmd_worker, quant=None, max_seq_len=2048)
+    p.set_defaults(func=cmd_worker, quant=None)
 
     p = sub.add_parser("api", help="OpenAI-compatible API + web chat page over a controller's workers")
     add_server_args(p, port=8000)

@@ -10,15 +10,15 @@ from quantchat.errors import QuantchatError
 from quantchat.quant import methods
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 4096) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=None,
                    help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_kv_cache_arg(g)
-    g.add_argument("--max-seq-len", type=int, default=4096,
-                   help="KV cache length in tokens, capped by the model's context (default: 4096)")
+    g.add_argument("--max-seq-len", type=int, default=max_seq_len,
+                   help=f"KV cache length in tokens, capped by the model's context (default: {max_seq_len})")
     g.add_argument("--quant", default=None, choices=[methods.NONE, *methods.load_time_names()],
                    help="quantize in memory at load time (round-to-nearest); weights stay packed")
     g.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 (default 128)")

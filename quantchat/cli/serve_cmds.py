@@ -144,8 +144,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API + web chat page + one worker, in one process")
-    add_model_args(p)
+    add_model_args(p, max_seq_len=2048)
     add_server_args(p, port=8000)
     add_worker_args(p)
     p.add_argument("--no-web", action="store_true", help="do not serve the chat page at /")
-    p.set_defaults(func=cmd_serve, quant=None, max_seq_len=2048)
+    p.set_defaults(func=cmd_serve, quant=None)
