@@ -351,3 +351,36 @@ def test_quantize_calibrated_methods(tiny_dir, tmp_path, capsys, method):
     assert len(nonempty_lines(res.stderr)) == n + 2, res.stderr  # + calibration, quantized lines
     res = run_main(capsys, "complete", "--model", str(out), "--prompt", PROMPT, "-n", "4", "--no-echo")
     assert res.returncode == 0, res.stderr
+
+
+# --- prepare (the one-time work the setup script does) and the startup timer ----------------------------
+
+
+def test_prepare_converts_once_and_readies_the_kernels(tmp_path):
+    from test_gguf import write_tiny_gguf
+
+    from quantchat.loading import gguf_io
+
+    gguf = tmp_path / "prep-model.gguf"
+    write_tiny_gguf(gguf)
+    first = run_cli("prepare", "--model", str(gguf), "--device", "cpu")
+    assert first.returncode == 0, first.stderr
+    assert "converting prep-model.gguf" in first.stderr and "model: prep-model ready" in first.stderr
+    assert "CPU kernels:" in first.stderr and "ready" in first.stderr.splitlines()[-1], first.stderr
+    assert gguf_io._is_complete(gguf_io._converted_path(gguf)) and first.stdout == ""
+    again = run_cli("prepare", "--model", str(gguf), "--device", "cpu")
+    assert again.returncode == 0 and "converting" not in again.stderr, again.stderr  # cached
+    assert_user_error(run_cli("prepare", "--model", str(tmp_path / "missing.gguf")), "missing.gguf")
+
+
+def test_startup_timer_reads_the_whole_answer(tiny_dir, tmp_path):
+    """The startup benchmark's first-byte timing must not lose the bytes after the first one."""
+    from quantchat.benchmark.startup import PROMPT, table, time_chat
+
+    r = time_chat(tmp_path / "home", str(tiny_dir), max_new_tokens=8, share_kernels=True)
+    direct = run_cli("chat", "--model", str(tiny_dir), "--prompt", PROMPT, "-n", "8", "--seed", "0", "-t", "0")
+    assert direct.returncode == 0, direct.stderr
+    assert r["answer"] == direct.stdout.strip() and len(r["answer"]) > 1
+    assert 0 < r["ttft_s"] <= r["total_s"]
+    row = {"case": "later", "prepare_s": None, "target_ttft_s": 3.0, "meets_target": True, **r}
+    assert "| later |" in table({"rows": [row]}) and "met" in table({"rows": [row]})

@@ -36,12 +36,22 @@ def quantchat_cmd() -> list[str]:
     return [sys.executable, "-m", "quantchat"]
 
 
-def time_chat(home: Path, model: str | None, max_new_tokens: int = 16, timeout: float = 300) -> dict[str, Any]:
+def fresh_env(home: Path, share_kernels: bool = False) -> dict[str, str]:
+    """The environment of a measured process: its own QUANTCHAT_HOME (and so its own kernel build, unless
+    ``share_kernels`` keeps a QUANTCHAT_KERNELS_DIR set by the caller)."""
+    env = {**os.environ, "QUANTCHAT_HOME": str(home), "QUANTCHAT_PROGRESS": "off"}
+    if not share_kernels:
+        env.pop("QUANTCHAT_KERNELS_DIR", None)
+    return env
+
+
+def time_chat(home: Path, model: str | None, max_new_tokens: int = 16, timeout: float = 300,
+              share_kernels: bool = False) -> dict[str, Any]:
     """One ``quantchat chat --prompt`` process: seconds to its first stdout byte and to its exit."""
     cmd = [*quantchat_cmd(), "chat", "--prompt", PROMPT, "-n", str(max_new_tokens), "--seed", "0", "-t", "0"]
     if model:
         cmd += ["--model", model]
-    env = {**os.environ, "QUANTCHAT_HOME": str(home), "QUANTCHAT_PROGRESS": "off"}
+    env = fresh_env(home, share_kernels)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
     assert proc.stdout is not None
@@ -57,7 +67,7 @@ def time_chat(home: Path, model: str | None, max_new_tokens: int = 16, timeout: 
 
 def time_prepare(home: Path, model: str | None, timeout: float = 600) -> float:
     cmd = [*quantchat_cmd(), "prepare"] + (["--model", model] if model else [])
-    env = {**os.environ, "QUANTCHAT_HOME": str(home), "QUANTCHAT_PROGRESS": "off"}
+    env = fresh_env(home)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode != 0:
