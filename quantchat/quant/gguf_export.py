@@ -35,13 +35,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType
+from gguf.quants import quantize as gguf_quantize
+from gguf.vocab import SpecialVocab
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 from torch import Tensor, nn
 
 from quantchat.errors import QuantchatError
+from quantchat.loading.gguf_io import read_gguf
+from quantchat.loading.hf_loader import load_model
+from quantchat.loading.resolve import resolve_model
 from quantchat.progress import Progress as Bar
 from quantchat.quant import rtn
+from quantchat.quant.checkpoint import is_quantized_dir, load_quantized, read_quant_config
+from quantchat.quant.embedding import QuantizedEmbedding
+from quantchat.quant.linear import QuantizedLinear
+from quantchat.tokenizer.gguf_tokenizer import PRE_TOKENIZERS, _regex_pre_tokenizer
+from quantchat.tokenizer.tokenizer import Tokenizer
 
 TYPES = ("q4_0", "q4_1", "q8_0")
 BLOCK = 32  # GGUF Q4_0/Q4_1/Q8_0 block length (weights along the input dimension)
@@ -63,8 +78,6 @@ class ExportResult:
 
 def ggml_type(name: str):
     """The GGMLQuantizationType for q4_0 / q4_1 / q8_0 (QuantchatError otherwise)."""
-    from gguf import GGMLQuantizationType as Q
-
     key = str(name).lower().replace("-", "_")
     if key not in TYPES:
         raise QuantchatError(f"unsupported GGUF type '{name}'; choose one of {', '.join(TYPES)}")
@@ -106,10 +119,6 @@ def _recorded_gguf(hf_dir: Path, quant_cfg: dict | None) -> Path | None:
 
 
 def _load_source(spec: str | os.PathLike[str] | None, progress: Progress) -> _Source:
-    from quantchat.loading.hf_loader import load_model
-    from quantchat.loading.resolve import resolve_model
-    from quantchat.quant.checkpoint import is_quantized_dir, load_quantized, read_quant_config
-
     if spec is not None and Path(spec).expanduser().is_dir() and is_quantized_dir(Path(spec).expanduser()):
         d = Path(spec).expanduser()
         q = read_quant_config(d)
@@ -127,9 +136,6 @@ def _load_source(spec: str | os.PathLike[str] | None, progress: Progress) -> _So
 
 def _weight(module: nn.Module) -> Tensor:
     """Float32 [out, in] (dequantized for quantized modules), CPU."""
-    from quantchat.quant.embedding import QuantizedEmbedding
-    from quantchat.quant.linear import QuantizedLinear
-
     if isinstance(module, QuantizedLinear):
         return module.dequantized_weight().float().cpu()
     if isinstance(module, QuantizedEmbedding):
@@ -186,23 +192,18 @@ def gguf_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray, str]]:
 
 def encode_tensor(arr: np.ndarray, role: str, qtype) -> tuple[np.ndarray, Any]:
     """(raw array, GGML type) as written: block types for 2-D weights whose rows are multiples of 32."""
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quantize
-
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if role in ("norm", "bias") or arr.ndim != 2:
         return arr, Q.F32
     target = Q.Q8_0 if role in ("embed", "head") else qtype
     if arr.shape[1] % BLOCK:
         return arr.astype(np.float16), Q.F16
-    return quantize(arr, target), target
+    return gguf_quantize(arr, target), target
 
 
 # -- metadata -----------------------------------------------------------------------------------
 
 def _add_architecture(w, cfg, warnings: list[str]) -> None:
-    import gguf
-
     w.add_context_length(int(cfg.max_position_embeddings))
     w.add_embedding_length(int(cfg.dim))
     w.add_block_count(int(cfg.n_layer))
@@ -245,10 +246,6 @@ _COPY_SKIP = ("general.architecture", "general.type", "general.file_type", "gene
 
 def gguf_fields(gguf_path: Path, prefixes: tuple[str, ...] = ("general.", "tokenizer.")) -> list[tuple]:
     """(key, value, GGUF value type, array item type) of a GGUF file's metadata keys starting with ``prefixes``."""
-    from gguf import GGUFValueType
-
-    from quantchat.loading.gguf_io import read_gguf
-
     g = read_gguf(gguf_path)  # parsing the metadata of a 49k-token vocabulary takes seconds: done once
     out = []
     for key, f in g.reader.fields.items():
@@ -295,11 +292,6 @@ _PREFERRED_PRE = ("smollm", "gpt-2", "llama-bpe", "qwen2", "default")
 
 def identify_pre_tokenizer(tokenizer_json: dict) -> str | None:
     """llama.cpp's ``tokenizer.ggml.pre`` name whose splitting equals this tokenizer.json's, or None."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models
-
-    from quantchat.tokenizer.gguf_tokenizer import PRE_TOKENIZERS, _regex_pre_tokenizer
-
     want = _pre_steps(tokenizer_json.get("pre_tokenizer"))
     ignore_merges = bool((tokenizer_json.get("model") or {}).get("ignore_merges", False))
     names = [n for n in _PREFERRED_PRE if n in PRE_TOKENIZERS] + [n for n in PRE_TOKENIZERS if n not in _PREFERRED_PRE]
@@ -319,11 +311,6 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 def _add_tokenizer_from_json(w, hf_dir: Path, n_vocab: int, pre: str | None, warnings: list[str]) -> None:
     """tokenizer.ggml.* from the folder's tokenizer (tokenizer.json, or a converted tokenizer.model)."""
-    import gguf
-    from gguf.vocab import SpecialVocab
-
-    from quantchat.tokenizer.tokenizer import Tokenizer
-
     tok = Tokenizer.from_dir(hf_dir)
     tj = json.loads(tok.backend.to_str())
     model = tj.get("model") or {}
@@ -405,8 +392,6 @@ def _add_tokenizer_from_json(w, hf_dir: Path, n_vocab: int, pre: str | None, war
 
 def _requantization_note(qdir: Path, qtype: str, warnings: list[str]) -> None:
     """Warn when int4 codes cannot land on GGUF's grid unchanged (only asymmetric g32 -> Q4_1 can)."""
-    from quantchat.quant.checkpoint import read_quant_config
-
     q = read_quant_config(qdir)
     if q.get("bits") != 4 or qtype == "q8_0":
         return
@@ -423,8 +408,6 @@ def export_gguf(
     force: bool = False, name: str | None = None, tokenizer_pre: str | None = None, progress: Progress = None,
 ) -> ExportResult:
     """Write ``model`` (quantized folder, HF folder, .gguf, None = default) as a llama GGUF at ``out``."""
-    import gguf
-
     gtype = ggml_type(qtype)
     qtype = qtype.lower().replace("-", "_")
     out = Path(out).expanduser()
@@ -435,8 +418,6 @@ def export_gguf(
     if out.exists() and not force:
         raise QuantchatError(f"{out}: already exists (use --force to replace it)")
     if tokenizer_pre is not None:
-        from quantchat.tokenizer.gguf_tokenizer import PRE_TOKENIZERS
-
         if tokenizer_pre not in PRE_TOKENIZERS:
             raise QuantchatError(f"unknown pre-tokenizer '{tokenizer_pre}' "
                                  f"(known: {', '.join(sorted(PRE_TOKENIZERS))})")

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from quantchat import progress as bars
 from quantchat.errors import QuantchatError
-from quantchat.quant import rtn
+from quantchat.quant import methods, rtn
+from quantchat.quant.awq import awq_model
 from quantchat.quant.embedding import QuantizedEmbedding
-from quantchat.quant import methods
+from quantchat.quant.gptq import gptq_model
 from quantchat.quant.linear import QuantizedLinear
 
 METHODS = methods.names()
@@ -162,13 +163,9 @@ def quantize_model(
     if spec.method in NEEDS_CALIBRATION and calib is None:
         raise QuantchatError(f"{spec.method} needs calibration data")
     if spec.method == "awq":
-        from quantchat.quant.awq import awq_model
-
         clips = awq_model(model, calib, spec.group_size, spec.symmetric,
                           progress=(lambda i, n: progress(CALIBRATION_STAGES["awq"], i, n)) if progress else None)
     elif spec.method == "gptq":
-        from quantchat.quant.gptq import gptq_model
-
         gptq_codes = gptq_model(model, calib, spec.group_size, spec.symmetric, act_order=True,
                                 progress=(lambda i, n: progress(CALIBRATION_STAGES["gptq"], i, n)) if progress
                                 else None)
