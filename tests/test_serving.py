@@ -685,6 +685,23 @@ def test_finished_conversation_stays_cached_when_a_running_one_takes_its_slot(ti
     assert ans_a == solo(pa, 12) and ans_b == solo(pb, 3)
 
 
+def _prompt_tokens_total(server) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("quantchat_prompt_tokens_total")))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_metrics_count_each_prompt_once(server, client, stream):
+    """n=2 answers to one prompt: /metrics adds the prompt's tokens once, streamed or not (as usage)."""
+    before = _prompt_tokens_total(server)
+    res = client.completions.create(model="tiny", prompt="abcd", max_tokens=2, n=2, stream=stream,
+                                    **({"stream_options": {"include_usage": True}} if stream else {}))
+    usage = [c for c in res][-1].usage if stream else res.usage
+    assert usage.prompt_tokens > 0
+    assert _prompt_tokens_total(server) - before == usage.prompt_tokens
+
+
 def test_metrics(server, client):
     client.completions.create(model="tiny", prompt="abc", max_tokens=2)
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text

@@ -163,7 +163,9 @@ async def deltas(streams: list[AsyncIterator[dict]], choices: list[Choice], usag
             d.finish_reason = c.finish_reason = normal_finish(ev["finish_reason"])
             d.prompt_tokens = ev["prompt_tokens"]
             usage.completion_tokens += ev["completion_tokens"]
-            usage.prompt_tokens += ev["prompt_tokens"] if i % n == 0 else 0
+            if i % n == 0:  # each prompt once, however many choices answer it (as OpenAI's usage)
+                usage.prompt_tokens += ev["prompt_tokens"]
+                metrics.prompt_tokens += ev["prompt_tokens"]
         yield d
 
 
@@ -176,7 +178,6 @@ async def stream_events(streams: list[AsyncIterator[dict]], r: Renderer, metrics
         async for d in deltas(streams, choices, usage, metrics, n, echo):
             for chunk in r.chunks(d):
                 yield sse(chunk)
-            metrics.prompt_tokens += d.prompt_tokens  # streamed: every finished sequence's prompt
         if include_usage:
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
             yield sse(r.usage_chunk(usage))
@@ -193,7 +194,6 @@ async def collect(streams: list[AsyncIterator[dict]], r: Renderer, metrics: Metr
     choices, usage = [Choice(i) for i in range(len(streams))], Usage()
     async for _ in deltas(streams, choices, usage, metrics, n, echo):
         pass
-    metrics.prompt_tokens += usage.prompt_tokens  # collected: each prompt once
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     return r.response(choices, usage)
 
