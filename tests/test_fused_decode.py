@@ -13,7 +13,7 @@ from quantchat.engine.generate import Engine
 from quantchat.kernels import cpu, defs
 from quantchat.loading.hf_loader import load_model
 from quantchat.model.config import ModelConfig
-from quantchat.model.llama import Transformer
+from quantchat.model.transformer import Transformer
 from quantchat.quant.linear import QuantizedLinear
 from quantchat.quant.quantize import QuantSpec, quantize_model
 from quantchat.sampling.sampling import SamplingParams

@@ -247,9 +247,9 @@ def test_hf_config(tiny):
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["torch_dtype"]) == (1, 2, "float32")
     json.dumps(cfg)  # serialisable
 
-    from quantchat.model.config import ModelConfig
+    from quantchat.model.families import config_from_hf
 
-    mc = ModelConfig.from_hf_dict(cfg)
+    mc = config_from_hf(cfg)
     assert (mc.dim, mc.n_layer, mc.n_head, mc.n_kv_head, mc.vocab_size) == (DIM, N_LAYER, N_HEAD, N_KV, VOCAB)
     assert mc.rope_theta == 50000.0 and mc.tie_word_embeddings and mc.eos_token_ids == [2]
 

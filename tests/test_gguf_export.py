@@ -295,7 +295,7 @@ def test_llama_cpp_loads_the_export(dirs, tmp_path):
 @pytest.mark.parametrize("tie,bias", [(True, False), (False, True)])
 def test_tensor_count(tie, bias):
     from quantchat.model.config import ModelConfig
-    from quantchat.model.llama import Transformer
+    from quantchat.model.transformer import Transformer
     from quantchat.quant.gguf_export import gguf_tensors, n_gguf_tensors
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layer=2, n_head=2, n_kv_head=1, head_dim=16, intermediate_size=64,

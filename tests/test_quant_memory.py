@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantchat.loading.hf_loader import load_model, meta_model
-from quantchat.model.config import ModelConfig
+from quantchat.model.families import load_config
 from quantchat.quant import linear as qlinear
 from quantchat.quant import rtn
 from quantchat.quant.checkpoint import load_quantized, save_quantized
@@ -70,7 +70,7 @@ def write_random_int4_checkpoint(out: Path, src: Path, layers: int, group_size: 
     cfg_dir = src / "cfg"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     (cfg_dir / "config.json").write_text(json.dumps(dict(CONFIG, num_hidden_layers=layers)))
-    config = ModelConfig.from_json_file(cfg_dir / "config.json")
+    config = load_config(cfg_dir / "config.json")
     model = meta_model(config)
     g = torch.Generator().manual_seed(1)
     codes = {}

@@ -42,7 +42,7 @@ from quantchat.benchmark import llamacpp, measure
 from quantchat.benchmark import synthetic as syn
 from quantchat.benchmark.results import PACKAGE_ROOT, Results, run_meta
 from quantchat.errors import QuantchatError
-from quantchat.model.config import ModelConfig
+from quantchat.model.families import config_from_hf
 from quantchat.paths import quantchat_home
 from quantchat.quant import methods
 
@@ -334,7 +334,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
             if bad:
                 raise QuantchatError(f"{src.hf_dir} is already quantized: benchmark it with --quant none "
                                      f"(or give the original model for {', '.join(bad)})")
-    mcfg = ModelConfig.from_hf_dict(cfg, source=source["name"])
+    mcfg = config_from_hf(cfg, source=source["name"])
     context = mcfg.max_position_embeddings
     decode_need = opts.decode_context + opts.warmup_steps + opts.steps
     if decode_need >= context:

@@ -48,9 +48,9 @@ def synthetic_config(name: str, overrides: dict | None = None) -> dict:
 
 
 def n_params(cfg: dict) -> int:
-    from quantchat.model.config import ModelConfig
+    from quantchat.model.families import config_from_hf
 
-    return ModelConfig.from_hf_dict(cfg, source="synthetic").n_params
+    return config_from_hf(cfg, source="synthetic").n_params
 
 
 def cache_name(name: str, cfg: dict, kind: str) -> str:
@@ -194,13 +194,13 @@ def build_quantized_model(out_dir: Path, cfg: dict, method: str, group_size: int
     """
     import torch
 
-    from quantchat.model.config import ModelConfig
+    from quantchat.model.families import config_from_hf
     from quantchat.quant import checkpoint as ck
     from quantchat.quant.quantize import QuantSpec, linear_names, quantize_codes
 
     spec = QuantSpec.for_method(method, group_size)
     head_spec = QuantSpec("int8", 8, None, True)
-    mcfg = ModelConfig.from_hf_dict(cfg, source="synthetic")
+    mcfg = config_from_hf(cfg, source="synthetic")
     model = _meta_model(mcfg)
     gen = torch.Generator().manual_seed(seed)
     modules: dict[str, dict] = {}
@@ -255,7 +255,7 @@ def build_quantized_model(out_dir: Path, cfg: dict, method: str, group_size: int
 def _meta_model(mcfg):
     import torch
 
-    from quantchat.model.llama import Transformer
+    from quantchat.model.transformer import Transformer
 
     with torch.device("meta"):
         return Transformer(mcfg)

@@ -1,6 +1,6 @@
 """The fused decode step: all layers of a one-token-per-sequence step in one C++ call.
 
-``Transformer.forward`` (quantchat/model/llama.py) is the reference; at decode its ~15 torch ops per
+``Transformer.forward`` (quantchat/model/transformer.py) is the reference; at decode its ~15 torch ops per
 layer cost more in dispatch than in arithmetic on a small model. ``FusedDecoder`` hands the same
 weights and KV cache to ``DecodePlan`` (quantchat/kernels/decode_step.cpp),
 which runs rmsnorm, the packed linears, rope, the cache write, grouped-query attention, SwiGLU and the
@@ -33,7 +33,7 @@ from quantchat import envs
 from quantchat.kernels import cpu, defs
 from quantchat.kernels.defs import LinearKind, Path
 from quantchat.model.linear import TransposedLinear
-from quantchat.model.llama import Transformer
+from quantchat.model.transformer import Transformer
 from quantchat.quant.linear import QuantizedLinear
 
 _EMPTY = torch.empty(0)
@@ -79,7 +79,10 @@ def _precondition(model: nn.Module) -> str | None:
     if envs.QUANTCHAT_NO_FUSED:
         return "disabled by QUANTCHAT_NO_FUSED"
     if type(model) is not Transformer:
-        return f"{type(model).__name__} is not quantchat's LLaMA-family Transformer"
+        return f"{type(model).__name__} is not quantchat's Transformer"
+    if not model.config.is_llama_layout:
+        return (f"the {model.config.family} layout (norms, positions, MLP or block) is not the fused step's "
+                "RMSNorm + RoPE + SwiGLU: decode runs the model's own forward")
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return "needs a float32 model on CPU"
     if not model.layers or model.layers[0].attention.kv_cache is None:

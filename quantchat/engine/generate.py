@@ -23,7 +23,7 @@ from quantchat.engine.fused_decode import FusedDecoder
 from quantchat.engine.scheduler import Scheduler
 from quantchat.engine.sequence import SeqEvent, Sequence
 from quantchat.errors import ContextLengthError, QuantchatError
-from quantchat.model.llama import Transformer
+from quantchat.model.transformer import Transformer
 from quantchat.sampling.sampling import SamplingParams
 
 PREFILL_CHUNK = 512

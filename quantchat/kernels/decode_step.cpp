@@ -1,7 +1,7 @@
 // One decode step of a LLaMA-family model in a single C++ call: every layer, the final norm and the
 // LM head, for B sequences that each add one token (their own position, their own KV-cache slot).
 //
-// The Python model (quantchat/model/llama.py) runs ~15 torch ops per layer per token; at decode
+// The Python model (quantchat/model/transformer.py) runs ~15 torch ops per layer per token; at decode
 // their dispatch cost is larger than the arithmetic (SmolLM2-135M: ~450 ops, ~12 ms of a 25 ms
 // step on 2 cores). Here the same math runs as plain loops between the packed linear kernels of
 // cpu_kernels.cpp, called directly:

@@ -16,7 +16,6 @@ import ctypes
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,36 +25,11 @@ from torch.overrides import TorchFunctionMode
 
 from quantchat.errors import ModelLoadError
 from quantchat.model.config import ModelConfig
+from quantchat.model.families import Family, Rule, family_of, config_from_hf, read_hf_config
 from quantchat.model.linear import TransposedLinear, use_cpu_layout
-from quantchat.model.llama import Transformer
+from quantchat.model.transformer import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-# Hugging Face name (inside a layer) -> (our name, part of a fused weight or None)
-_LAYER_MAP: dict[str, tuple[str, int | None]] = {
-    "self_attn.q_proj.weight": ("attention.wqkv.weight", 0),
-    "self_attn.k_proj.weight": ("attention.wqkv.weight", 1),
-    "self_attn.v_proj.weight": ("attention.wqkv.weight", 2),
-    "self_attn.q_proj.bias": ("attention.wqkv.bias", 0),
-    "self_attn.k_proj.bias": ("attention.wqkv.bias", 1),
-    "self_attn.v_proj.bias": ("attention.wqkv.bias", 2),
-    "self_attn.o_proj.weight": ("attention.wo.weight", None),
-    "self_attn.o_proj.bias": ("attention.wo.bias", None),
-    "mlp.gate_proj.weight": ("feed_forward.w13.weight", 0),
-    "mlp.up_proj.weight": ("feed_forward.w13.weight", 1),
-    "mlp.gate_proj.bias": ("feed_forward.w13.bias", 0),
-    "mlp.up_proj.bias": ("feed_forward.w13.bias", 1),
-    "mlp.down_proj.weight": ("feed_forward.w2.weight", None),
-    "mlp.down_proj.bias": ("feed_forward.w2.bias", None),
-    "input_layernorm.weight": ("attention_norm.weight", None),
-    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
-}
-_TOP_MAP = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,15 +219,9 @@ def fused_rows(config: ModelConfig) -> dict[str, list[int]]:
     return {"attention.wqkv": [q, kv, kv], "feed_forward.w13": [config.intermediate_size] * 2}
 
 
-def map_hf_name(name: str) -> tuple[str, int | None] | None:
-    """Our parameter name (and fused-part index) for a Hugging Face tensor name; None if not ours."""
-    if name in _TOP_MAP:
-        return _TOP_MAP[name], None
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_MAP:
-        ours, part = _LAYER_MAP[m.group(2)]
-        return f"layers.{m.group(1)}.{ours}", part
-    return None
+def map_hf_name(family: Family, name: str) -> tuple[str, Rule] | None:
+    """Our parameter name and its rule for a checkpoint tensor name; None if not ours."""
+    return family.map_name(name)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -294,7 +262,9 @@ def load_model(
     weight is dropped at once, so the float model never exists whole in memory.
     """
     model_dir = Path(model_dir)
-    config = ModelConfig.from_json_file(model_dir / "config.json")
+    hf_cfg = read_hf_config(model_dir / "config.json")
+    family = family_of(hf_cfg, str(model_dir / "config.json"))
+    config = config_from_hf(hf_cfg, str(model_dir / "config.json"))
     model = meta_model(config)
     device = torch.device(device)
     tied = bool(config.tie_word_embeddings)
@@ -326,35 +296,47 @@ def load_model(
     for f in weight_files(model_dir):
         with SafetensorsFile(f) as sf:
             for name in sf.keys():
-                mapped = map_hf_name(name)
+                mapped = map_hf_name(family, name)
                 if mapped is None:
-                    if _IGNORED.search(name):
+                    if family.ignored.search(name):
                         continue
-                    raise ModelLoadError(f"{f}: unexpected tensor '{name}' for a {config.model_type} model")
-                ours, part = mapped
-                if ours not in expected:  # a tied model's stored lm_head
-                    continue
+                    raise ModelLoadError(f"{f}: unexpected tensor '{name}' for a {family.name} model")
+                ours, rule = mapped
+                part = rule.part
+                if ours not in expected:
+                    if ours == "output.weight":  # a tied model's stored lm_head
+                        continue
+                    raise ModelLoadError(f"{f}: tensor '{name}' has no place in this {family.name} model's "
+                                         "config (a bias or norm its config.json does not describe)")
                 target = destination(ours)
                 if part is not None:
                     sizes = rows_of[next(k for k in rows_of if f".{k}." in ours)]
                     target = target.narrow(0, sum(sizes[:part]), sizes[part])
-                if sf.shape(name) != tuple(target.shape):
+                stored = sf.shape(name)
+                if rule.transform is not None:  # read as stored, then into our layout
+                    value = rule.transform(sf.read(name, dtype=target.dtype), config, hf_cfg)
+                    stored = tuple(value.shape)
+                if stored != tuple(target.shape):
                     raise ModelLoadError(
                         f"{model_dir}: config/weights mismatch for {name}: weights {list(sf.shape(name))}, "
                         f"config.json implies {list(target.shape)}"
                     )
-                sf.read(name, out=target)
+                if rule.transform is not None:
+                    target.copy_(value)
+                    del value
+                else:
+                    sf.read(name, out=target)
                 filled.setdefault(ours, set()).add(-1 if part is None else part)
                 if stream_linear is not None and ours in linear_weights and ours not in transposed:
                     key = next((k for k in rows_of if f".{k}." in ours), None)
-                    if len(filled[ours]) == (len(rows_of[key]) if key else 1) and stream_linear(
-                            model, linear_weights[ours], dest[ours]):
+                    whole = -1 in filled[ours] or len(filled[ours]) == (len(rows_of[key]) if key else 1)
+                    if whole and stream_linear(model, linear_weights[ours], dest[ours]):
                         streamed.add(ours)
                         del dest[ours]
     for ours, parts in filled.items():
         key = next((k for k in rows_of if f".{k}." in ours), None)
         need = len(rows_of[key]) if key else 1
-        if key and len(parts) != need:
+        if key and -1 not in parts and len(parts) != need:
             raise ModelLoadError(f"{model_dir}: incomplete weights for {ours} ({len(parts)} of {need} parts)")
     missing = sorted(set(expected) - set(dest) - streamed)
     if missing:
@@ -370,9 +352,7 @@ def load_model(
             model.tok_embeddings.weight = nn.Parameter(model.output.weight, requires_grad=False)
         else:
             model.output.weight = model.tok_embeddings.weight
-    model.rope_cos = torch.empty(0, device=device)
-    model.rope_sin = torch.empty(0, device=device)
-    model.rope_len = 0
+    model.reset_tables(device)
     model = model.eval().requires_grad_(False)
     if cpu_layout and device.type == "cpu":
         use_cpu_layout(model)  # what is left: bfloat16 linears on CPUs without bf16 hardware

@@ -42,9 +42,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from quantchat.errors import QuantchatError
 from quantchat.quant import rtn
 from quantchat.quant.calibration import (
-    BlockContext, Progress, attention_forward, block_context, block_forward, chunks, embed, limit_tokens,
+    Context, Progress, attention_forward, block_context, block_forward, chunks, embed, limit_tokens,
 )
 
 
@@ -156,7 +157,7 @@ def search_clip(
 
 # -- whole model --------------------------------------------------------------------------------
 
-def _capture_inputs(layer: nn.Module, x: Tensor, ctx: BlockContext, names: list[str], batch_size: int) -> dict[str, Tensor]:
+def _capture_inputs(layer: nn.Module, x: Tensor, ctx: Context, names: list[str], batch_size: int) -> dict[str, Tensor]:
     """Run the block on x [n, T, dim] (x becomes the block output, in place) and keep the inputs of
     the named linears ([n, T, in_features] each)."""
     n, T = x.shape[:2]
@@ -198,6 +199,10 @@ def awq_model(
     search. Memory: the inputs of the four linears of one block are kept (for 128 x 512 tokens of a
     dim-576 model, about 0.9 GB in float32).
     """
+    if not model.config.is_llama_layout:
+        raise QuantchatError(
+            f"AWQ's scale search knows the LLaMA block (RMSNorm -> q/k/v, RMSNorm -> gate/up, up -> down); the "
+            f"{model.config.family} family's block is not supported by AWQ yet: use --method gptq, int4-asym or int8")
     calib = limit_tokens(calib, max_tokens)
     ctx = block_context(model, calib.shape[1])
     x = embed(model, calib)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from quantchat.errors import QuantchatError
-from quantchat.kvcache.cache import attention_mask
+from quantchat.model.transformer import Context
 
 Progress = Callable[[int, int], None] | None  # (blocks done, blocks in all)
 # the built-in corpus's first tokens are what `quantchat eval ppl` scores by default: calibration windows
@@ -77,36 +77,25 @@ def limit_tokens(calib: Tensor, max_tokens: int | None) -> Tensor:
 
 # -- block-by-block forward ---------------------------------------------------------------------
 
-BlockContext = tuple[Tensor, Tensor, "Tensor | None", int]
-
-
-def block_context(model: nn.Module, seq_len: int) -> BlockContext:
-    """(cos, sin, mask, seq_len) for a plain causal pass of ``seq_len`` tokens, as ``Transformer.forward``."""
-    model.setup_rope(seq_len)
-    cos, sin = model.rope_cos[:seq_len][None, None], model.rope_sin[:seq_len][None, None]
-    window = model.config.sliding_window
-    mask = None
-    if window and seq_len > window:
-        mask = attention_mask(torch.arange(seq_len, device=model.device)[None], seq_len, window)
-    return cos.to(model.dtype), sin.to(model.dtype), mask, seq_len
+def block_context(model: nn.Module, seq_len: int) -> Context:
+    """The layers' inputs for a plain causal pass of ``seq_len`` tokens, as ``Transformer.forward``."""
+    return model.context(1, seq_len)
 
 
 @torch.no_grad()
 def embed(model: nn.Module, calib: Tensor) -> Tensor:
-    """Hidden states entering block 0: the token embeddings [n, T, dim]."""
-    return model.tok_embeddings(calib.to(model.device))
+    """Hidden states entering block 0 [n, T, dim]."""
+    return model.embed(calib.to(model.device))
 
 
-def block_forward(layer: nn.Module, x: Tensor, ctx: BlockContext) -> Tensor:
+def block_forward(layer: nn.Module, x: Tensor, ctx: Context) -> Tensor:
     """One ``TransformerBlock`` on x [B, T, dim] (plain causal, no cache)."""
-    cos, sin, mask, T = ctx
-    return layer(x, cos, sin, None, mask, T, None, True)
+    return layer(x, ctx)
 
 
-def attention_forward(attention: nn.Module, x: Tensor, ctx: BlockContext) -> Tensor:
+def attention_forward(attention: nn.Module, x: Tensor, ctx: Context) -> Tensor:
     """The attention sub-module on its (normalized) input x [B, T, dim]."""
-    cos, sin, mask, T = ctx
-    return attention(x, cos, sin, None, mask, T, None, True)
+    return attention(x, ctx)
 
 
 def chunks(n: int, batch_size: int) -> Iterator[slice]:
@@ -115,7 +104,7 @@ def chunks(n: int, batch_size: int) -> Iterator[slice]:
 
 
 @torch.no_grad()
-def run_block_(layer: nn.Module, x: Tensor, ctx: BlockContext, batch_size: int = 8) -> Tensor:
+def run_block_(layer: nn.Module, x: Tensor, ctx: Context, batch_size: int = 8) -> Tensor:
     """Replace x [n, T, dim] by the block's output, in place, ``batch_size`` sequences at a time."""
     for sl in chunks(x.shape[0], batch_size):
         x[sl] = block_forward(layer, x[sl], ctx)

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from quantchat.errors import ModelLoadError
 from quantchat.loading.hf_loader import SafetensorsFile, meta_model
-from quantchat.model.config import ModelConfig
-from quantchat.model.llama import Transformer
+from quantchat.model.families import load_config
+from quantchat.model.transformer import Transformer
 from quantchat.paths import build_dir_atomically
 from quantchat.progress import Progress
 from quantchat.quant import rtn
@@ -108,7 +108,7 @@ def save_quantized(
                                  "bias": False}
         for name, p in model.named_parameters():
             owner = name.rpartition(".")[0]
-            if owner not in codes and not name.endswith(".bias"):
+            if owner not in codes:  # norms (and their biases), position embeddings; not the swapped linears
                 tensors[name] = p.detach().float().cpu().contiguous()
         shards: list[dict[str, Tensor]] = [{}]
         size = 0
@@ -196,7 +196,7 @@ def load_quantized(
     if verify:
         verify_manifest(model_dir)
     q = read_quant_config(model_dir)
-    config = ModelConfig.from_json_file(model_dir / "config.json")
+    config = load_config(model_dir / "config.json")
     try:
         weight_map = json.loads((model_dir / INDEX_FILE).read_text())["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -263,7 +263,5 @@ def load_quantized(
         for sf in files.values():
             sf.close()
     model.load_state_dict(state, strict=False, assign=True)
-    model.rope_cos = torch.empty(0, device=device)
-    model.rope_sin = torch.empty(0, device=device)
-    model.rope_len = 0
+    model.reset_tables(device)
     return model.eval().requires_grad_(False)

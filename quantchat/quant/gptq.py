@@ -36,7 +36,6 @@ from quantchat.quant.calibration import (
     Progress, block_context, block_forward, chunks, embed, limit_tokens, run_block_,
 )
 
-LINEAR_NAMES = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
 
 # -- Hessian ------------------------------------------------------------------------------------
@@ -280,7 +279,8 @@ def gptq_model(
     ctx = block_context(model, calib.shape[1])
     x = embed(model, calib)
     n_layers = len(model.layers)
-    steps = [[n] for n in LINEAR_NAMES] if true_sequential else [list(LINEAR_NAMES)]
+    names = model.config.block_linears
+    steps = [[n] for n in names] if true_sequential else [list(names)]
     result: dict[str, dict[str, Tensor]] = {}
     if progress:
         progress(0, n_layers)

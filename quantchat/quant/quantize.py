@@ -24,7 +24,6 @@ from quantchat.quant.linear import QuantizedLinear
 
 METHODS = methods.names()
 NEEDS_CALIBRATION = methods.calibrated_names()
-LAYER_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 DEFAULT_GROUP_SIZE = methods.DEFAULT_GROUP_SIZE
 
 
@@ -55,7 +54,8 @@ class QuantSpec:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    return [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in LAYER_LINEARS]
+    """Every block linear that quantization replaces."""
+    return [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in model.config.block_linears]
 
 
 def float_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
