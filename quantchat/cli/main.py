@@ -82,21 +82,28 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from quantchat.loading.resolve import describe_model_dir
-    from quantchat.paths import default_model_path, quantchat_home
+    from quantchat.paths import DEFAULT_MODEL_NAME, installed_known_models, known_model_path, quantchat_home
 
     rows = []
-    default = default_model_path()
-    if default is not None:
-        rows.append({"name": default.stem + " (default)", "path": str(default), "architecture": "llama",
-                     "quantization": "gguf", "size_bytes": default.stat().st_size})
-        try:
-            from quantchat.loading.gguf_io import gguf_summary
+    listed: set[str] = set()
+    for m in installed_known_models():  # by short name (--model NAME); a chunked GGUF may not be assembled yet
+        path = known_model_path(m.name, assemble=False)
+        row = {"name": m.name + (" (default)" if m.name == DEFAULT_MODEL_NAME else ""), "path": str(path),
+               "architecture": "?", "quantization": "gguf", "size_bytes": 0}
+        if path.is_file():
+            row["size_bytes"] = path.stat().st_size
+            try:
+                from quantchat.loading.gguf_io import gguf_summary
 
-            arch, types = gguf_summary(default)
-            rows[-1]["architecture"] = arch
-            rows[-1]["quantization"] = "gguf " + "/".join(sorted(types))
-        except QuantchatError:
-            pass
+                arch, types = gguf_summary(path)
+                row["architecture"] = arch
+                row["quantization"] = "gguf " + "/".join(sorted(types))
+            except QuantchatError:
+                pass
+        else:
+            row["path"] += " (assembled on first use)"
+        rows.append(row)
+        listed.add(str(path))
     home = quantchat_home()
     for base in [home / "models", home / "converted", *[Path(p) for p in args.dir]]:
         if not base.is_dir():
@@ -106,7 +113,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 info = describe_model_dir(d)
                 info["name"] = d.name
                 rows.append(info)
-            elif d.suffix == ".gguf" and d.is_file():
+            elif d.suffix == ".gguf" and d.is_file() and str(d) not in listed:
                 rows.append({"name": d.stem, "path": str(d), "architecture": "?", "quantization": "gguf",
                              "size_bytes": d.stat().st_size})
     if args.json:

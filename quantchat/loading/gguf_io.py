@@ -2,8 +2,13 @@
 
 Dequantization is delegated to ``gguf.quants.dequantize``; the conversion writes
 ``config.json``, ``generation_config.json``, ``model.safetensors`` (float32, HF names,
-llama.cpp's rope permutation of q/k undone), the tokenizer files and
+llama.cpp's rope permutation of q/k undone for llama), the tokenizer files and
 ``quantchat_source.json``, atomically (temp dir + rename).
+
+Architectures: ``llama`` (LlamaForCausalLM) and ``gemma3`` (Gemma3ForCausalLM, text only). For gemma3,
+llama.cpp's converter stores every ``*norm.weight`` as HF's weight + 1 (Gemma3RMSNorm computes
+``x * (1 + w)``), so 1 is subtracted here; gemma3's q/k are not permuted (llama.cpp permutes only
+llama-style architectures).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from quantchat.paths import quantchat_home
 from quantchat.progress import Progress as Bar
 
 CONVERTER_VERSION = 1
-SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "gemma3")
 SOURCE_FILE = "quantchat_source.json"
 WEIGHTS_FILE = "model.safetensors"
 REQUIRED_FILES = ("config.json", "generation_config.json", WEIGHTS_FILE, SOURCE_FILE)
@@ -51,6 +56,23 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# gemma3 (llama.cpp gguf-py constants.py MODEL_TENSORS[GEMMA3]; HF Gemma3DecoderLayer)
+_GEMMA3_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_output": "self_attn.o_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+GEMMA_NORM_OFFSET = 1.0  # llama.cpp's Gemma3Model.norm_shift: added to every *norm.weight on conversion
 _ATTN_PARTS = ("attn_q", "attn_k", "attn_v", "attn_output")
 _MLP_PARTS = ("ffn_gate", "ffn_up", "ffn_down")
 
@@ -212,7 +234,8 @@ def _rope_scaling(g: GGUFFile, arch: str) -> dict[str, Any] | None:
 
 
 def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
-    """A Hugging Face config.json dict (LlamaForCausalLM) from GGUF metadata and tensor list."""
+    """A Hugging Face config.json dict (LlamaForCausalLM or Gemma3ForCausalLM) from GGUF metadata and
+    tensor list."""
     arch = g.architecture
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ModelLoadError(
@@ -250,6 +273,9 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
     if head_dim % 2:
         raise ModelLoadError(f"{g.path}: head dimension {head_dim} must be even")
     vocab = g.tensor_info("token_embd.weight").shape[0]
+    if arch == "gemma3":
+        return _gemma3_config(g, dim=dim, n_layer=n_layer, n_head=n_head, n_kv=n_kv, ffn=ffn, ctx=ctx,
+                              head_dim=head_dim, vocab=vocab)
     attention_bias = any(f"blk.0.{p}.bias" in names for p in _ATTN_PARTS)
     mlp_bias = any(f"blk.0.{p}.bias" in names for p in _MLP_PARTS)
     cfg: dict[str, Any] = {
@@ -284,6 +310,109 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
     return cfg
 
 
+def _meta_float(g: GGUFFile, key: str) -> float | None:
+    v = _meta(g, key)
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"{g.path}: metadata '{key}' should be a number, got {v!r}") from None
+
+
+def _gemma3_layer_types(g: GGUFFile, n_layer: int, window: int | None) -> list[str]:
+    """Sliding/full attention per layer, as llama.cpp's gemma3 loader decides: no sliding window = all
+    full; ``attention.sliding_window_pattern`` either a per-layer bool array (true = sliding) or a
+    period n (every n-th layer full), default 6."""
+    if not window:
+        return ["full_attention"] * n_layer
+    key = "gemma3.attention.sliding_window_pattern"
+    pat = _meta(g, key, 6)
+    if isinstance(pat, list):
+        if len(pat) != n_layer:
+            raise ModelLoadError(f"{g.path}: '{key}' has {len(pat)} entries for {n_layer} layers")
+        return ["sliding_attention" if bool(x) else "full_attention" for x in pat]
+    try:
+        n = int(pat)
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"{g.path}: metadata '{key}' should be an integer, got {pat!r}") from None
+    if n < 0:
+        raise ModelLoadError(f"{g.path}: metadata '{key}' must not be negative")
+    # llama.cpp set_swa_pattern: swa when n == 0 or il % n < n - 1
+    return ["sliding_attention" if n == 0 or i % n < n - 1 else "full_attention" for i in range(n_layer)]
+
+
+def _gemma3_config(g: GGUFFile, *, dim: int, n_layer: int, n_head: int, n_kv: int, ffn: int, ctx: int,
+                   head_dim: int, vocab: int) -> dict[str, Any]:
+    """Gemma3TextConfig fields (transformers' ``gemma3_text``) from gemma3 GGUF metadata."""
+    arch = "gemma3"
+    names = set(g.tensor_names)
+    window = _meta_int(g, f"{arch}.attention.sliding_window")
+    layer_types = _gemma3_layer_types(g, n_layer, window)
+    rope_theta = float(_meta(g, f"{arch}.rope.freq_base", 1_000_000.0))
+    rope_local = float(_meta(g, f"{arch}.rope.freq_base_swa", 10_000.0))  # llama.cpp's default
+    scaling = _rope_scaling(g, arch)  # applies to the global (full attention) layers
+    full: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
+    if scaling:
+        full.update({k: v for k, v in scaling.items() if k != "type"})
+    # llama.cpp: f_attention_scale = 1/sqrt(head_dim), except 1/sqrt(n_embd/n_head) for the 27B (62 layers)
+    query_pre_attn_scalar = dim // n_head if n_layer == 62 else head_dim
+    cfg: dict[str, Any] = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": dim,
+        "intermediate_size": ffn,
+        "num_hidden_layers": n_layer,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": rope_theta,
+        "rope_local_base_freq": rope_local,
+        "rope_scaling": scaling,
+        "rope_parameters": {"full_attention": full,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": rope_local}},
+        "sliding_window": window or None,
+        "layer_types": layer_types,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "final_logit_softcapping": _meta_float(g, f"{arch}.final_logit_softcapping"),
+        "attn_logit_softcapping": _meta_float(g, f"{arch}.attn_logit_softcapping"),
+        "max_position_embeddings": ctx,
+        "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_bidirectional_attention": False,
+        "use_cache": True,
+        "bos_token_id": _meta_int(g, "tokenizer.ggml.bos_token_id", 2),
+        "eos_token_id": _meta_int(g, "tokenizer.ggml.eos_token_id", 1),
+        "pad_token_id": _meta_int(g, "tokenizer.ggml.padding_token_id", 0),
+        "torch_dtype": "float32",
+    }
+    for n in range(1, n_layer + 1):  # the period, when layer_types has one (older transformers read it)
+        if layer_types == ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(n_layer)]:
+            cfg["sliding_window_pattern"] = n
+            break
+    return cfg
+
+
+def generation_eos_ids(g: GGUFFile, cfg: dict[str, Any]) -> int | list[int] | None:
+    """eos for generation_config.json: the GGUF's eos, plus ``<end_of_turn>`` for gemma3 (the chat turn's
+    end, which llama.cpp also treats as end of generation)."""
+    eos = cfg["eos_token_id"]
+    if cfg.get("model_type") != "gemma3_text":
+        return eos
+    tokens = _meta(g, "tokenizer.ggml.tokens") or []
+    ids = [eos] if eos is not None else []
+    try:
+        eot = tokens.index("<end_of_turn>")
+    except ValueError:
+        return eos
+    return ids + [eot] if eot not in ids else ids
+
+
 # ---------------------------------------------------------------- tensors
 
 
@@ -298,39 +427,48 @@ class _Planned(NamedTuple):
     hf_name: str
     shape: tuple[int, ...]
     qk_heads: int | None  # n_head for the q/k un-permute, None otherwise
+    offset: float = 0.0  # subtracted from the stored values (gemma3 norms: GEMMA_NORM_OFFSET)
 
 
 def _tensor_plan(g: GGUFFile, cfg: dict[str, Any]) -> list[_Planned]:
     """GGUF -> HF tensor mapping, checking that every tensor is known, present and of the right shape."""
     dim, ffn, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     n_head, n_kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    gemma = cfg.get("model_type") == "gemma3_text"
+    layer_names = _GEMMA3_LAYER_NAMES if gemma else _LAYER_NAMES
+    norm_offset = GEMMA_NORM_OFFSET if gemma else 0.0
     part_shapes = {
-        "attn_norm": (dim,), "ffn_norm": (dim,),
+        "attn_norm": (dim,), "ffn_norm": (dim,), "post_attention_norm": (dim,), "post_ffw_norm": (dim,),
+        "attn_q_norm": (hd,), "attn_k_norm": (hd,),
         "attn_q": (n_head * hd, dim), "attn_k": (n_kv * hd, dim), "attn_v": (n_kv * hd, dim),
         "attn_output": (dim, n_head * hd),
         "ffn_gate": (ffn, dim), "ffn_up": (ffn, dim), "ffn_down": (dim, ffn),
     }
     expected: dict[str, _Planned] = {
         "token_embd.weight": _Planned("token_embd.weight", _GLOBAL_NAMES["token_embd.weight"], (vocab, dim), None),
-        "output_norm.weight": _Planned("output_norm.weight", _GLOBAL_NAMES["output_norm.weight"], (dim,), None),
+        "output_norm.weight": _Planned("output_norm.weight", _GLOBAL_NAMES["output_norm.weight"], (dim,), None,
+                                       norm_offset),
     }
     if not cfg["tie_word_embeddings"]:
         expected["output.weight"] = _Planned("output.weight", "lm_head.weight", (vocab, dim), None)
     for i in range(cfg["num_hidden_layers"]):
-        for part, hf in _LAYER_NAMES.items():
+        for part, hf in layer_names.items():
             suffixes = [".weight"]
-            if (cfg["attention_bias"] and part in _ATTN_PARTS) or (cfg["mlp_bias"] and part in _MLP_PARTS):
+            if (cfg.get("attention_bias") and part in _ATTN_PARTS) or (cfg.get("mlp_bias") and part in _MLP_PARTS):
                 suffixes.append(".bias")
             for suf in suffixes:
                 shape = part_shapes[part] if suf == ".weight" else part_shapes[part][:1]
-                heads = n_head if part == "attn_q" else n_kv if part == "attn_k" else None
+                # llama.cpp permutes q/k rows only for llama-style architectures (not gemma3)
+                heads = None if gemma else n_head if part == "attn_q" else n_kv if part == "attn_k" else None
+                offset = norm_offset if part.endswith("norm") else 0.0
                 name = f"blk.{i}.{part}{suf}"
-                expected[name] = _Planned(name, f"model.layers.{i}.{hf}{suf}", shape, heads)
+                expected[name] = _Planned(name, f"model.layers.{i}.{hf}{suf}", shape, heads, offset)
     names = g.tensor_names
     unknown = [n for n in names if n not in expected]
     if unknown:
         more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
-        raise ModelLoadError(f"{g.path}: unexpected tensors for a llama model: {', '.join(unknown[:3])}{more}")
+        raise ModelLoadError(f"{g.path}: unexpected tensors for a {g.architecture or 'llama'} model: "
+                             f"{', '.join(unknown[:3])}{more}")
     missing = [n for n in expected if n not in set(names)]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -348,6 +486,8 @@ def hf_tensor(g: GGUFFile, p: _Planned) -> np.ndarray:
     w = g.tensor(p.gguf_name)
     if p.qk_heads is not None:
         w = unpermute_qk(w, p.qk_heads)
+    if p.offset:
+        w = w - np.float32(p.offset)
     if not np.isfinite(w).all():
         raise ModelLoadError(f"{g.path}: tensor '{p.gguf_name}' contains NaN or infinite values (corrupt file?)")
     return np.ascontiguousarray(w, dtype="<f4")
@@ -413,7 +553,7 @@ def _rmtree(p: Path) -> None:
 
 def convert_gguf_to_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                        progress: Progress = None) -> Path:
-    """Convert a llama GGUF into a Hugging Face folder (float32 safetensors); returns out_dir.
+    """Convert a llama or gemma3 GGUF into a Hugging Face folder (float32 safetensors); returns out_dir.
 
     ``progress`` gets a few status lines (start, tokenizer, hashing, done); the per-tensor progress is a
     bar on stderr (quantchat.progress)."""
@@ -442,7 +582,7 @@ def convert_gguf_to_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[
             raise ModelLoadError(f"{g.path}: cannot build the tokenizer ({_one_line(e)})") from e
         # config.json last-but-one: a half-written temp folder never looks like a model folder
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
+        gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": generation_eos_ids(g, cfg)}
         if "pad_token_id" in cfg:
             gen["pad_token_id"] = cfg["pad_token_id"]
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -1,5 +1,6 @@
-"""Turn a ``--model`` argument into a model folder: the default model, a GGUF file (converted once), or a
-Hugging Face folder. Torch-free (``quantchat models`` reads it); ``engine/build.py`` loads the folder."""
+"""Turn a ``--model`` argument into a model folder: the default model, a known packaged model's short name
+(``quantchat.paths.KNOWN_MODELS``, e.g. ``gemma3-270m``), a GGUF file (converted once), or a Hugging Face
+folder. Torch-free (``quantchat models`` reads it); ``engine/build.py`` loads the folder."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from quantchat.errors import ModelLoadError
 from quantchat.loading.gguf_io import converted_dir_for_gguf
-from quantchat.paths import default_model_path
+from quantchat.paths import KNOWN_MODELS, default_model_path, known_model_path
 
 @dataclass
 class ModelSource:
@@ -31,6 +32,9 @@ def resolve_model(spec: str | None, progress: Callable[[str], None] | None = Non
             )
     else:
         path = Path(spec).expanduser()
+        if spec in KNOWN_MODELS and not path.exists():  # a short name (an existing path of that name wins)
+            path = known_model_path(spec)
+            return ModelSource(spec, converted_dir_for_gguf(path, progress=progress), path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
     if path.is_dir():

@@ -76,11 +76,35 @@ MISTRAL = (
     "{% endfor %}"
 )
 
-BUILTIN_TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama-2": LLAMA_2, "vicuna": VICUNA, "mistral": MISTRAL}
+# Gemma 2/3 instruct: "<bos><start_of_turn>user\nq<end_of_turn>\n<start_of_turn>model\na<end_of_turn>\n";
+# a system prompt opens the first user turn (followed by a blank line); contents are trimmed. Used for
+# Gemma GGUFs that carry no tokenizer.chat_template (e.g. the packaged gemma3-270m).
+GEMMA = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% if messages[0]['content'] is string %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% else %}{% set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' %}{% endif %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] | trim }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+BUILTIN_TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama-2": LLAMA_2, "vicuna": VICUNA, "mistral": MISTRAL,
+                                     "gemma": GEMMA}
 
 
 def builtin_template(name: str) -> str:
-    """The Jinja source of a built-in template: "chatml", "llama-2", "vicuna" or "mistral"."""
+    """The Jinja source of a built-in template: "chatml", "llama-2", "vicuna", "mistral" or "gemma"."""
     try:
         return BUILTIN_TEMPLATES[name]
     except KeyError:
@@ -94,6 +118,8 @@ def guess_builtin_template(vocab: Collection[str], model_name: str | None = None
     name = (model_name or "").lower()
     if "<|im_start|>" in vocab:
         return "chatml"
+    if "<start_of_turn>" in vocab and "<end_of_turn>" in vocab:
+        return "gemma"
     if "vicuna" in name:
         return "vicuna"
     if "mistral" in name or "mixtral" in name or "[INST]" in vocab:

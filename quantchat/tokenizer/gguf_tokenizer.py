@@ -23,6 +23,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from quantchat.errors import ModelLoadError
+from quantchat.tokenizer.chat_template import GEMMA as GEMMA_TEMPLATE
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -321,6 +322,8 @@ def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("context_length"):
         cfg["model_max_length"] = int(meta["context_length"])
     template = meta.get("chat_template")
+    if not template and "<start_of_turn>" in tokens and "<end_of_turn>" in tokens:  # a Gemma GGUF without one
+        template = GEMMA_TEMPLATE
     named = [n for n in (meta.get("chat_templates") or []) if meta.get(f"chat_template.{n}")]
     if named:
         cfg["chat_template"] = ([{"name": "default", "template": template}] if template else []) + [
