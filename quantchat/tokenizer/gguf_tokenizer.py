@@ -7,6 +7,9 @@ the ``tokenizers`` library so that it splits text exactly as llama.cpp does (src
   ``tokenizer.ggml.pre`` from llama.cpp's table (e.g. "smollm" = ``\\p{N}`` then the GPT-2 regex).
 * ``tokenizer.ggml.model == "llama"``: SentencePiece BPE with scores, byte-fallback ``<0x..>``
   tokens, spaces as "▁" and a "▁" prefix on each text run (``add_space_prefix``).
+* ``tokenizer.ggml.model == "gemma4"``: BPE with ranked merges over raw UTF-8 (no byte-level
+  mapping), spaces as "▁" (no prefix), text split only into newline / non-newline runs, a
+  newline run that is itself a token taken whole, byte-fallback ``<0x..>`` tokens; BOS always on.
 
 Control (3) and unknown (2) tokens become special added tokens; user-defined (4) ones become
 added, non-special tokens (always matched whole, and kept when special tokens are skipped).
@@ -33,7 +36,7 @@ SPIECE_SPACE = "\u2581"  # "▁"
 # Tokens llama.cpp treats as end-of-generation by their text (llama-vocab.cpp); made special here.
 EOG_TOKEN_TEXTS = (
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-    "<EOT>", "<|end_of_text|>", "<end_of_utterance>", "<｜end▁of▁sentence｜>",
+    "<EOT>", "<|end_of_text|>", "<end_of_utterance>", "<｜end▁of▁sentence｜>", "<turn|>", "<|tool_response>",
 )
 
 # --- pre-tokenizer regexes, as in llama.cpp's llm_tokenizer_bpe (tokenizer.json spelling) ---
@@ -63,11 +66,16 @@ _DEEPSEEK3 = [
     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 ]
 _DEFAULT = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]
+_NEWLINE_RUNS = r"[^\n]+|[\n]+"
 _FALCON = [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"]
 
 
-def _pre(regexes: list[str], ignore_merges: bool = False, add_bos: bool = False) -> dict[str, Any]:
-    return {"regexes": regexes, "ignore_merges": ignore_merges, "add_bos": add_bos}
+def _pre(
+    regexes: list[str], ignore_merges: bool = False, add_bos: bool = False, byte_encode: bool = True
+) -> dict[str, Any]:
+    """One pre-tokenizer spec; byte_encode False: raw UTF-8 with "▁" spaces and <0x..> byte tokens."""
+    return {"regexes": regexes, "ignore_merges": ignore_merges, "add_bos": add_bos, "byte_encode": byte_encode,
+            "byte_fallback": not byte_encode}
 
 
 def _table() -> dict[str, dict[str, Any]]:
@@ -95,6 +103,8 @@ def _table() -> dict[str, dict[str, Any]]:
     t["seed-coder"] = _pre([_SEED_CODER])
     for n in ("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"):
         t[n] = _pre(list(_DEEPSEEK3))
+    # SentencePiece-style BPE (llama.cpp forces BOS on for Gemma 4)
+    t["gemma4"] = _pre([_NEWLINE_RUNS], add_bos=True, byte_encode=False)
     return t
 
 
@@ -171,26 +181,37 @@ def _vocab(tokens: list[str], meta: dict[str, Any]) -> dict[str, int]:
     return vocab
 
 
-def _bpe_model(meta: dict[str, Any], tokens: list[str]) -> tuple[models.Model, dict[str, Any]]:
-    pre_name = meta.get("ggml.pre") or "default"
+def _pre_spec(meta: dict[str, Any]) -> dict[str, Any]:
+    """The PRE_TOKENIZERS entry for this metadata (gemma4 vocabularies always use "gemma4")."""
+    pre_name = "gemma4" if meta.get("ggml.model") == "gemma4" else meta.get("ggml.pre") or "default"
     spec = PRE_TOKENIZERS.get(pre_name)
     if spec is None:
         raise ModelLoadError(
             f"{meta['source']}: unsupported pre-tokenizer tokenizer.ggml.pre={pre_name!r} "
             f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})"
         )
+    return spec
+
+
+def _merges(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """tokenizer.ggml.merges as (left, right) pairs, in rank order."""
     raw_merges = meta.get("ggml.merges")
     if not raw_merges:
-        raise ModelLoadError(f"{meta['source']}: byte-level BPE tokenizer without tokenizer.ggml.merges")
+        raise ModelLoadError(f"{meta['source']}: BPE tokenizer without tokenizer.ggml.merges")
     merges = []
     for m in raw_merges:
         pos = m.find(" ", 1)  # like llama.cpp: the first space after the first character
         if pos < 0:
             raise ModelLoadError(f"{meta['source']}: malformed BPE merge {m!r}")
         merges.append((m[:pos], m[pos + 1:]))
+    return merges
+
+
+def _bpe_model(meta: dict[str, Any], tokens: list[str]) -> tuple[models.Model, dict[str, Any]]:
+    spec = _pre_spec(meta)
     model = models.BPE(
-        vocab=_vocab(tokens, meta), merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False,
-        ignore_merges=spec["ignore_merges"],
+        vocab=_vocab(tokens, meta), merges=_merges(meta), unk_token=None, fuse_unk=False,
+        byte_fallback=spec["byte_fallback"], ignore_merges=spec["ignore_merges"],
     )
     return model, spec
 
@@ -260,7 +281,10 @@ def _added_tokens(
 
 
 def default_add_bos(meta: dict[str, Any]) -> bool:
-    """llama.cpp's add-BOS rule: the file's flag, else on for SentencePiece and LLaMA-3-style BPE."""
+    """llama.cpp's add-BOS rule: the file's flag, else on for SentencePiece and LLaMA-3-style BPE;
+    always on for Gemma 4 (llama.cpp overrides a false flag there)."""
+    if meta.get("ggml.model") == "gemma4":
+        return True
     flag = meta.get("ggml.add_bos_token")
     if flag is not None:
         return bool(flag)
@@ -285,6 +309,14 @@ def build_tokenizer(meta: dict[str, Any]) -> HFTokenizer:
         tok = HFTokenizer(model)
         tok.pre_tokenizer = _regex_pre_tokenizer(spec["regexes"])
         tok.decoder = decoders.ByteLevel()
+    elif kind == "gemma4":
+        model, spec = _bpe_model(meta, tokens)
+        tok = HFTokenizer(model)
+        tok.normalizer = normalizers.Replace(" ", SPIECE_SPACE)
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(spec["regexes"][0]), behavior="isolated", invert=False)
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
     elif kind == "llama":
         tok = HFTokenizer(_spm_model(meta, tokens, types))
         add_prefix = bool(meta.get("ggml.add_space_prefix", True))
@@ -296,7 +328,8 @@ def build_tokenizer(meta: dict[str, Any]) -> HFTokenizer:
         tok.decoder = decoders.Sequence(steps)
     else:
         raise ModelLoadError(
-            f"{meta['source']}: unsupported tokenizer.ggml.model={kind!r} (supported: 'gpt2', 'llama')"
+            f"{meta['source']}: unsupported tokenizer.ggml.model={kind!r} "
+            "(supported: 'gpt2', 'llama', 'gemma4')"
         )
     tok.add_tokens(_added_tokens(meta, tokens, types, ids))
     if ids["bos"] is not None and default_add_bos(meta):

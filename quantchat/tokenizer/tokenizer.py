@@ -15,7 +15,8 @@ from quantchat.tokenizer.chat_template import BUILTIN_TEMPLATES, guess_builtin_t
 # Tokens that end an assistant turn in common chat formats (llama.cpp's EOG list, by text).
 END_OF_TURN_TOKENS = (
     "<|im_end|>", "<|eot_id|>", "</s>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-    "<|end_of_text|>", "<EOT>", "<end_of_utterance>", "<｜end▁of▁sentence｜>",
+    "<|end_of_text|>", "<EOT>", "<end_of_utterance>", "<｜end▁of▁sentence｜>", "<turn|>",
+    "<|tool_response>",
 )
 
 
