@@ -352,10 +352,15 @@ def test_known_model_names():
 REFERENCE = Path(__file__).parent / "data" / "gemma3_270m_reference.json"
 
 
-@pytest.mark.slow
-def test_real_gemma3_270m_with_transformers(home):
+def _need_gemma() -> None:
     if not paths.known_model_installed("gemma3-270m"):
         pytest.skip("gemma3-270m not installed (" + paths.KNOWN_MODELS["gemma3-270m"].install_command + ")")
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_with_transformers():
+    """(The shared test home: the real model is converted once per test run.)"""
+    _need_gemma()
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     src = resolve_model("gemma3-270m")
@@ -383,6 +388,27 @@ def test_real_gemma3_270m_with_transformers(home):
         loss = model(loss_ids, labels=loss_ids).loss.item()
     assert loss == pytest.approx(ref["loss"], abs=0.05)
     assert loss < 3.0  # with the norm offset left in (not subtracted) it is about 18
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_in_quantchat_equals_transformers():
+    """quantchat's own decoder on the real weights: the same 32 greedy tokens as transformers'
+    Gemma3ForCausalLM (recorded in the reference), for the completion and the chat prompt; quantized, the
+    answer is still Paris (int4-asym g32: " The capital of France is Paris.")."""
+    _need_gemma()
+    from quantchat.engine.build import load_engine
+    from quantchat.sampling.sampling import SamplingParams
+
+    ref = {c["name"]: c for c in json.loads(REFERENCE.read_text())["cases"]}
+    greedy = SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True)
+    engine = load_engine("gemma3-270m", device="cpu", max_seq_len=256).engine
+    assert engine.model.config.family == "gemma3" and engine.model.config.vocab_size == 262144
+    for name in ("qa", "chat"):
+        assert engine.generate_batch([ref[name]["prompt_ids"]], greedy)[0] == ref[name]["greedy_ids"], name
+    for quant in ("int8", "int4-asym"):
+        q = load_engine("gemma3-270m", device="cpu", max_seq_len=256, quant=quant, group_size=32).engine
+        out = q.generate_batch([ref["qa"]["prompt_ids"]], SamplingParams(temperature=0, max_new_tokens=8))[0]
+        assert "Paris" in q.tokenizer.decode(out), (quant, q.tokenizer.decode(out))
 
 
 if __name__ == "__main__":  # pragma: no cover
