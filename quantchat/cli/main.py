@@ -82,6 +82,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from quantchat.loading.resolve import describe_model_dir
+    from quantchat.model.families import FAMILIES
     from quantchat.paths import DEFAULT_MODEL_NAME, installed_known_models, known_model_path, quantchat_home
 
     rows = []
@@ -93,11 +94,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         if path.is_file():
             row["size_bytes"] = path.stat().st_size
             try:
-                from quantchat.loading.gguf_io import gguf_summary
+                from quantchat.loading.gguf_io import cached_conversion, gguf_summary
 
                 arch, types = gguf_summary(path)
                 row["architecture"] = arch
                 row["quantization"] = "gguf " + "/".join(sorted(types))
+                row["family"] = next((f.name for f in FAMILIES.values() if f.gguf_architecture == arch), "?")
+                conv = cached_conversion(path)
+                if conv is not None:
+                    row["decode"] = describe_model_dir(conv)["decode"]
             except QuantchatError:
                 pass
         else:
@@ -123,11 +128,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"models (home: {home})")
-    for col in ("name", "architecture", "quantization", "size", "path"):
+    for col in ("name", "family", "quantization", "size", "decode", "path"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], str(r["architecture"]), str(r["quantization"]),
-                      f"{r['size_bytes'] / 1e6:.0f} MB", r["path"])
+        table.add_row(r["name"], str(r.get("family", "?")), str(r["quantization"]),
+                      f"{r['size_bytes'] / 1e6:.0f} MB", str(r.get("decode", "?")), r["path"])
     Console().print(table)
     return 0
 

@@ -661,6 +661,12 @@ def converted_dir_for_gguf(path: str | os.PathLike[str], progress: Progress = No
     return convert_gguf_to_hf(Path(path).expanduser().absolute(), out, progress=progress)
 
 
+def cached_conversion(path: str | os.PathLike[str]) -> Path | None:
+    """The GGUF's complete cached conversion folder, or None (nothing converted yet)."""
+    out = _converted_path(path)
+    return out if _is_complete(out) else None
+
+
 def gguf_summary(path: str | os.PathLike[str]) -> tuple[str, dict[str, int]]:
     """(architecture, tensor type -> number of tensors) of a GGUF file. Read from its cached conversion
     when there is one: parsing a GGUF's metadata (a 49k-token vocabulary) takes seconds."""

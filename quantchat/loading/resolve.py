@@ -11,6 +11,7 @@ from pathlib import Path
 
 from quantchat.errors import ModelLoadError
 from quantchat.loading.gguf_io import converted_dir_for_gguf
+from quantchat.model.families import config_from_hf
 from quantchat.paths import KNOWN_MODELS, default_model_path, known_model_path
 
 @dataclass
@@ -56,10 +57,18 @@ def resolve_model(spec: str | None, progress: Callable[[str], None] | None = Non
 
 def describe_model_dir(hf_dir: Path) -> dict:
     """Size, architecture and quantization of a model folder, for ``quantchat models``."""
-    info = {"path": str(hf_dir), "architecture": "?", "quantization": "none", "size_bytes": 0, "params": None}
+    info = {"path": str(hf_dir), "architecture": "?", "quantization": "none", "size_bytes": 0, "params": None,
+            "family": "?", "decode": "?"}
     try:
         cfg = json.loads((hf_dir / "config.json").read_text())
         info["architecture"] = ",".join(cfg.get("architectures") or [cfg.get("model_type", "?")])
+        try:
+            mc = config_from_hf(cfg, str(hf_dir / "config.json"))
+            info["family"], info["params"] = mc.family, mc.n_params
+            info["decode"] = "fused" if mc.is_llama_layout else "forward"  # the fused C++ step, or the model's
+        except ModelLoadError as e:
+            info["family"] = "unsupported"
+            info["decode"] = str(e).split(": ", 1)[-1]
         info["dtype"] = cfg.get("torch_dtype") or cfg.get("dtype")
         q = cfg.get("quantization_config")
         if q:

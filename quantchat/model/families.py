@@ -4,7 +4,7 @@ Each ``Family`` names its Hugging Face ``architectures`` / ``model_type`` values
 into a ``ModelConfig`` (the decoder's layout fields), and maps each of its checkpoint tensors to the
 decoder's parameter (and, for fused weights, the part), with a transform where the stored layout differs
 (GPT-2's Conv1D weights are transposed, Falcon's fused q/k/v is reordered to [q; k; v], Gemma's norms
-store ``weight - 1``). Torch is needed only by the transforms.
+store ``weight - 1``). Torch-free to import (``quantchat models`` reads it); the transforms get tensors.
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from quantchat.errors import ModelLoadError
 from quantchat.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # HF activation names -> ours
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                 "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
-Transform = Callable[[Tensor, ModelConfig, dict], Tensor]
+Transform = Callable[["Tensor", ModelConfig, dict], "Tensor"]
 
 
 @dataclass(frozen=True)
@@ -295,6 +295,8 @@ def _falcon_qkv(w: Tensor, cfg: ModelConfig, hf: dict) -> Tensor:
     else:
         g = w.reshape(n_head, 3, hd, *rest)
         q, k, v = g[:, 0], g[:, 1], g[:, 2]
+    import torch  # here, not at the top: the table itself stays torch-free
+
     return torch.cat([q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)])
 
 
