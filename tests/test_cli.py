@@ -86,13 +86,13 @@ def test_folder_that_is_not_a_model(tmp_path, content):
 
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
-        "vocab_size": 258,
+        "architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": 258,
     }))
     (tmp_path / "model.safetensors").write_bytes(b"")
     write_byte_tokenizer(tmp_path)
     line = assert_user_error(run_cli("complete", "--model", str(tmp_path), "--prompt", "hi"))
-    assert "GPT2LMHeadModel" in line and "LlamaForCausalLM" in line, line
+    assert "BertForMaskedLM" in line and "LlamaForCausalLM" in line and "GPT2LMHeadModel" in line, line
 
 
 @pytest.mark.parametrize("damage", ["random-bytes", "truncated"])

@@ -191,8 +191,8 @@ def _gemma3_config(cfg: dict[str, Any], source: str) -> ModelConfig:
 
 def _gpt2_config(cfg: dict[str, Any], source: str) -> ModelConfig:
     """GPT-2: LayerNorm with bias, learned absolute positions, MHA with biases, GELU (tanh) MLP."""
-    dim, n_head, n_layer, vocab, ctx = _need(cfg, source, "n_embd", "n_head", "n_layer", "vocab_size",
-                                             "n_positions")
+    dim, n_head, n_layer, vocab = _need(cfg, source, "n_embd", "n_head", "n_layer", "vocab_size")
+    ctx = int(cfg.get("n_positions", 1024))  # GPT2Config's default
     if cfg.get("scale_attn_by_inverse_layer_idx"):
         raise ModelLoadError(f"{source}: GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
     if cfg.get("add_cross_attention"):
