@@ -384,3 +384,20 @@ def test_startup_timer_reads_the_whole_answer(tiny_dir, tmp_path):
     assert 0 < r["ttft_s"] <= r["total_s"]
     row = {"case": "later", "prepare_s": None, "target_ttft_s": 3.0, "meets_target": True, **r}
     assert "| later |" in table({"rows": [row]}) and "met" in table({"rows": [row]})
+
+
+def test_chat_with_a_base_model_says_which_template_it_guessed(tiny_dir, tmp_path):
+    """A model without a chat template of its own: chat says so (and which built-in it uses) and still
+    answers; complete needs no template and prints no such note; the model's own template gives none."""
+    d = tmp_path / "base"
+    shutil.copytree(tiny_dir, d)
+    write_byte_tokenizer(d, chat_template=None)
+    res = run_cli("chat", "--model", str(d), "--prompt", "hi", "-t", "0", "-n", "4")
+    assert res.returncode == 0, res.stderr
+    notes = [line for line in res.stderr.splitlines() if "no chat template" in line]
+    assert len(notes) == 1 and "llama-2" in notes[0] and "quantchat complete" in notes[0], res.stderr
+    assert len(res.stdout.strip()) == 4
+    done = run_cli("complete", "--model", str(d), "--prompt", "hi", "-n", "4")
+    assert done.returncode == 0 and "no chat template" not in done.stderr, done.stderr
+    own = run_cli("chat", "--model", str(tiny_dir), "--prompt", "hi", "-t", "0", "-n", "4")
+    assert own.returncode == 0 and "no chat template" not in own.stderr, own.stderr

@@ -36,6 +36,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             raise QuantchatError(f"{args.template}: cannot read chat template ({e})") from None
     packed_gguf_default(args)
     loaded = load_from_args(args)
+    tok = loaded.engine.tokenizer
+    if template is None and tok.chat_template is None:
+        guess = tok.guessed_template()
+        status(f"note: {loaded.source.name} has no chat template of its own (a base model?): using the built-in "
+               f"'{guess}' guessed from its vocabulary, which it may not follow; --template picks another, and "
+               "`quantchat complete` continues plain text")
     session = ChatSession(loaded.engine, params, system_prompt=args.system, template=template)
     if args.prompt is not None:
         stream_out(session.send(args.prompt), not args.no_stats)

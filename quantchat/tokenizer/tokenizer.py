@@ -252,13 +252,16 @@ class Tokenizer:
 
     # --- chat -----------------------------------------------------------------------------------
 
+    def guessed_template(self) -> str:
+        """The built-in template used for a model without its own (see ``guess_builtin_template``)."""
+        return guess_builtin_template(self.backend.get_vocab(), self.model_name)
+
     def resolve_chat_template(self, template: str | None = None) -> str:
         """The Jinja source to use: a built-in or named template, a literal template, or the model's own/fallback."""
         if template is None:
             if self.chat_template is not None:
                 return self.chat_template
-            name = guess_builtin_template(self.backend.get_vocab(), self.model_name)
-            return BUILTIN_TEMPLATES[name]
+            return BUILTIN_TEMPLATES[self.guessed_template()]
         if template in BUILTIN_TEMPLATES:
             return BUILTIN_TEMPLATES[template]
         if template in self._templates:
