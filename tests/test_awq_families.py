@@ -93,3 +93,68 @@ def test_awq_no_worse_than_rtn_on_every_family(tmp_path, case):
     e_awq = _logit_error(tmp_path, ref, "awq", seq)
     print(f"{case}: logits rel. error vs transformers, int4-asym g{GS} RTN {e_rtn:.4f}, AWQ {e_awq:.4f}")
     assert e_awq <= 1.05 * e_rtn, (case, e_awq, e_rtn)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "mpt-6heads-clip", "falcon-7b-layout", "falcon-new-arch", "gemma3"])
+def test_report_undoes_the_awq_basis_on_every_family(tmp_path, case):
+    """AWQ-scaled weights stored at int8 measure as int8 errors in the report once the folded scales are
+    undone (norm ratios, v / up row fits), whatever the block layout (``feed_forward.w1`` rows for plain MLPs)."""
+    from quantchat.quant import report as qr
+    from quantchat.quant.linear import QuantizedLinear
+    from quantchat.quant.quantize import linear_names, set_module
+
+    build(tmp_path, case)
+    ref = with_outliers(load_model(tmp_path, cpu_layout=False))
+    q = copy.deepcopy(ref)
+    awq.awq_model(q, _calib(), GS, False, n_grid=10, clip=False)
+    for name in linear_names(q) + ["output"]:
+        m = q.get_submodule(name)
+        set_module(q, name, QuantizedLinear.from_float(m.weight, m.bias, 8, keep_codes=True))
+    calib = _calib(10)
+    good = qr.build_report(ref, q, calib, model_name=case, method="awq", logits=False)
+    assert [e.name for e in good.layers][:4] == [f"layers.0.{n}" for n in ref.config.block_linears]
+    # int8 levels (plain int8 here: 3-5e-5 both); AWQ's basis moves weight error onto low-activation
+    # columns (weight rel-MSE up to ~3e-4) and lowers the output error (~1-2e-5)
+    assert max(e.weight_rel_mse for e in good.layers) < 1e-3
+    assert max(e.output_rel_mse for e in good.layers) < 2e-4
+    # the scales were real: the norms changed, and (where scales went into rows) the report without the
+    # row fits (method int8: norm ratios only) is far off
+    assert any(not torch.allclose(a.attention_norm.weight, b.attention_norm.weight, rtol=1e-2)
+               for a, b in zip(ref.layers, q.layers))
+    if ref.config.mlp_gated or awq.folds_v_into_wo(ref.layers[0].attention):
+        naive = qr.build_report(ref, q, calib, model_name=case, method="int8", logits=False)
+        assert max(e.weight_rel_mse for e in naive.layers) > 1e-2
+    kinds = {e.kind for e in good.layers}
+    assert ("w1" in kinds) == (not ref.config.mlp_gated) and ("w13" in kinds) == ref.config.mlp_gated
+
+
+def test_quantize_awq_then_inspect_a_gpt2_model(tmp_path, capsys):
+    """``quantchat quantize --method awq --report`` and ``quantchat inspect`` on a GPT-2 folder: rows for
+    w1 (not w13), the histogram of a named w1."""
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from test_quant_report import VOCAB as BPE_VOCAB, run_main, write_bpe_tokenizer
+
+    torch.manual_seed(0)
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=BPE_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                               bos_token_id=261, eos_token_id=262)).save_pretrained(src, safe_serialization=True)
+    write_bpe_tokenizer(src)
+    out = tmp_path / "q"
+    rc, stdout, err = run_main(capsys, "quantize", src, "--method", "awq", "--group-size", "32", "--out", out,
+                               "--calib-samples", "2", "--calib-seq-len", "32", "--report", "--report-samples",
+                               "2", "--report-seq-len", "32")
+    assert rc == 0, err
+    assert "layers.1.feed_forward.w1" in stdout and "w13" not in stdout
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert data["method"] == "awq" and len(data["layers"]) == 2 * 4 + 1  # tied head, no embedding row
+    assert "w2 is not scaled" in " ".join(data["notes"])
+    rc, stdout, err = run_main(capsys, "inspect", out, "--layer", "0.w1", "--out", tmp_path / "insp",
+                               "--samples", "2", "--seq-len", "32")
+    assert rc == 0, err
+    again = json.loads((tmp_path / "insp" / "report.json").read_text())
+    assert again["histogram_layer"] == "layers.0.feed_forward.w1"
+    assert [r["output_rel_mse"] for r in again["layers"]] == pytest.approx(
+        [r["output_rel_mse"] for r in data["layers"]], rel=1e-4)
