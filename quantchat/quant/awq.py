@@ -10,11 +10,27 @@ Follows mit-han-lab/llm-awq (``auto_scale.py``, ``auto_clip.py``), block by bloc
    feed, as llm-awq does: the whole attention (wqkv; wo stays float) or the whole MLP (w13; w2 stays
    float), the linear itself for wo and w2. alpha = 0 is plain RTN, so the search never does worse
    than RTN on the calibration tokens. The best s is folded into the model so the float function is
-   unchanged: 1/s into ``attention_norm.weight`` (wqkv) and ``ffn_norm.weight`` (w13), into the up
+   unchanged: 1/s into ``attention_norm`` (wqkv) and ``ffn_norm`` (w13), into the up
    rows of w13 (w2: silu(gate) * up is linear in up), and into the v rows of wqkv (wo) -- the last
    only when n_head == n_kv_head: with grouped-query attention one v channel feeds several wo
    columns, which would need equal scales (llm-awq applies it only when v_proj and o_proj have
    the same shape, for the same reason).
+
+   Every family (``scaling_groups``, AutoAWQ's per-architecture groups: the op before, the linears
+   reading its output, the module whose output the loss is measured on):
+
+   * LayerNorm (GPT-2, MPT, Falcon) as well as RMSNorm: 1/s divides the norm's weight and its bias.
+   * Parallel blocks (Falcon): with one shared norm (7B layout) wqkv and w1 read the same normalized
+     input, so they get one scale together, searched on attention + MLP output; with two norms (the new
+     decoder architecture) attention_norm -> wqkv and ffn_norm -> w1 are separate groups.
+   * Plain MLPs (w1 -> GELU -> w2; GPT-2, MPT, Falcon): no linear op comes before w2 to fold a scale
+     into, and inserting one (AutoAWQ's ScaledActivation) would add a module to the checkpoint
+     format. We take the simpler option: w2 gets no scale, only the clip search (step 2).
+   * Gemma 3: attention_norm and ffn_norm are plain RMSNorm weights here (the +1 is applied at load),
+     so the LLaMA groups apply; q_norm/k_norm act on wqkv's output, which the scaling leaves unchanged,
+     and the sandwich norms act on attention / MLP outputs, likewise unchanged.
+   * MPT's ``clip_qkv`` clamps wqkv's output: unchanged by the input scaling, but a per-row scale of
+     the v rows would not commute with the clamp, so wo is not scaled there (``folds_v_into_wo``).
 2. Clip search (llm-awq ``auto_clip_layer``): per output row and group, shrink the quantization
    range by 1 - i/n_grid for i < max_shrink * n_grid (1.0, 0.95, ..., 0.55 with the defaults) and
    keep the factor minimizing the group's partial output error sum_k x_k w_k on a subsample of the
@@ -38,11 +54,11 @@ the shrink factors of the group's min and max [N, G, 2].
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from quantchat.errors import QuantchatError
 from quantchat.quant import rtn
 from quantchat.quant.calibration import (
     Context, Progress, attention_forward, block_context, block_forward, chunks, embed, limit_tokens,
@@ -181,6 +197,57 @@ def _capture_inputs(layer: nn.Module, x: Tensor, ctx: Context, names: list[str],
     return feats
 
 
+def folds_v_into_wo(attention: nn.Module) -> bool:
+    """Whether AWQ folds wo's input scale into the v rows of wqkv: only without grouped-query attention
+    (one v channel would feed several wo columns) and without MPT's ``clip_qkv`` (the clamp of wqkv's
+    output does not commute with a per-row scale)."""
+    return attention.n_head == attention.n_kv_head and attention.config.clip_qkv is None
+
+
+def _fold_norm_(norm: nn.Module, s: Tensor) -> None:
+    """Divide a norm's output by s: its weight (RMSNorm, LayerNorm) and its bias (LayerNorm)."""
+    norm.weight.data.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.data.div_(s.to(norm.bias.dtype))
+
+
+@dataclass
+class ScaleGroup:
+    """One AWQ scaling group (llm-awq / AutoAWQ ``prev_op``, ``layers``, ``inp``/``module2inspect``):
+    ``linears`` (names in the block) all read the same input, captured under ``linears[0]``; the loss of
+    the scale search is measured on ``forward(input)``; ``fold(s)`` divides the output of the op before
+    (a norm, or rows of the linear before) by s so that the float block is unchanged."""
+
+    linears: list[str]
+    forward: Callable[[Tensor], Tensor]
+    fold: Callable[[Tensor], None]
+
+
+def scaling_groups(layer: nn.Module, ctx: Context) -> list[ScaleGroup]:
+    """The scaling groups of one ``TransformerBlock``, in data-flow order, for every family layout."""
+    c = layer.config
+    att, ff = layer.attention, layer.feed_forward
+    mlp_in = "feed_forward.w13" if c.mlp_gated else "feed_forward.w1"
+    groups: list[ScaleGroup] = []
+    shared = c.parallel_block and c.shared_block_norm
+    if shared:  # Falcon 7B: one norm feeds both attention and MLP -> one scale for [wqkv, w1]
+        groups.append(ScaleGroup(["attention.wqkv", mlp_in], lambda t: attention_forward(att, t, ctx) + ff(t),
+                                 lambda s: _fold_norm_(layer.attention_norm, s)))
+    else:
+        groups.append(ScaleGroup(["attention.wqkv"], lambda t: attention_forward(att, t, ctx),
+                                 lambda s: _fold_norm_(layer.attention_norm, s)))
+    if folds_v_into_wo(att):
+        v_rows = slice(att.q_size + att.kv_size, att.q_size + 2 * att.kv_size)
+        groups.append(ScaleGroup(["attention.wo"], att.wo, lambda s: _scale_rows_(att.wqkv, v_rows, s)))
+    if not shared:
+        groups.append(ScaleGroup([mlp_in], ff, lambda s: _fold_norm_(layer.ffn_norm, s)))
+    if c.mlp_gated:  # act(gate) * up is linear in up
+        up = slice(ff.hidden, 2 * ff.hidden)
+        groups.append(ScaleGroup(["feed_forward.w2"], ff.w2, lambda s: _scale_rows_(ff.w13, up, s)))
+    # plain MLP (w1 -> act -> w2): no linear op before w2 to fold into; w2 gets the clip search only
+    return groups
+
+
 @torch.no_grad()
 def awq_model(
     model: nn.Module, calib: Tensor, group_size: int = 128, symmetric: bool = True, n_grid: int = 20,
@@ -191,60 +258,48 @@ def awq_model(
     """AWQ scale search (folded into the model's float weights, in place) and clip search on ``calib`` [n, T].
 
     Returns {"layers.{i}.attention.wqkv": clip, ...} ([N, G] symmetric, [N, G, 2] asymmetric) for every
-    block linear (empty if not ``clip``), to pass to ``rtn.quantize_int4`` with the same group size and
-    symmetry. Block inputs are the float outputs of the previous blocks (as llm-awq).
+    block linear (``config.block_linears``; empty if not ``clip``), to pass to ``rtn.quantize_int4`` with
+    the same group size and symmetry. Block inputs are the float outputs of the previous blocks (as llm-awq).
     ``progress(done, n_blocks)`` is called before the first block (done 0) and after each block;
-    ``stats``, if given, receives (best MSE, plain-RTN MSE) of each scale search;
-    ``max_tokens`` caps the calibration tokens; ``n_grid`` steps the scale search, ``clip_grid`` the clip
-    search. Memory: the inputs of the four linears of one block are kept (for 128 x 512 tokens of a
-    dim-576 model, about 0.9 GB in float32).
+    ``stats``, if given, receives (best MSE, plain-RTN MSE) of each scale search (keyed by the group's
+    first linear); ``max_tokens`` caps the calibration tokens; ``n_grid`` steps the scale search,
+    ``clip_grid`` the clip search. Memory: the inputs of the four linears of one block are kept (for
+    128 x 512 tokens of a dim-576 model, about 0.9 GB in float32).
     """
-    if not model.config.is_llama_layout:
-        raise QuantchatError(
-            f"AWQ's scale search knows the LLaMA block (RMSNorm -> q/k/v, RMSNorm -> gate/up, up -> down); the "
-            f"{model.config.family} family's block is not supported by AWQ yet: use --method gptq, int4-asym or int8")
     calib = limit_tokens(calib, max_tokens)
     ctx = block_context(model, calib.shape[1])
     x = embed(model, calib)
     n_layers = len(model.layers)
     clips: dict[str, Tensor] = {}
-    names = ["attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"]
+    names = list(model.config.block_linears)
     if progress:
         progress(0, n_layers)
     for li, layer in enumerate(model.layers):
-        feats = _capture_inputs(layer, x, ctx, names, batch_size)  # x: float output of the block
-        att, ff = layer.attention, layer.feed_forward
-        wqkv, wo, w13, w2 = att.wqkv, att.wo, ff.w13, ff.w2
-        v_rows = slice(att.q_size + att.kv_size, att.q_size + 2 * att.kv_size)
-
-        def search(key: str, fwd: Callable[[Tensor], Tensor], lin: nn.Linear) -> Tensor:
-            s, best, base = search_scale(fwd, [lin], feats[key], group_size, symmetric, n_grid, batch_size)
+        groups = scaling_groups(layer, ctx)
+        # a group's linears share one input: capture it once
+        feats = _capture_inputs(layer, x, ctx, [g.linears[0] for g in groups]
+                                + [n for n in names if not any(n in g.linears for g in groups)], batch_size)
+        for g in groups:
+            for nm in g.linears[1:]:
+                feats[nm] = feats[g.linears[0]]
+        for g in groups:
+            key = g.linears[0]
+            lins = [layer.get_submodule(nm) for nm in g.linears]
+            s, best, base = search_scale(g.forward, lins, feats[key], group_size, symmetric, n_grid, batch_size)
             if stats is not None:
                 stats[f"layers.{li}.{key}"] = (best, base)
-            feats[key].div_(s.to(feats[key].dtype))  # the linear's input after folding
-            _scale_columns_(lin, s)
-            return s
-
-        # attention input: 1/s into attention_norm
-        s = search("attention.wqkv", lambda t: attention_forward(att, t, ctx), wqkv)
-        layer.attention_norm.weight.data.div_(s.to(layer.attention_norm.weight.dtype))
-        # attention output: 1/s into the v rows (only without GQA)
-        if att.n_head == att.n_kv_head:
-            s = search("attention.wo", wo, wo)
-            _scale_rows_(wqkv, v_rows, s)
-        # MLP input: 1/s into ffn_norm
-        s = search("feed_forward.w13", ff, w13)
-        layer.ffn_norm.weight.data.div_(s.to(layer.ffn_norm.weight.dtype))
-        # MLP down projection: 1/s into the up rows of w13
-        s = search("feed_forward.w2", w2, w2)
-        _scale_rows_(w13, slice(ff.hidden, 2 * ff.hidden), s)
-
+            feats[key].div_(s.to(feats[key].dtype))  # the linears' input after folding
+            for lin in lins:
+                _scale_columns_(lin, s)
+            g.fold(s)
         if clip:
-            for key, lin in (("attention.wqkv", wqkv), ("attention.wo", wo), ("feed_forward.w13", w13),
-                             ("feed_forward.w2", w2)):
+            att = layer.attention
+            v_rows = slice(att.q_size + att.kv_size, att.q_size + 2 * att.kv_size)
+            for key in names:
                 rows = v_rows if key == "attention.wqkv" else None
                 clips[f"layers.{li}.{key}"] = search_clip(
-                    lin.weight, feats[key], group_size, symmetric, clip_grid, max_shrink, n_sample_token, rows)
+                    layer.get_submodule(key).weight, feats[key], group_size, symmetric, clip_grid, max_shrink,
+                    n_sample_token, rows)
         feats.clear()  # free this block's inputs before the next block's
         if progress:
             progress(li + 1, n_layers)

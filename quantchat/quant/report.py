@@ -11,10 +11,10 @@ plus, for the whole model, the relative MSE of the logits, the top-1 agreement a
 divergence of the next-token distributions (the quantized model run end to end).
 
 Errors are measured in the reference model's basis. AWQ changes the basis of some linears
-(``quant.awq``): it multiplies input columns by s and folds 1/s into the RMSNorm before (wqkv, w13,
-recovered exactly as the ratio of the quantized and reference norm weights) or into the rows of
-the linear before (the up rows of w13 for w2; the v rows of wqkv for wo without grouped-query
-attention). Those row scales are not stored, so for ``awq`` they are estimated per channel by
+(``quant.awq``): it multiplies input columns by s and folds 1/s into the norm before (wqkv, w13 or a
+plain MLP's w1, recovered exactly as the ratio of the quantized and reference norm weights) or into
+the rows of the linear before (the up rows of w13 for w2; the v rows of wqkv for wo without
+grouped-query attention or clip_qkv; a plain MLP's w2 is not scaled). Those row scales are not stored, so for ``awq`` they are estimated per channel by
 least squares between the dequantized and the reference rows (0.1-1 % accurate for int4 rows of a
 few hundred weights, far below the errors measured). ``Wq`` below is always the dequantized weight
 brought back to the reference basis (``effective weight``).
@@ -44,8 +44,9 @@ from quantchat.quant.calibration import block_context, chunks, embed, run_block_
 from quantchat.quant.embedding import QuantizedEmbedding
 from quantchat.quant.linear import QuantizedLinear
 
-KINDS = {"attention.wqkv": "wqkv", "attention.wo": "wo", "feed_forward.w13": "w13", "feed_forward.w2": "w2"}
-PROFILE_KINDS = ("wqkv", "wo", "w13", "w2")
+KINDS = {"attention.wqkv": "wqkv", "attention.wo": "wo", "feed_forward.w13": "w13", "feed_forward.w1": "w1",
+         "feed_forward.w2": "w2"}  # w13: gated MLPs (gate | up), w1: plain MLPs (up -> act -> down)
+PROFILE_KINDS = ("wqkv", "wo", "w13", "w1", "w2")
 JSON_FILE, MARKDOWN_FILE = "report.json", "report.md"
 HISTOGRAM_FILE, PROFILE_FILE = "quant_loss.png", "error_profile.png"
 DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SEED = 4, 128, 1234
@@ -130,35 +131,44 @@ def _bias(module: nn.Module) -> Tensor | None:
 def block_effective_weights(
     ref_layer: nn.Module, q_layer: nn.Module, awq: bool,
 ) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """{"attention.wqkv": (W_eff, bias_eff), ...}: the block's dequantized weights in the reference basis."""
-    att_r, att_q = ref_layer.attention, q_layer.attention
-    ff_r, ff_q = ref_layer.feed_forward, q_layer.feed_forward
-    for name, m in (("attention.wqkv", att_q.wqkv), ("attention.wo", att_q.wo), ("feed_forward.w13", ff_q.w13),
-                    ("feed_forward.w2", ff_q.w2)):
+    """{"attention.wqkv": (W_eff, bias_eff), ...}: the block's dequantized weights in the reference basis
+    (its ``config.block_linears``: ``feed_forward.w1`` for a plain MLP, ``feed_forward.w13`` for a gated one)."""
+    from quantchat.quant.awq import folds_v_into_wo
+
+    cfg = ref_layer.config
+    names = cfg.block_linears
+    mlp_in = names[2]
+    att_r = ref_layer.attention
+    for name in names:
+        m = q_layer.get_submodule(name)
         if not isinstance(m, QuantizedLinear):
             raise QuantchatError(f"{name} of the quantized model is not quantized ({type(m).__name__})")
+    # the norm before each input linear (one shared norm in Falcon-7B-style parallel blocks)
+    mlp_norm = "ffn_norm" if hasattr(ref_layer, "ffn_norm") else "attention_norm"
     c_qkv = _ratio(q_layer.attention_norm.weight, ref_layer.attention_norm.weight)
-    c_13 = _ratio(q_layer.ffn_norm.weight, ref_layer.ffn_norm.weight)
-    wqkv, bqkv = dequantized(att_q.wqkv) * c_qkv[None], _bias(att_q.wqkv)
-    w13, b13 = dequantized(ff_q.w13) * c_13[None], _bias(ff_q.w13)
-    wo, bo = dequantized(att_q.wo), _bias(att_q.wo)
-    w2, b2 = dequantized(ff_q.w2), _bias(ff_q.w2)
+    c_mlp = _ratio(q_layer.get_submodule(mlp_norm).weight, ref_layer.get_submodule(mlp_norm).weight)
+    eff = {name: (dequantized(q_layer.get_submodule(name)), _bias(q_layer.get_submodule(name))) for name in names}
+    eff["attention.wqkv"][0].mul_(c_qkv[None])
+    eff[mlp_in][0].mul_(c_mlp[None])
     if awq:
-        up = slice(ff_r.hidden, 2 * ff_r.hidden)
-        g = _row_fit(w13[up], ff_r.w13.weight.detach().float().cpu()[up])
-        w13[up] /= g[:, None]
-        if b13 is not None:
-            b13[up] /= g
-        w2 *= g[None]
-        if att_r.n_head == att_r.n_kv_head:
+        wqkv, bqkv = eff["attention.wqkv"]
+        if cfg.mlp_gated:  # the w2 scales live in the up rows of w13 (a plain MLP's w2 is not scaled)
+            w13, b13 = eff["feed_forward.w13"]
+            hidden = ref_layer.feed_forward.hidden
+            up = slice(hidden, 2 * hidden)
+            g = _row_fit(w13[up], ref_layer.feed_forward.w13.weight.detach().float().cpu()[up])
+            w13[up] /= g[:, None]
+            if b13 is not None:
+                b13[up] /= g
+            eff["feed_forward.w2"][0].mul_(g[None])
+        if folds_v_into_wo(att_r):
             v = slice(att_r.q_size + att_r.kv_size, att_r.q_size + 2 * att_r.kv_size)
             g = _row_fit(wqkv[v], att_r.wqkv.weight.detach().float().cpu()[v])
             wqkv[v] /= g[:, None]
             if bqkv is not None:
                 bqkv[v] /= g
-            wo *= g[None]
-    return {"attention.wqkv": (wqkv, bqkv), "attention.wo": (wo, bo), "feed_forward.w13": (w13, b13),
-            "feed_forward.w2": (w2, b2)}
+            eff["attention.wo"][0].mul_(g[None])
+    return eff
 
 
 def effective_weight(ref: nn.Module, qmodel: nn.Module, name: str, method: str) -> tuple[Tensor, Tensor]:
@@ -169,7 +179,7 @@ def effective_weight(ref: nn.Module, qmodel: nn.Module, name: str, method: str) 
     if name == "tok_embeddings":
         return ref.tok_embeddings.weight.detach().float().cpu(), dequantized(qmodel.tok_embeddings)
     parts = name.split(".")
-    if len(parts) != 4 or parts[0] != "layers" or ".".join(parts[2:]) not in KINDS:
+    if len(parts) != 4 or parts[0] != "layers" or ".".join(parts[2:]) not in ref.config.block_linears:
         raise QuantchatError(f"unknown layer '{name}'")
     i = int(parts[1])
     eff = block_effective_weights(ref.layers[i], qmodel.layers[i], method == "awq")
@@ -297,9 +307,12 @@ def build_report(
     rows, summary = measure(ref, qmodel, calib, method, progress=progress, logits=logits)
     notes = []
     if method == "awq":
-        notes.append("awq: wqkv/w13 input scales recovered exactly from the norm weights; the w2 (and, without "
-                     "grouped-query attention, wo) scales folded into w13 up rows (v rows) are least-squares "
-                     "estimates")
+        mlp = "w13" if ref.config.mlp_gated else "w1"
+        notes.append(f"awq: wqkv/{mlp} input scales recovered exactly from the norm weights; "
+                     + ("the w2 (and, without grouped-query attention, wo) scales folded into w13 up rows "
+                        "(v rows) are least-squares estimates" if ref.config.mlp_gated else
+                        "w2 is not scaled (plain MLP: clip only); the wo scales folded into the v rows (without "
+                        "grouped-query attention) are least-squares estimates"))
     return QuantReport(model_name, method, dict(spec or {"method": method}),
                        {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                         "tokens": int(calib.numel())}, rows, summary, notes)
@@ -307,7 +320,7 @@ def build_report(
 
 def layer_names(qmodel: nn.Module) -> list[str]:
     """The names a report has for this quantized model, in order."""
-    names = [f"layers.{i}.{k}" for i in range(len(qmodel.layers)) for k in KINDS]
+    names = [f"layers.{i}.{k}" for i in range(len(qmodel.layers)) for k in qmodel.config.block_linears]
     names.append("output")
     if not qmodel.config.tie_word_embeddings and isinstance(qmodel.tok_embeddings, QuantizedEmbedding):
         names.append("tok_embeddings")
