@@ -470,9 +470,10 @@ def _mpt_config(g: GGUFFile) -> dict[str, Any]:
         "vocab_size": vocab,
         "no_bias": True,
         "layer_norm_epsilon": float(_meta(g, "mpt.attention.layer_norm_epsilon", 1e-5)),
-        "attn_config": {"alibi": True, "alibi_bias_max": alibi_max, "clip_qkv": clip or None,
-                        "softmax_scale": None, "qk_ln": False, "prefix_lm": False,
-                        "attn_uses_sequence_id": False, "attn_pdrop": 0.0, "attn_type": "multihead_attention"},
+        # transformers' MptAttentionConfig types alibi_bias_max as int (MPT models use 8)
+        "attn_config": {"alibi": True, "alibi_bias_max": int(alibi_max) if alibi_max.is_integer() else alibi_max,
+                        "clip_qkv": clip or None, "softmax_scale": None, "qk_ln": False, "prefix_lm": False,
+                        "attn_uses_sequence_id": False, "attn_type": "multihead_attention"},
         "tie_word_embeddings": "output.weight" not in names,
         "initializer_range": 0.02,
         "use_cache": True,
