@@ -325,3 +325,13 @@ def test_mpt_activation_scales_refused(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         hf_config_from_gguf(read_gguf(path))
     assert_one_line(e, "MPT with activation scales", "not supported")
+
+
+def test_table_matches_families():
+    """Every family's GGUF architecture is read, and its config.json class is that family's."""
+    from quantchat.model.families import FAMILIES, family_of
+
+    for fam in FAMILIES.values():
+        assert fam.gguf_architecture in GGUF_ARCHITECTURES, fam.name
+        spec = GGUF_ARCHITECTURES[fam.gguf_architecture]
+        assert family_of({"architectures": [spec.hf_architecture]}) is fam
