@@ -263,8 +263,8 @@ def test_hf_config_untied_with_linear_rope_scaling(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path, home, stub_tokenizer):
-    path = tmp_path / "gpt2-model.gguf"
-    w = gguf.GGUFWriter(str(path), "gpt2")
+    path = tmp_path / "bloom-model.gguf"
+    w = gguf.GGUFWriter(str(path), "bloom")
     w.add_block_count(1)
     w.add_context_length(16)
     w.add_embedding_length(32)
@@ -274,10 +274,10 @@ def test_unsupported_architecture(tmp_path, home, stub_tokenizer):
     w.write_tensors_to_file()
     w.close()
     g = read_gguf(path)
-    assert g.architecture == "gpt2"
+    assert g.architecture == "bloom"
     with pytest.raises(ModelLoadError) as e:
         hf_config_from_gguf(g)
-    assert_one_line(e, "gpt2-model.gguf", "'gpt2'", "llama")
+    assert_one_line(e, "bloom-model.gguf", "'bloom'", "llama", "falcon", "mpt")
     with pytest.raises(ModelLoadError) as e:
         converted_dir_for_gguf(path)
     assert_one_line(e, "unsupported GGUF architecture")

@@ -1,14 +1,24 @@
 """GGUF files: read them (metadata, dequantized tensors) and convert them to a Hugging Face folder.
 
 Dequantization is delegated to ``gguf.quants.dequantize``; the conversion writes
-``config.json``, ``generation_config.json``, ``model.safetensors`` (float32, HF names,
-llama.cpp's rope permutation of q/k undone for llama), the tokenizer files and
-``quantchat_source.json``, atomically (temp dir + rename).
+``config.json``, ``generation_config.json``, ``model.safetensors`` (float32, HF names), the tokenizer
+files and ``quantchat_source.json``, atomically (temp dir + rename).
 
-Architectures: ``llama`` (LlamaForCausalLM) and ``gemma3`` (Gemma3ForCausalLM, text only). For gemma3,
-llama.cpp's converter stores every ``*norm.weight`` as HF's weight + 1 (Gemma3RMSNorm computes
-``x * (1 + w)``), so 1 is subtracted here; gemma3's q/k are not permuted (llama.cpp permutes only
-llama-style architectures).
+Architectures (``GGUF_ARCHITECTURES``: GGUF tensor names -> HF names, per llama.cpp's
+convert_hf_to_gguf.py and gguf-py tensor_mapping.py), and what llama.cpp changed on conversion that is
+undone here:
+
+* ``llama`` (LlamaForCausalLM): q/k rows permuted into the rope layout (``unpermute_qk``).
+* ``qwen2`` (Qwen2ForCausalLM): nothing (q/k/v biases; llama.cpp permutes only llama-style models).
+* ``gemma3`` (Gemma3ForCausalLM, text only): every ``*norm.weight`` stored as HF's weight + 1
+  (Gemma3RMSNorm computes ``x * (1 + w)``); q/k not permuted.
+* ``gpt2`` (GPT2LMHeadModel): the Conv1D weights (c_attn, c_proj, c_fc) stored transposed to [out, in];
+  transposed back to Conv1D's [in, out].
+* ``falcon`` (FalconForCausalLM): the fused query_key_value rows reordered from n_kv groups of
+  (n_head/n_kv q heads, k, v) to [q; k; v]; written back as the 7B layout (multi_query, one kv head:
+  [q; k; v] is that layout) or regrouped for ``new_decoder_architecture``. ALiBi Falcon is refused.
+* ``mpt`` (MptForCausalLM): nothing; ALiBi max bias and clip_kqv from the metadata. MPT without ALiBi,
+  with biases, grouped kv heads, qk LayerNorm or activation scales is refused.
 """
 
 from __future__ import annotations
@@ -32,15 +42,13 @@ from quantchat.paths import quantchat_home
 from quantchat.progress import Progress as Bar
 
 CONVERTER_VERSION = 1
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "gemma3")
 SOURCE_FILE = "quantchat_source.json"
 WEIGHTS_FILE = "model.safetensors"
 REQUIRED_FILES = ("config.json", "generation_config.json", WEIGHTS_FILE, SOURCE_FILE)
 
 Progress = Callable[[str], None] | None
 
-# GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
-_LAYER_NAMES = {
+_LLAMA_LAYER = {  # llama, qwen2
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -51,13 +59,9 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+_LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # gemma3 (llama.cpp gguf-py constants.py MODEL_TENSORS[GEMMA3]; HF Gemma3DecoderLayer)
-_GEMMA3_LAYER_NAMES = {
+_GEMMA3_LAYER = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -72,6 +76,25 @@ _GEMMA3_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+_GPT2_LAYER = {
+    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+}
+_GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+             "output_norm": "transformer.ln_f", "output": "lm_head"}
+_MPT_LAYER = {
+    "attn_norm": "norm_1", "attn_qkv": "attn.Wqkv", "attn_output": "attn.out_proj",
+    "ffn_norm": "norm_2", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj",
+}
+_MPT_TOP = {"token_embd": "transformer.wte", "output_norm": "transformer.norm_f", "output": "lm_head"}
+# Falcon: llama.cpp maps input_layernorm (7B) and ln_mlp (40B) to attn_norm, ln_attn (40B) to attn_norm_2
+_FALCON_LAYER = {
+    "attn_norm": "input_layernorm", "attn_norm_2": "ln_attn",
+    "attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
+    "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h",
+}
+_FALCON_TOP = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f",
+               "output": "lm_head"}
 GEMMA_NORM_OFFSET = 1.0  # llama.cpp's Gemma3Model.norm_shift: added to every *norm.weight on conversion
 _ATTN_PARTS = ("attn_q", "attn_k", "attn_v", "attn_output")
 _MLP_PARTS = ("ffn_gate", "ffn_up", "ffn_down")
@@ -234,32 +257,42 @@ def _rope_scaling(g: GGUFFile, arch: str) -> dict[str, Any] | None:
 
 
 def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
-    """A Hugging Face config.json dict (LlamaForCausalLM or Gemma3ForCausalLM) from GGUF metadata and
-    tensor list."""
+    """A Hugging Face config.json dict (the family's transformers class, see ``GGUF_ARCHITECTURES``) from
+    GGUF metadata and tensor list."""
     arch = g.architecture
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(
             f"{g.path}: unsupported GGUF architecture '{arch or 'missing'}'; "
             f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
         )
     if (_meta_int(g, "split.count", 1) or 1) > 1:
         raise ModelLoadError(f"{g.path}: split GGUF files are not supported; merge them with llama-gguf-split first")
+    if "token_embd.weight" not in set(g.tensor_names):
+        raise ModelLoadError(f"{g.path}: missing tensor 'token_embd.weight'")
+    return GGUF_ARCHITECTURES[arch].config(g)
+
+
+def _positive(g: GGUFFile, *values: int | None) -> None:
+    if any(not v or v < 0 for v in values):
+        raise ModelLoadError(f"{g.path}: model dimensions in the metadata must be positive")
+
+
+def _llama_dims(g: GGUFFile) -> dict[str, Any]:
+    """The dimensions of a llama-style (RMSNorm, RoPE, gated MLP) GGUF: llama, qwen2, gemma3."""
+    arch = g.architecture
     names = set(g.tensor_names)
     if "rope_freqs.weight" in names:
         raise ModelLoadError(
             f"{g.path}: per-dimension rope frequency factors (rope_freqs.weight, Llama-3.1-style scaling) "
             "are not supported"
         )
-    if "token_embd.weight" not in names:
-        raise ModelLoadError(f"{g.path}: missing tensor 'token_embd.weight'")
     dim = _meta_int(g, f"{arch}.embedding_length", required=True)
     n_layer = _meta_int(g, f"{arch}.block_count", required=True)
     n_head = _meta_int(g, f"{arch}.attention.head_count", required=True)
     n_kv = _meta_int(g, f"{arch}.attention.head_count_kv", n_head)
     ffn = _meta_int(g, f"{arch}.feed_forward_length", required=True)
     ctx = _meta_int(g, f"{arch}.context_length", required=True)
-    if not (dim and n_layer and n_head and n_kv and ffn and ctx) or min(dim, n_layer, n_head, n_kv, ffn, ctx) < 0:
-        raise ModelLoadError(f"{g.path}: model dimensions in the metadata must be positive")
+    _positive(g, dim, n_layer, n_head, n_kv, ffn, ctx)
     if n_head % n_kv:
         raise ModelLoadError(f"{g.path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
     head_dim = _meta_int(g, f"{arch}.attention.key_length", dim // n_head)
@@ -273,26 +306,42 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
     if head_dim % 2:
         raise ModelLoadError(f"{g.path}: head dimension {head_dim} must be even")
     vocab = g.tensor_info("token_embd.weight").shape[0]
-    if arch == "gemma3":
-        return _gemma3_config(g, dim=dim, n_layer=n_layer, n_head=n_head, n_kv=n_kv, ffn=ffn, ctx=ctx,
-                              head_dim=head_dim, vocab=vocab)
+    return dict(dim=dim, n_layer=n_layer, n_head=n_head, n_kv=n_kv, ffn=ffn, ctx=ctx, head_dim=head_dim,
+                vocab=vocab)
+
+
+def _token_ids(g: GGUFFile, cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg["bos_token_id"] = _meta_int(g, "tokenizer.ggml.bos_token_id")
+    cfg["eos_token_id"] = _meta_int(g, "tokenizer.ggml.eos_token_id")
+    pad = _meta_int(g, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        cfg["pad_token_id"] = pad
+    cfg["torch_dtype"] = "float32"
+    return cfg
+
+
+def _llama_config(g: GGUFFile) -> dict[str, Any]:
+    """LlamaForCausalLM (biases as the tensors have them)."""
+    arch = g.architecture
+    d = _llama_dims(g)
+    names = set(g.tensor_names)
     attention_bias = any(f"blk.0.{p}.bias" in names for p in _ATTN_PARTS)
     mlp_bias = any(f"blk.0.{p}.bias" in names for p in _MLP_PARTS)
     cfg: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": dim,
-        "intermediate_size": ffn,
-        "num_hidden_layers": n_layer,
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
+        "hidden_size": d["dim"],
+        "intermediate_size": d["ffn"],
+        "num_hidden_layers": d["n_layer"],
+        "num_attention_heads": d["n_head"],
+        "num_key_value_heads": d["n_kv"],
+        "head_dim": d["head_dim"],
         "hidden_act": "silu",
         "rms_norm_eps": float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(_meta(g, f"{arch}.rope.freq_base", 10000.0)),
         "rope_scaling": _rope_scaling(g, arch),
-        "max_position_embeddings": ctx,
-        "vocab_size": vocab,
+        "max_position_embeddings": d["ctx"],
+        "vocab_size": d["vocab"],
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": attention_bias,
         "attention_dropout": 0.0,
@@ -300,14 +349,183 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
         "initializer_range": 0.02,
         "pretraining_tp": 1,
         "use_cache": True,
-        "bos_token_id": _meta_int(g, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _meta_int(g, "tokenizer.ggml.eos_token_id"),
-        "torch_dtype": "float32",
     }
-    pad = _meta_int(g, "tokenizer.ggml.padding_token_id")
-    if pad is not None:
-        cfg["pad_token_id"] = pad
-    return cfg
+    return _token_ids(g, cfg)
+
+
+def _qwen2_config(g: GGUFFile) -> dict[str, Any]:
+    """Qwen2ForCausalLM: the llama layout with q/k/v biases, no sliding window."""
+    arch = g.architecture
+    d = _llama_dims(g)
+    names = set(g.tensor_names)
+    cfg: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": d["dim"],
+        "intermediate_size": d["ffn"],
+        "num_hidden_layers": d["n_layer"],
+        "num_attention_heads": d["n_head"],
+        "num_key_value_heads": d["n_kv"],
+        "head_dim": d["head_dim"],
+        "hidden_act": "silu",
+        "rms_norm_eps": float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_meta(g, f"{arch}.rope.freq_base", 1_000_000.0)),
+        "rope_scaling": _rope_scaling(g, arch),
+        "max_position_embeddings": d["ctx"],
+        "vocab_size": d["vocab"],
+        "tie_word_embeddings": "output.weight" not in names,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": d["n_layer"],
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    return _token_ids(g, cfg)
+
+
+def _shape0(g: GGUFFile, name: str) -> int:
+    if name not in set(g.tensor_names):
+        raise ModelLoadError(f"{g.path}: missing tensor '{name}'")
+    return g.tensor_info(name).shape[0]
+
+
+def _basic_dims(g: GGUFFile) -> tuple[int, int, int, int, int, int]:
+    """(dim, n_layer, n_head, ctx, ffn, vocab) of a LayerNorm family (gpt2, mpt, falcon); the MLP width
+    comes from the tensors (llama.cpp writes 4 * dim for Falcon whatever the model has)."""
+    arch = g.architecture
+    dim = _meta_int(g, f"{arch}.embedding_length", required=True)
+    n_layer = _meta_int(g, f"{arch}.block_count", required=True)
+    n_head = _meta_int(g, f"{arch}.attention.head_count", required=True)
+    ctx = _meta_int(g, f"{arch}.context_length", required=True)
+    _positive(g, dim, n_layer, n_head, ctx)
+    if dim % n_head:
+        raise ModelLoadError(f"{g.path}: embedding_length {dim} is not a multiple of head_count {n_head}")
+    ffn = _shape0(g, "blk.0.ffn_up.weight")
+    return dim, n_layer, n_head, ctx, ffn, g.tensor_info("token_embd.weight").shape[0]
+
+
+def _no_kv_groups(g: GGUFFile, n_head: int) -> None:
+    n_kv = _meta_int(g, f"{g.architecture}.attention.head_count_kv", n_head)
+    if n_kv != n_head:
+        raise ModelLoadError(f"{g.path}: {g.architecture} with grouped key/value heads (head_count_kv {n_kv} "
+                             f"!= head_count {n_head}) is not supported")
+
+
+def _gpt2_config(g: GGUFFile) -> dict[str, Any]:
+    """GPT2LMHeadModel: learned positions (their count from position_embd), LayerNorm, GELU (tanh)."""
+    dim, n_layer, n_head, ctx, ffn, vocab = _basic_dims(g)
+    _no_kv_groups(g, n_head)
+    names = set(g.tensor_names)
+    n_pos = _shape0(g, "position_embd.weight")
+    cfg: dict[str, Any] = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": dim,
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "n_inner": ffn,
+        "n_positions": n_pos,
+        "n_ctx": n_pos,
+        "vocab_size": vocab,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": float(_meta(g, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+        "scale_attn_weights": True,
+        "tie_word_embeddings": "output.weight" not in names,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    return _token_ids(g, cfg)
+
+
+def _mpt_config(g: GGUFFile) -> dict[str, Any]:
+    """MptForCausalLM (ALiBi, no biases, MLP 4 * d_model: what transformers' MPT implements)."""
+    dim, n_layer, n_head, ctx, ffn, vocab = _basic_dims(g)
+    names = set(g.tensor_names)
+    _no_kv_groups(g, n_head)
+    if "position_embd.weight" in names:
+        raise ModelLoadError(f"{g.path}: MPT with learned positions (position_embd) is not supported")
+    # llama.cpp names MPT's ffn.act.scales blk.N.ffn.act.scales
+    for part, what in (("ffn", "activation scales (ffn.act.scales)"),
+                       ("attn_q_norm", "qk LayerNorm (attn_config.qk_ln)")):
+        if any(n.startswith("blk.") and n.split(".")[2] == part for n in names):
+            raise ModelLoadError(f"{g.path}: MPT with {what} is not supported")
+    if any(n.endswith(".bias") for n in names):
+        raise ModelLoadError(f"{g.path}: MPT with biases (no_bias false) is not supported")
+    if ffn != 4 * dim:
+        raise ModelLoadError(f"{g.path}: MPT with an MLP width {ffn} other than 4 * {dim} is not supported")
+    alibi_max = _meta_float(g, "mpt.attention.max_alibi_bias")
+    if not alibi_max:
+        raise ModelLoadError(f"{g.path}: MPT without ALiBi (mpt.attention.max_alibi_bias "
+                             f"{alibi_max if alibi_max is not None else 'missing'}) is not supported")
+    clip = _meta_float(g, "mpt.attention.clamp_kqv")
+    cfg: dict[str, Any] = {
+        "architectures": ["MptForCausalLM"],
+        "model_type": "mpt",
+        "d_model": dim,
+        "n_heads": n_head,
+        "n_layers": n_layer,
+        "expansion_ratio": 4,
+        "max_seq_len": ctx,
+        "vocab_size": vocab,
+        "no_bias": True,
+        "layer_norm_epsilon": float(_meta(g, "mpt.attention.layer_norm_epsilon", 1e-5)),
+        # transformers' MptAttentionConfig types alibi_bias_max as int (MPT models use 8)
+        "attn_config": {"alibi": True, "alibi_bias_max": int(alibi_max) if alibi_max.is_integer() else alibi_max,
+                        "clip_qkv": clip or None, "softmax_scale": None, "qk_ln": False, "prefix_lm": False,
+                        "attn_uses_sequence_id": False, "attn_type": "multihead_attention"},
+        "tie_word_embeddings": "output.weight" not in names,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    return _token_ids(g, cfg)
+
+
+def _falcon_config(g: GGUFFile) -> dict[str, Any]:
+    """FalconForCausalLM, rotary, parallel attention + MLP: the 7B layout (multi_query, one shared norm)
+    for one kv head and one norm, else ``new_decoder_architecture`` (grouped q/k/v) with one or two norms."""
+    dim, n_layer, n_head, ctx, ffn, vocab = _basic_dims(g)
+    names = set(g.tensor_names)
+    n_kv = _meta_int(g, "falcon.attention.head_count_kv", n_head)
+    _positive(g, n_kv)
+    if n_head % n_kv:
+        raise ModelLoadError(f"{g.path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
+    if _meta_float(g, "falcon.attention.max_alibi_bias"):
+        raise ModelLoadError(f"{g.path}: Falcon with ALiBi (falcon-rw) is not supported; rotary Falcon models are")
+    if "blk.0.ffn_norm.weight" in names:
+        raise ModelLoadError(f"{g.path}: Falcon with sequential attention and MLP (parallel_attn false) "
+                             "is not supported")
+    two_norms = "blk.0.attn_norm_2.weight" in names
+    new = two_norms or n_kv > 1
+    head_dim = dim // n_head
+    if head_dim % 2:
+        raise ModelLoadError(f"{g.path}: head dimension {head_dim} must be even")
+    cfg: dict[str, Any] = {
+        "architectures": ["FalconForCausalLM"],
+        "model_type": "falcon",
+        "hidden_size": dim,
+        "num_hidden_layers": n_layer,
+        "num_attention_heads": n_head,
+        "num_kv_heads": n_kv,
+        "ffn_hidden_size": ffn,
+        "vocab_size": vocab,
+        "layer_norm_epsilon": float(_meta(g, "falcon.attention.layer_norm_epsilon", 1e-5)),
+        "new_decoder_architecture": new,
+        "multi_query": not new,
+        "parallel_attn": True,
+        "alibi": False,
+        "bias": "blk.0.attn_qkv.bias" in names,
+        "activation": "gelu",
+        "rope_theta": float(_meta(g, "falcon.rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(g, "falcon"),
+        "max_position_embeddings": ctx,
+        "tie_word_embeddings": "output.weight" not in names,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    if new:
+        cfg["num_ln_in_parallel_attn"] = 2 if two_norms else 1
+    return _token_ids(g, cfg)
 
 
 def _meta_float(g: GGUFFile, key: str) -> float | None:
@@ -342,10 +560,12 @@ def _gemma3_layer_types(g: GGUFFile, n_layer: int, window: int | None) -> list[s
     return ["sliding_attention" if n == 0 or i % n < n - 1 else "full_attention" for i in range(n_layer)]
 
 
-def _gemma3_config(g: GGUFFile, *, dim: int, n_layer: int, n_head: int, n_kv: int, ffn: int, ctx: int,
-                   head_dim: int, vocab: int) -> dict[str, Any]:
+def _gemma3_config(g: GGUFFile) -> dict[str, Any]:
     """Gemma3TextConfig fields (transformers' ``gemma3_text``) from gemma3 GGUF metadata."""
     arch = "gemma3"
+    d = _llama_dims(g)
+    dim, n_layer, n_head, n_kv, ffn, ctx = d["dim"], d["n_layer"], d["n_head"], d["n_kv"], d["ffn"], d["ctx"]
+    head_dim, vocab = d["head_dim"], d["vocab"]
     names = set(g.tensor_names)
     window = _meta_int(g, f"{arch}.attention.sliding_window")
     layer_types = _gemma3_layer_types(g, n_layer, window)
@@ -422,47 +642,188 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
+def falcon_grouped_qkv(w: np.ndarray, n_head: int, n_kv: int) -> np.ndarray:
+    """llama.cpp's Falcon [q; k; v] rows (weight or bias) back to HF's grouped layout: n_kv groups of
+    (n_head/n_kv q heads, k, v), the inverse of FalconModel.modify_tensors in convert_hf_to_gguf.py."""
+    hd = w.shape[0] // (n_head + 2 * n_kv)
+    rest = w.shape[1:]
+    q = w[: n_head * hd].reshape(n_kv, n_head // n_kv, hd, *rest)
+    k = w[n_head * hd: (n_head + n_kv) * hd].reshape(n_kv, 1, hd, *rest)
+    v = w[(n_head + n_kv) * hd:].reshape(n_kv, 1, hd, *rest)
+    return np.concatenate([q, k, v], axis=1).reshape(w.shape)
+
+
 class _Planned(NamedTuple):
     gguf_name: str
     hf_name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # HF shape
     qk_heads: int | None  # n_head for the q/k un-permute, None otherwise
     offset: float = 0.0  # subtracted from the stored values (gemma3 norms: GEMMA_NORM_OFFSET)
+    transpose: bool = False  # stored [out, in], HF wants [in, out] (GPT-2's Conv1D)
+    fix: Callable[[np.ndarray], np.ndarray] | None = None  # any other shape-preserving layout change
+
+    @property
+    def gguf_shape(self) -> tuple[int, ...]:
+        return self.shape[::-1] if self.transpose else self.shape
+
+
+class _Part(NamedTuple):
+    """One GGUF tensor stem of an architecture: its shape (GGUF/PyTorch orientation), whether a ``.bias``
+    goes with it, and what undoes llama.cpp's changes (applied to the weight; ``fix`` to the bias too)."""
+
+    shape: tuple[int, ...]
+    bias: bool = False
+    qk_heads: int | None = None
+    offset: float = 0.0
+    transpose: bool = False
+    fix: Callable[[np.ndarray], np.ndarray] | None = None
+    hf: str | None = None  # the HF name when it differs from the table's
+
+
+Parts = tuple[dict[str, _Part], dict[str, _Part]]  # (layer parts, global parts)
+
+
+def _llama_parts(cfg: dict[str, Any]) -> Parts:
+    dim, ffn, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    n_head, n_kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    qwen2 = cfg["model_type"] == "qwen2"
+    attn_bias, mlp_bias = bool(cfg.get("attention_bias")), bool(cfg.get("mlp_bias"))
+    # llama.cpp permutes q/k rows for llama (LlamaModel.permute), not for qwen2
+    layer = {
+        "attn_norm": _Part((dim,)), "ffn_norm": _Part((dim,)),
+        "attn_q": _Part((n_head * hd, dim), attn_bias or qwen2, None if qwen2 else n_head),
+        "attn_k": _Part((n_kv * hd, dim), attn_bias or qwen2, None if qwen2 else n_kv),
+        "attn_v": _Part((n_kv * hd, dim), attn_bias or qwen2),
+        "attn_output": _Part((dim, n_head * hd), attn_bias),
+        "ffn_gate": _Part((ffn, dim), mlp_bias), "ffn_up": _Part((ffn, dim), mlp_bias),
+        "ffn_down": _Part((dim, ffn), mlp_bias),
+    }
+    top = {"token_embd": _Part((vocab, dim)), "output_norm": _Part((dim,))}
+    if not cfg["tie_word_embeddings"]:
+        top["output"] = _Part((vocab, dim))
+    return layer, top
+
+
+def _gemma3_parts(cfg: dict[str, Any]) -> Parts:
+    dim, ffn, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    n_head, n_kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    norm = _Part((dim,), offset=GEMMA_NORM_OFFSET)
+    layer = {
+        "attn_norm": norm, "post_attention_norm": norm, "ffn_norm": norm, "post_ffw_norm": norm,
+        "attn_q_norm": _Part((hd,), offset=GEMMA_NORM_OFFSET), "attn_k_norm": _Part((hd,), offset=GEMMA_NORM_OFFSET),
+        "attn_q": _Part((n_head * hd, dim)), "attn_k": _Part((n_kv * hd, dim)), "attn_v": _Part((n_kv * hd, dim)),
+        "attn_output": _Part((dim, n_head * hd)),
+        "ffn_gate": _Part((ffn, dim)), "ffn_up": _Part((ffn, dim)), "ffn_down": _Part((dim, ffn)),
+    }
+    top = {"token_embd": _Part((vocab, dim)), "output_norm": norm}
+    if not cfg["tie_word_embeddings"]:
+        top["output"] = _Part((vocab, dim))
+    return layer, top
+
+
+def _gpt2_parts(cfg: dict[str, Any]) -> Parts:
+    dim, ffn, vocab = cfg["n_embd"], cfg["n_inner"], cfg["vocab_size"]
+    # llama.cpp's GPT2Model transposes c_attn, c_proj and c_fc (Conv1D [in, out]) to [out, in]
+    layer = {
+        "attn_norm": _Part((dim,), True), "ffn_norm": _Part((dim,), True),
+        "attn_qkv": _Part((3 * dim, dim), True, transpose=True),
+        "attn_output": _Part((dim, dim), True, transpose=True),
+        "ffn_up": _Part((ffn, dim), True, transpose=True), "ffn_down": _Part((dim, ffn), True, transpose=True),
+    }
+    top = {"token_embd": _Part((vocab, dim)), "position_embd": _Part((cfg["n_positions"], dim)),
+           "output_norm": _Part((dim,), True)}
+    if not cfg["tie_word_embeddings"]:
+        top["output"] = _Part((vocab, dim))
+    return layer, top
+
+
+def _mpt_parts(cfg: dict[str, Any]) -> Parts:
+    dim, vocab = cfg["d_model"], cfg["vocab_size"]
+    ffn = cfg["expansion_ratio"] * dim
+    layer = {
+        "attn_norm": _Part((dim,)), "ffn_norm": _Part((dim,)), "attn_qkv": _Part((3 * dim, dim)),
+        "attn_output": _Part((dim, dim)), "ffn_up": _Part((ffn, dim)), "ffn_down": _Part((dim, ffn)),
+    }
+    top = {"token_embd": _Part((vocab, dim)), "output_norm": _Part((dim,))}
+    if not cfg["tie_word_embeddings"]:
+        top["output"] = _Part((vocab, dim))
+    return layer, top
+
+
+def _falcon_parts(cfg: dict[str, Any]) -> Parts:
+    dim, ffn, vocab = cfg["hidden_size"], cfg["ffn_hidden_size"], cfg["vocab_size"]
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_kv_heads"]
+    hd, bias = dim // n_head, bool(cfg["bias"])
+    new = bool(cfg["new_decoder_architecture"])
+    two_norms = new and cfg.get("num_ln_in_parallel_attn") == 2
+    # llama.cpp reorders query_key_value to [q; k; v]: the 7B layout (one kv head) is already that
+    fix = (lambda w: falcon_grouped_qkv(w, n_head, n_kv)) if new and n_kv > 1 else None
+    layer = {
+        "attn_norm": _Part((dim,), True, hf="ln_mlp" if two_norms else None),
+        "attn_qkv": _Part(((n_head + 2 * n_kv) * hd, dim), bias, fix=fix),
+        "attn_output": _Part((dim, dim), bias),
+        "ffn_up": _Part((ffn, dim), bias), "ffn_down": _Part((dim, ffn), bias),
+    }
+    if two_norms:
+        layer["attn_norm_2"] = _Part((dim,), True)
+    top = {"token_embd": _Part((vocab, dim)), "output_norm": _Part((dim,), True)}
+    if not cfg["tie_word_embeddings"]:
+        top["output"] = _Part((vocab, dim))
+    return layer, top
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """One GGUF architecture (``general.architecture``): its GGUF -> HF tensor names, the config.json it
+    becomes, and its tensors' shapes and layout changes for that config."""
+
+    hf_architecture: str
+    layer_prefix: str  # HF name prefix of layer {i}
+    layer: dict[str, str]  # GGUF layer tensor stem (after "blk.N.") -> HF name inside the layer
+    top: dict[str, str]  # GGUF global tensor stem -> HF name
+    config: Callable[[GGUFFile], dict[str, Any]]
+    parts: Callable[[dict[str, Any]], Parts]
+
+
+GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
+    "llama": GGUFArch("LlamaForCausalLM", "model.layers.{i}.", _LLAMA_LAYER, _LLAMA_TOP, _llama_config,
+                      _llama_parts),
+    "qwen2": GGUFArch("Qwen2ForCausalLM", "model.layers.{i}.", _LLAMA_LAYER, _LLAMA_TOP, _qwen2_config,
+                      _llama_parts),
+    "gemma3": GGUFArch("Gemma3ForCausalLM", "model.layers.{i}.", _GEMMA3_LAYER, _LLAMA_TOP, _gemma3_config,
+                       _gemma3_parts),
+    "gpt2": GGUFArch("GPT2LMHeadModel", "transformer.h.{i}.", _GPT2_LAYER, _GPT2_TOP, _gpt2_config, _gpt2_parts),
+    "mpt": GGUFArch("MptForCausalLM", "transformer.blocks.{i}.", _MPT_LAYER, _MPT_TOP, _mpt_config, _mpt_parts),
+    "falcon": GGUFArch("FalconForCausalLM", "transformer.h.{i}.", _FALCON_LAYER, _FALCON_TOP, _falcon_config,
+                       _falcon_parts),
+}
+SUPPORTED_GGUF_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
+
+
+def _planned(gguf_stem: str, hf_stem: str, part: _Part) -> list[_Planned]:
+    hf_shape = part.shape[::-1] if part.transpose else part.shape
+    out = [_Planned(f"{gguf_stem}.weight", f"{hf_stem}.weight", hf_shape, part.qk_heads, part.offset,
+                    part.transpose, part.fix)]
+    if part.bias:
+        # llama.cpp permutes a q/k bias like its weight (LlamaModel.modify_tensors)
+        out.append(_Planned(f"{gguf_stem}.bias", f"{hf_stem}.bias", part.shape[:1], part.qk_heads, 0.0, False,
+                            part.fix))
+    return out
 
 
 def _tensor_plan(g: GGUFFile, cfg: dict[str, Any]) -> list[_Planned]:
     """GGUF -> HF tensor mapping, checking that every tensor is known, present and of the right shape."""
-    dim, ffn, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    n_head, n_kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    gemma = cfg.get("model_type") == "gemma3_text"
-    layer_names = _GEMMA3_LAYER_NAMES if gemma else _LAYER_NAMES
-    norm_offset = GEMMA_NORM_OFFSET if gemma else 0.0
-    part_shapes = {
-        "attn_norm": (dim,), "ffn_norm": (dim,), "post_attention_norm": (dim,), "post_ffw_norm": (dim,),
-        "attn_q_norm": (hd,), "attn_k_norm": (hd,),
-        "attn_q": (n_head * hd, dim), "attn_k": (n_kv * hd, dim), "attn_v": (n_kv * hd, dim),
-        "attn_output": (dim, n_head * hd),
-        "ffn_gate": (ffn, dim), "ffn_up": (ffn, dim), "ffn_down": (dim, ffn),
-    }
-    expected: dict[str, _Planned] = {
-        "token_embd.weight": _Planned("token_embd.weight", _GLOBAL_NAMES["token_embd.weight"], (vocab, dim), None),
-        "output_norm.weight": _Planned("output_norm.weight", _GLOBAL_NAMES["output_norm.weight"], (dim,), None,
-                                       norm_offset),
-    }
-    if not cfg["tie_word_embeddings"]:
-        expected["output.weight"] = _Planned("output.weight", "lm_head.weight", (vocab, dim), None)
-    for i in range(cfg["num_hidden_layers"]):
-        for part, hf in layer_names.items():
-            suffixes = [".weight"]
-            if (cfg.get("attention_bias") and part in _ATTN_PARTS) or (cfg.get("mlp_bias") and part in _MLP_PARTS):
-                suffixes.append(".bias")
-            for suf in suffixes:
-                shape = part_shapes[part] if suf == ".weight" else part_shapes[part][:1]
-                # llama.cpp permutes q/k rows only for llama-style architectures (not gemma3)
-                heads = None if gemma else n_head if part == "attn_q" else n_kv if part == "attn_k" else None
-                offset = norm_offset if part.endswith("norm") else 0.0
-                name = f"blk.{i}.{part}{suf}"
-                expected[name] = _Planned(name, f"model.layers.{i}.{hf}{suf}", shape, heads, offset)
+    arch = GGUF_ARCHITECTURES[g.architecture or "llama"]
+    layer_parts, top_parts = arch.parts(cfg)
+    plan: list[_Planned] = []
+    for stem, part in top_parts.items():
+        plan += _planned(stem, part.hf or arch.top[stem], part)
+    n_layer = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("n_layers")
+    for i in range(n_layer):
+        prefix = arch.layer_prefix.format(i=i)
+        for stem, part in layer_parts.items():
+            plan += _planned(f"blk.{i}.{stem}", prefix + (part.hf or arch.layer[stem]), part)
+    expected = {p.gguf_name: p for p in plan}
     names = g.tensor_names
     unknown = [n for n in names if n not in expected]
     if unknown:
@@ -475,19 +836,23 @@ def _tensor_plan(g: GGUFFile, cfg: dict[str, Any]) -> list[_Planned]:
         raise ModelLoadError(f"{g.path}: missing tensors: {', '.join(missing[:3])}{more}")
     for p in expected.values():
         shape = g.tensor_info(p.gguf_name).shape
-        if shape != p.shape:
+        if shape != p.gguf_shape:
             raise ModelLoadError(f"{g.path}: tensor '{p.gguf_name}' has shape {list(shape)}, "
-                                 f"expected {list(p.shape)} from the metadata")
+                                 f"expected {list(p.gguf_shape)} from the metadata")
     return sorted(expected.values(), key=lambda p: p.hf_name)
 
 
 def hf_tensor(g: GGUFFile, p: _Planned) -> np.ndarray:
-    """One tensor of the plan, dequantized to float32 and un-permuted, checked finite."""
+    """One tensor of the plan, dequantized to float32 and put back in HF's layout, checked finite."""
     w = g.tensor(p.gguf_name)
     if p.qk_heads is not None:
         w = unpermute_qk(w, p.qk_heads)
     if p.offset:
         w = w - np.float32(p.offset)
+    if p.fix is not None:
+        w = p.fix(w)
+    if p.transpose:
+        w = w.T
     if not np.isfinite(w).all():
         raise ModelLoadError(f"{g.path}: tensor '{p.gguf_name}' contains NaN or infinite values (corrupt file?)")
     return np.ascontiguousarray(w, dtype="<f4")
@@ -553,7 +918,7 @@ def _rmtree(p: Path) -> None:
 
 def convert_gguf_to_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                        progress: Progress = None) -> Path:
-    """Convert a llama or gemma3 GGUF into a Hugging Face folder (float32 safetensors); returns out_dir.
+    """Convert a GGUF (an architecture of ``GGUF_ARCHITECTURES``) into a Hugging Face folder (float32 safetensors); returns out_dir.
 
     ``progress`` gets a few status lines (start, tokenizer, hashing, done); the per-tensor progress is a
     bar on stderr (quantchat.progress)."""
