@@ -320,16 +320,13 @@ def _token_ids(g: GGUFFile, cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _llama_config(g: GGUFFile) -> dict[str, Any]:
-    """LlamaForCausalLM (biases as the tensors have them)."""
+def _rms_rope_config(g: GGUFFile, arch_name: str, model_type: str, eps: float, theta: float) -> dict[str, Any]:
+    """The keys llama-layout configs share (RMSNorm, RoPE, SwiGLU), from the GGUF's dimensions."""
     arch = g.architecture
     d = _llama_dims(g)
-    names = set(g.tensor_names)
-    attention_bias = any(f"blk.0.{p}.bias" in names for p in _ATTN_PARTS)
-    mlp_bias = any(f"blk.0.{p}.bias" in names for p in _MLP_PARTS)
-    cfg: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    return {
+        "architectures": [arch_name],
+        "model_type": model_type,
         "hidden_size": d["dim"],
         "intermediate_size": d["ffn"],
         "num_hidden_layers": d["n_layer"],
@@ -337,50 +334,31 @@ def _llama_config(g: GGUFFile) -> dict[str, Any]:
         "num_key_value_heads": d["n_kv"],
         "head_dim": d["head_dim"],
         "hidden_act": "silu",
-        "rms_norm_eps": float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_meta(g, f"{arch}.rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", eps)),
+        "rope_theta": float(_meta(g, f"{arch}.rope.freq_base", theta)),
         "rope_scaling": _rope_scaling(g, arch),
         "max_position_embeddings": d["ctx"],
         "vocab_size": d["vocab"],
-        "tie_word_embeddings": "output.weight" not in names,
-        "attention_bias": attention_bias,
+        "tie_word_embeddings": "output.weight" not in set(g.tensor_names),
         "attention_dropout": 0.0,
-        "mlp_bias": mlp_bias,
         "initializer_range": 0.02,
-        "pretraining_tp": 1,
         "use_cache": True,
     }
+
+
+def _llama_config(g: GGUFFile) -> dict[str, Any]:
+    """LlamaForCausalLM (biases as the tensors have them)."""
+    names = set(g.tensor_names)
+    cfg = _rms_rope_config(g, "LlamaForCausalLM", "llama", 1e-5, 10000.0)
+    cfg.update(attention_bias=any(f"blk.0.{p}.bias" in names for p in _ATTN_PARTS),
+               mlp_bias=any(f"blk.0.{p}.bias" in names for p in _MLP_PARTS), pretraining_tp=1)
     return _token_ids(g, cfg)
 
 
 def _qwen2_config(g: GGUFFile) -> dict[str, Any]:
     """Qwen2ForCausalLM: the llama layout with q/k/v biases, no sliding window."""
-    arch = g.architecture
-    d = _llama_dims(g)
-    names = set(g.tensor_names)
-    cfg: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": d["dim"],
-        "intermediate_size": d["ffn"],
-        "num_hidden_layers": d["n_layer"],
-        "num_attention_heads": d["n_head"],
-        "num_key_value_heads": d["n_kv"],
-        "head_dim": d["head_dim"],
-        "hidden_act": "silu",
-        "rms_norm_eps": float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_meta(g, f"{arch}.rope.freq_base", 1_000_000.0)),
-        "rope_scaling": _rope_scaling(g, arch),
-        "max_position_embeddings": d["ctx"],
-        "vocab_size": d["vocab"],
-        "tie_word_embeddings": "output.weight" not in names,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": d["n_layer"],
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "use_cache": True,
-    }
+    cfg = _rms_rope_config(g, "Qwen2ForCausalLM", "qwen2", 1e-6, 1_000_000.0)
+    cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg["num_hidden_layers"])
     return _token_ids(g, cfg)
 
 

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from quantchat.errors import ModelLoadError
 from quantchat.model.config import ModelConfig
-from quantchat.model.families import Family, Rule, family_of, config_from_hf, read_hf_config
+from quantchat.model.families import config_from_hf, family_of, read_hf_config
 from quantchat.model.linear import TransposedLinear, use_cpu_layout
 from quantchat.model.transformer import Transformer
 
@@ -219,11 +219,6 @@ def fused_rows(config: ModelConfig) -> dict[str, list[int]]:
     return {"attention.wqkv": [q, kv, kv], "feed_forward.w13": [config.intermediate_size] * 2}
 
 
-def map_hf_name(family: Family, name: str) -> tuple[str, Rule] | None:
-    """Our parameter name and its rule for a checkpoint tensor name; None if not ours."""
-    return family.map_name(name)
-
-
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model folder (following the shard index when there is one)."""
     index = model_dir / INDEX_FILE
@@ -296,7 +291,7 @@ def load_model(
     for f in weight_files(model_dir):
         with SafetensorsFile(f) as sf:
             for name in sf.keys():
-                mapped = map_hf_name(family, name)
+                mapped = family.map_name(name)
                 if mapped is None:
                     if family.ignored.search(name):
                         continue
