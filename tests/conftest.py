@@ -25,3 +25,11 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Tests never touch the user's quantchat home, except the shared converted default model."""
     monkeypatch.setenv("QUANTCHAT_HOME", str(tmp_path_factory.getbasetemp() / "qc_home"))
     monkeypatch.delenv("QUANTCHAT_PROGRESS", raising=False)  # progress output as without a terminal
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A QUANTCHAT_HOME of this test's own (nothing converted or built in it yet)."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("QUANTCHAT_HOME", str(h))
+    return h

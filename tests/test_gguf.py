@@ -137,13 +137,6 @@ def dequant_stored(raw: np.ndarray, qtype: Q) -> np.ndarray:
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
-    monkeypatch.setenv("QUANTCHAT_HOME", str(h))
-    return h
-
-
-@pytest.fixture
 def stub_tokenizer(monkeypatch):
     """Conversion without the tokenizer writer (another module): writes a marker file instead."""
     calls = []

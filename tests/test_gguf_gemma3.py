@@ -123,13 +123,6 @@ def write_tiny_gemma3_gguf(path: Path, *, seed: int = 0, pattern: int | list[boo
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
-    monkeypatch.setenv("QUANTCHAT_HOME", str(h))
-    return h
-
-
-@pytest.fixture
 def tiny(tmp_path):
     path = tmp_path / "tiny-gemma3.gguf"
     written = write_tiny_gemma3_gguf(path)
