@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (and the web chat page) over a ``Backend``.
 
 Routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (streaming as SSE),
-``/tokenize``, ``/detokenize``, ``/health``, ``/metrics`` (Prometheus text), ``/`` (chat page).
-Every route but ``/health`` and the page's static files needs the API key when one is set.
+``/tokenize``, ``/detokenize``, ``/health``, ``/metrics`` (Prometheus text), ``/openapi.json`` (the
+schema), ``/`` (chat page). Every route but ``/health``, ``/openapi.json`` and the page's files needs
+an API key when keys are set.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
+from quantchat import __version__
 from quantchat.errors import UnknownModelError
 from quantchat.serving.backend import Backend
+from quantchat.serving.keys import KeyRing
 from quantchat.serving.metrics import Metrics
 from quantchat.serving.middleware import AuthAndCount, BodyLimit
 from quantchat.serving.openai.errors import error_response, install_error_handlers
@@ -34,11 +37,13 @@ DEFAULT_MAX_BODY = 4 * 1024 * 1024
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
 
 
-def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+def create_app(backend: Backend, api_keys: KeyRing | set[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                web: bool = True, title: str = "quantchat") -> FastAPI:
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    """The API app; ``api_keys``: the client keys (a ``KeyRing``, reloadable, or a set of plain keys)."""
+    # the schema at /openapi.json (public, like /health); no docs pages: they load their scripts from a CDN
+    app = FastAPI(title=title, version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     metrics = Metrics()
-    keys = {k for k in (api_keys or set()) if k}
+    keys = api_keys if isinstance(api_keys, KeyRing) else KeyRing(api_keys or (), name="API key")
     app.state.backend, app.state.metrics = backend, metrics
 
     install_error_handlers(app)
