@@ -327,14 +327,14 @@ def create_controller_app(controller: Controller, worker_secret: KeyRing | str,
                           admin_secret: KeyRing | str | None = None, max_body_bytes: int = 1024 * 1024) -> FastAPI:
     """The controller's routes: /register, /heartbeat, /unregister take the workers' registration secret,
     the others the admin secret (the API servers'); one string for both when ``admin_secret`` is None."""
-    workers = as_ring(worker_secret, "worker secret")
-    admin = as_ring(admin_secret, "admin secret") if admin_secret is not None else workers
-    if not workers or not admin:
+    worker_ring = as_ring(worker_secret, "worker secret")
+    admin_ring = as_ring(admin_secret, "admin secret") if admin_secret is not None else worker_ring
+    if not worker_ring or not admin_ring:
         raise QuantchatError("the controller needs a worker registration secret and an admin secret")
     app = FastAPI(title="quantchat controller", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.controller = controller
 
-    require_secret(app, lambda path: workers if path in WORKER_ROUTES else admin)
+    require_secret(app, lambda path: worker_ring if path in WORKER_ROUTES else admin_ring)
 
     install_error_handlers(app, quantchat_errors=False)
 

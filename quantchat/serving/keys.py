@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import threading
 import time
@@ -93,8 +92,8 @@ class KeyRing:
         if self.path is None:
             return False
         try:
-            mtime = self.path.stat().st_mtime_ns
             new = self._load()
+            mtime = self.path.stat().st_mtime_ns
         except (OSError, QuantchatError) as e:
             if initial:
                 raise QuantchatError(str(e)) from None

@@ -48,7 +48,8 @@ def create_app(backend: Backend, api_keys: KeyRing | set[str] | None = None, max
 
     install_error_handlers(app)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health():
         if backend.ready():
             return {"status": "ok"}
@@ -102,14 +103,16 @@ def install_web(app: FastAPI) -> None:
     """Serve the chat page and its assets from the package (no CDN, no build step)."""
     web_dir = resources.files("quantchat.serving") / "web"
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
+    @app.head("/", include_in_schema=False, response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse)
     async def index():
         page = web_dir / "index.html"
         if not page.is_file():
             return HTMLResponse("<h1>quantchat</h1><p>The chat page is not installed.</p>")
         return HTMLResponse(page.read_text(encoding="utf-8"))
 
-    @app.api_route("/static/{name}", methods=["GET", "HEAD"])
+    @app.head("/static/{name}", include_in_schema=False)
+    @app.get("/static/{name}")
     async def static(name: str):
         f = web_dir / name
         if "/" in name or name.startswith(".") or not f.is_file():
