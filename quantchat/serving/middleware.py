@@ -74,29 +74,44 @@ class BodyLimit:
             return await self.too_big()(scope, receive, send)
         seen = 0
         body_done = False
+        refused: list[JSONResponse] = []  # our answer once the body was refused (the app may have caught it)
+        replaced = False
 
         async def limited():
             nonlocal seen, body_done
+            if refused:
+                return {"type": "http.disconnect"}
             if body_done or self.timeout_s is None:
                 message = await receive()  # after the body: waits for the disconnect (streams), no timeout
             else:
                 try:
                     message = await asyncio.wait_for(receive(), self.timeout_s)
                 except asyncio.TimeoutError:
+                    refused.append(self.too_slow())
                     raise BodyTimeout from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
                 if seen > self.max_bytes:
+                    refused.append(self.too_big())
                     raise BodyTooLarge
             return message
 
+        async def guarded_send(message) -> None:
+            nonlocal replaced
+            if refused:  # FastAPI turns any error while reading the body into its own 400: send ours instead
+                if not replaced:
+                    replaced = True
+                    await refused[0](scope, receive, send)
+                return
+            await send(message)
+
         try:
-            return await self.app(scope, limited, send)
-        except BodyTooLarge:
-            return await self.too_big()(scope, receive, send)
-        except BodyTimeout:
-            return await self.too_slow()(scope, receive, send)
+            await self.app(scope, limited, guarded_send)
+        except (BodyTooLarge, BodyTimeout):
+            pass
+        if refused and not replaced:
+            await refused[0](scope, receive, send)
 
 
 class BodyTooLarge(Exception):

@@ -18,7 +18,7 @@ from quantchat.errors import UnknownModelError
 from quantchat.serving.backend import Backend
 from quantchat.serving.keys import KeyRing
 from quantchat.serving.metrics import Metrics
-from quantchat.serving.middleware import AuthAndCount, BodyLimit
+from quantchat.serving.middleware import BODY_TIMEOUT_S, AuthAndCount, BodyLimit
 from quantchat.serving.openai.errors import error_response, install_error_handlers
 from quantchat.serving.openai.protocol import (
     ChatCompletionRequest,
@@ -38,8 +38,9 @@ STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg
 
 
 def create_app(backend: Backend, api_keys: KeyRing | set[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
-               web: bool = True, title: str = "quantchat") -> FastAPI:
-    """The API app; ``api_keys``: the client keys (a ``KeyRing``, reloadable, or a set of plain keys)."""
+               web: bool = True, title: str = "quantchat", body_timeout_s: float | None = BODY_TIMEOUT_S) -> FastAPI:
+    """The API app; ``api_keys``: the client keys (a ``KeyRing``, reloadable, or a set of plain keys); a request
+    body that stalls ``body_timeout_s`` between chunks gets 408."""
     # the schema at /openapi.json (public, like /health); no docs pages: they load their scripts from a CDN
     app = FastAPI(title=title, version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     metrics = Metrics()
@@ -95,7 +96,7 @@ def create_app(backend: Backend, api_keys: KeyRing | set[str] | None = None, max
     if web:
         install_web(app)
     app.add_middleware(AuthAndCount, keys=keys, metrics=metrics, web=web)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     return app
 
 

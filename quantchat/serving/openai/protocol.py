@@ -24,6 +24,8 @@ MAX_PROMPTS = 64
 def _stop_list(v: Any) -> list[str]:
     if v is None:
         return []
+    if not isinstance(v, (str, list, tuple)):  # a number, an object: not a list of stop strings (no 500)
+        raise ValueError("stop must be a string or a list of strings")
     stops = [v] if isinstance(v, str) else list(v)
     if len(stops) > MAX_STOP:
         raise ValueError(f"at most {MAX_STOP} stop strings")
