@@ -327,6 +327,9 @@ def test_bad_input_is_a_clear_4xx(server, worker):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
         ("/v1/chat/completions", {"messages": chat, "stream": "maybe"}, 400, "stream"),
         ("/v1/chat/completions", {"messages": chat, "max_tokens": [1]}, 400, "max_tokens"),
+        # found by schemathesis: logits divided into inf killed the scheduler (every later request a 503)
+        ("/v1/chat/completions", {"messages": chat, "repetition_penalty": 1e-308}, 400, "repetition_penalty"),
+        ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400, "content part"),
         ("/tokenize", {"prompt": 5}, 400, ""),
         ("/detokenize", {"tokens": ["a"]}, 400, "tokens"),
         ("/detokenize", {"tokens": [10**30]}, 400, ""),
