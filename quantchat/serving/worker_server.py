@@ -1,7 +1,8 @@
 """A worker process's internal HTTP API, and its registration with the controller.
 
 ``quantchat worker`` serves one model for the cluster (``quantchat controller`` + ``quantchat api``).
-Routes; every ``/worker`` route needs ``Authorization: Bearer <shared secret>``:
+Routes; every ``/worker`` route needs ``Authorization: Bearer <admin secret>`` (what the API servers send;
+the one shared secret where no admin secret is given), over mutual TLS with ``--tls-ca``:
 
 - ``POST /worker/generate[?model=ID]``: a ``GenerateRequest`` (JSON) -> a stream of event dicts, one JSON
   object per line (NDJSON), the same dicts ``Worker.generate`` yields. A request that cannot run is
