@@ -395,3 +395,31 @@ def test_api_keys_rotate_without_a_restart(fleet):
         assert time.monotonic() < deadline, fleet.log("api")
         time.sleep(0.1)
     assert "SIGHUP" in fleet.log("api")
+
+
+def test_a_worker_with_a_foreign_certificate_never_registers(fleet):
+    """A real worker process that trusts the fleet's CA but shows a certificate of another CA: the
+    controller refuses its TLS handshake, so it never registers (and says why in its log)."""
+    port = free_port()
+    bad = fleet.foreign
+    model_dir = fleet.root / "tiny-chat"
+    fleet.start("intruder", "worker", "--model", str(model_dir), "--quant", "none", "--max-seq-len", "64",
+                "--threads", "1", "--max-batch", "1", "--controller", fleet.controller, "--port", str(port),
+                "--tls-cert", str(bad / "worker.pem"), "--tls-key", str(bad / "worker-key.pem"),
+                "--tls-ca", str(fleet.certs / "ca.pem"), "--worker-secret-file", str(fleet.root / "worker.secret"),
+                "--admin-secret-file", str(fleet.root / "admin.secret"), "--heartbeat-interval", "0.5")
+    try:
+        fleet.wait_for("the intruder to try to register",
+                       lambda: "is unreachable" in fleet.log("intruder"), START_TIMEOUT)
+        time.sleep(1.5)  # a few more tries
+        admin = {"Authorization": f"Bearer {fleet.admin_secret}"}
+        r = httpx.get(fleet.controller + "/workers", headers=admin, verify=fleet.as_api, timeout=5)
+        assert [w["address"] for w in r.json()["workers"]] == [fleet.worker]
+        log = fleet.log("intruder")
+        assert "registered with the controller" not in log, log
+        assert "is this worker's certificate signed by the fleet CA" in log, log
+        assert chat(fleet, "sk-second-0123456789").status_code in (200, 401)  # the fleet is unaffected
+    finally:
+        p = fleet.procs.pop("intruder")
+        p.terminate()
+        p.wait(timeout=10)

@@ -209,6 +209,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     secret = sending_secret(args, "admin")
     tls = tls_from_args(args)
     fleet = TLSConfig(args.fleet_cert or tls.cert, args.fleet_key or tls.key, tls.ca)
+    if tls.ca and not fleet.cert:
+        raise QuantchatError("--tls-ca (mutual TLS with the fleet) needs a certificate to show it: --tls-cert / "
+                             "--tls-key, or --fleet-cert / --fleet-key")
     controller = check_url(args.controller, "--controller")
     keys = read_api_keys(args)
     warn_plain_http(args.host, tls, "the API server")

@@ -305,7 +305,10 @@ class Registrar:
                         continue
                     ok = self.step(client)
                 except httpx.HTTPError as e:
-                    self._trouble(f"the controller {self.url} is unreachable ({type(e).__name__}: {e}); "
+                    hint = (" (mutual TLS: is this worker's certificate signed by the fleet CA the controller "
+                            "has as --tls-ca, and the controller's by this worker's --tls-ca?)"
+                            if isinstance(self.verify, ssl.SSLContext) else "")
+                    self._trouble(f"the controller {self.url} is unreachable ({type(e).__name__}: {e}){hint}; "
                                   "retrying in the background")
                     ok = False
                 except Exception as e:  # never let the thread die
