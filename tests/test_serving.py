@@ -868,6 +868,51 @@ def test_serve_command_subprocess(tiny_dir, tmp_path):
     assert f"http://127.0.0.1:{port}/" in out
 
 
+def test_serve_over_tls(tiny_dir, tmp_path):
+    """`quantchat serve --tls-cert/--tls-key`: HTTPS only, a hashed key from the key file, a chat answer."""
+    import ssl
+
+    from quantchat.serving.keys import hash_key
+    from quantchat.serving.tls import make_certs
+
+    certs = make_certs(tmp_path / "certs", roles=("api",))
+    port = free_port()
+    keyfile = tmp_path / "keys"
+    keyfile.write_text(hash_key("sk-tls-0123456789") + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "quantchat", "serve", "--model", str(tiny_dir), "--port", str(port),
+                             "--api-key-file", str(keyfile), "--quant", "none", "--max-seq-len", "128",
+                             "--tls-cert", str(certs["api"]), "--tls-key", str(certs["api-key"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url, ca = f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=str(certs["ca"]))
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", verify=ca, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/chat/completions", verify=ca, timeout=60,
+                       headers={"Authorization": "Bearer sk-tls-0123456789"},
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        with pytest.raises(httpx.HTTPError):  # a client that does not trust the CA
+            httpx.get(url + "/health", timeout=5)
+    finally:
+        proc.terminate()
+        try:
+            out = proc.communicate(timeout=20)[0].decode()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0].decode()
+    assert f"https://127.0.0.1:{port}/" in out and "plain HTTP" not in out
+
+
 def test_async_client(server):
     async def main():
         c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
