@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from quantchat.errors import BadRequestError
 from quantchat.serving.backend import Backend, served_model
 from quantchat.serving.metrics import Metrics
 from quantchat.serving.openai.protocol import (
@@ -76,11 +75,8 @@ class ChatRenderer:
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, backend: Backend,
                                  metrics: Metrics) -> Response:
-    try:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-    except ValueError as e:
-        raise BadRequestError(str(e), "messages") from None
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}  # BadRequestError
+                for m in body.messages]
     top = (body.top_logprobs or 0) if body.logprobs else None
     reqs = [body.generate_request(i, messages=messages, max_tokens=body.limit(),
                                   add_generation_prompt=body.add_generation_prompt, logprobs=top)
