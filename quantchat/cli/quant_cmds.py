@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantchat.cli.common import status
 from quantchat.errors import QuantchatError
+from quantchat.paths import KNOWN_MODELS
 from quantchat.quant import methods
 
 
@@ -168,7 +169,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    if args.model is not None and not Path(args.model).expanduser().exists():
+    if args.model is not None and not Path(args.model).expanduser().exists() and args.model not in KNOWN_MODELS:
         raise QuantchatError(f"{args.model}: no such file or folder")
     t0 = time.perf_counter()
     res = export_gguf(args.model, args.out, args.type, force=args.force, name=args.name,
@@ -230,7 +231,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export-gguf", help="write a GGUF file llama.cpp can load (q4_0, q4_1 or q8_0)")
     p.add_argument("model", nargs="?", default=None,
-                   help="quantized folder, HF folder or .gguf (default: the embedded model)")
+                   help="quantized folder, HF folder, .gguf or a known short name (default: the embedded model)")
     p.add_argument("--type", required=True, metavar="TYPE", help="GGUF type of the linears: q4_0, q4_1 or q8_0")
     p.add_argument("--out", required=True, metavar="FILE.gguf", help="output file")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
