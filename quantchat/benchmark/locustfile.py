@@ -3,7 +3,8 @@ patches the standard library, so this file is never imported by quantchat itself
 
 Each user streams chat completions from the API (``--host``) one after another and reports each as one
 locust request, timed to the last token; a stream that ends with an error event is a failure. With
-``$QUANTCHAT_LOCUST_LOG`` every request is also written there as a JSON line (start, end, ok, error): the
+``$QUANTCHAT_LOCUST_LOG`` every request is also written there as JSON lines (when it begins; when it ends: start, end, ok,
+error): the
 runner checks from it which requests failed when a worker was killed. Settings: ``$QUANTCHAT_LOCUST_API_KEY``,
 ``$QUANTCHAT_LOCUST_MAX_TOKENS`` (default 32), ``$QUANTCHAT_LOCUST_TIMEOUT`` (seconds per request, default 60).
 """
@@ -41,6 +42,9 @@ class ChatUser(User):
         body = {"messages": [{"role": "user", "content": PROMPTS[self.n % len(PROMPTS)]}],
                 "max_tokens": self.max_tokens, "temperature": 0.7, "stream": True, "ignore_eos": True}
         start, t0 = time.time(), time.perf_counter()
+        rid = f"{id(self):x}-{self.n}"
+        if _log is not None:  # a begin line, so that a request that never ends shows
+            _log.write(json.dumps({"id": rid, "begin": start}) + "\n")
         error, length = None, 0
         try:
             with self.session.post(self.host.rstrip("/") + "/v1/chat/completions", json=body, stream=True,
@@ -64,4 +68,5 @@ class ChatUser(User):
             request_type="POST", name="/v1/chat/completions (stream)", response_time=elapsed_ms,
             response_length=length, exception=RuntimeError(error) if error else None, context={})
         if _log is not None:
-            _log.write(json.dumps({"start": start, "end": time.time(), "ok": error is None, "error": error}) + "\n")
+            _log.write(json.dumps({"id": rid, "start": start, "end": time.time(), "ok": error is None,
+                                   "error": error}) + "\n")
