@@ -113,3 +113,74 @@ def test_image_end_to_end(tmp_path):
         assert hc.returncode == 0, hc.stdout + hc.stderr
     finally:
         subprocess.run(["podman", "rm", "-f", *names], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_image_rootfs_end_to_end_chroot(tmp_path):
+    """Where podman builds images but cannot run containers (this sandbox): the image's own root filesystem
+    (podman image mount), as user 10001 under chroot, QUANTCHAT_HOME bind-mounted: controller + worker +
+    API from the image on 127.0.0.1, the image's health check, a chat answer; the kernels are the
+    prebuilt ones (no compiler in the image)."""
+    if shutil.which("podman") is None or os.geteuid() != 0:
+        pytest.skip("needs podman and root (podman image mount, chroot)")
+    if subprocess.run(["podman", "image", "exists", IMAGE], capture_output=True).returncode != 0:
+        pytest.skip(f"no image {IMAGE}: build it with scripts/build_image.sh")
+    m = subprocess.run(["podman", "image", "mount", IMAGE], capture_output=True, text=True)
+    if m.returncode != 0:
+        pytest.skip(f"podman image mount failed: {m.stderr.strip()[-200:]}")
+    root = Path(m.stdout.strip())
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o777)
+    mounts = []
+    try:
+        for src, dst in (("/proc", root / "proc"), (str(home), root / "var/lib/quantchat")):
+            r = subprocess.run(["mount", "--bind", src, str(dst)], capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot bind-mount into the image: {r.stderr.strip()}")
+            mounts.append(dst)
+        assert not any((root / "usr/bin" / c).exists() for c in ("g++", "gcc", "c++", "cc")), "a compiler in the image"
+        env = ["/usr/bin/env", "-i", "PATH=/opt/venv/bin:/usr/bin:/bin", "HOME=/var/lib/quantchat",
+               "QUANTCHAT_HOME=/var/lib/quantchat", "QUANTCHAT_KERNELS_DIR=/opt/quantchat/kernels",
+               "QUANTCHAT_SECRET=e2e-" + os.urandom(8).hex()]
+        run = ["chroot", "--userspec=10001:10001", str(root), *env]
+        r = subprocess.run([*run, "python3", "-c", "from quantchat.kernels import cpu; cpu.available(); "
+                            "print(cpu.build_info().get('compiler'), cpu.unavailable_reason())"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        if "avx2" in Path("/proc/cpuinfo").read_text():
+            assert r.stdout.split()[0] == "prebuilt", r.stdout
+        ports = {"api": 28200, "controller": 28201, "worker": 28202}
+        curl = f"http://127.0.0.1:{ports['controller']}"
+        procs = [subprocess.Popen([*run, "quantchat", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for args in (["controller", "--port", str(ports["controller"])],
+                              ["worker", "--port", str(ports["worker"]), "--controller", curl,
+                               "--max-seq-len", "512", "--threads", "2"],
+                              ["api", "--port", str(ports["api"]), "--controller", curl, "--api-key", "sk-e2e",
+                               "--no-web"])]
+        try:
+            health = [*run, "python3", "/opt/quantchat/healthcheck.py", f"http://127.0.0.1:{ports['api']}/health"]
+            deadline = time.time() + 300
+            while subprocess.run(health, capture_output=True).returncode != 0:
+                assert time.time() < deadline and all(p.poll() is None for p in procs), "the fleet did not start"
+                time.sleep(1)
+            import httpx
+
+            r = httpx.post(f"http://127.0.0.1:{ports['api']}/v1/chat/completions", timeout=120,
+                           headers={"Authorization": "Bearer sk-e2e"},
+                           json={"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"].strip()
+            assert list(home.iterdir()), "the default model is converted into QUANTCHAT_HOME"
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    finally:
+        for dst in reversed(mounts):
+            subprocess.run(["umount", str(dst)], capture_output=True)
+        subprocess.run(["podman", "image", "unmount", IMAGE], capture_output=True)

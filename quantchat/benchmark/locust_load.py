@@ -138,14 +138,18 @@ def run_locust(a: argparse.Namespace, status: Callable[[str], None]) -> int:
     finally:
         stop(procs)
     events = [e for e in lines if "end" in e]
-    unfinished = len({e["id"] for e in lines if "begin" in e} - {e["id"] for e in events})
+    begun = {e["id"]: e["begin"] for e in lines if "begin" in e}
+    interrupted = {e["id"]: e["interrupted"] - begun.get(e["id"], e["interrupted"]) for e in lines
+                   if "interrupted" in e}  # stopped by locust at the end (its stop timeout), seconds in
+    unfinished = len(set(begun) - {e["id"] for e in events} - set(interrupted))
     killed_at, dropped_at = killed.get("at"), killed.get("dropped")
     verdict = judge(events, killed_at, dropped_at)
     drop_s = None if killed_at is None or dropped_at is None else dropped_at - killed_at
     checks = {
-        # locust ended on time, and every request that began ended, well within its timeout
+        # locust ended on time, and every request that began ended (or was stopped by locust at the end),
+        # well within its timeout
         "nothing hung": not hung and unfinished == 0 and bool(events)
-                        and max(e["end"] - e["start"] for e in events) < 60,
+                        and max([e["end"] - e["start"] for e in events] + list(interrupted.values())) < 60,
         "no failure before the kill": verdict["before_kill"]["failures"] == 0,
         "every request after the drop succeeded": verdict["after_drop"]["failures"] == 0,
     }
@@ -153,7 +157,8 @@ def run_locust(a: argparse.Namespace, status: Callable[[str], None]) -> int:
         checks["dead worker dropped within the heartbeat expiry"] = drop_s is not None and drop_s <= a.heartbeat_expiry
         checks["requests ran after the drop"] = verdict["after_drop"]["requests"] > 0
     row = {"users": a.users, "duration_s": a.duration, "workers": n_workers, "wall_s": round(wall, 1), **totals,
-           "logged": {"requests": len(events), "failures": sum(not e["ok"] for e in events), "unfinished": unfinished},
+           "logged": {"requests": len(events), "failures": sum(not e["ok"] for e in events),
+                      "stopped_at_the_end": len(interrupted), "unfinished": unfinished},
            "killed_worker_at_s": a.kill_worker_at or None,
            "dropped_after_s": None if drop_s is None else round(drop_s, 2), **verdict, "checks": checks}
     table = markdown_table(

@@ -4,7 +4,7 @@ patches the standard library, so this file is never imported by quantchat itself
 Each user streams chat completions from the API (``--host``) one after another and reports each as one
 locust request, timed to the last token; a stream that ends with an error event is a failure. With
 ``$QUANTCHAT_LOCUST_LOG`` every request is also written there as JSON lines (when it begins; when it ends: start, end, ok,
-error): the
+error; or when locust stops the user in the middle of it, at the end of the run): the
 runner checks from it which requests failed when a worker was killed. Settings: ``$QUANTCHAT_LOCUST_API_KEY``,
 ``$QUANTCHAT_LOCUST_MAX_TOKENS`` (default 32), ``$QUANTCHAT_LOCUST_TIMEOUT`` (seconds per request, default 60).
 """
@@ -63,6 +63,10 @@ class ChatUser(User):
                         error = "the stream ended without [DONE]"
         except requests.RequestException as e:
             error = f"{type(e).__name__}: {e}"
+        except BaseException:  # GreenletExit: locust stopping this user at the end of the run
+            if _log is not None:
+                _log.write(json.dumps({"id": rid, "interrupted": time.time()}) + "\n")
+            raise
         elapsed_ms = (time.perf_counter() - t0) * 1000
         self.environment.events.request.fire(
             request_type="POST", name="/v1/chat/completions (stream)", response_time=elapsed_ms,
