@@ -141,6 +141,22 @@ def scaling(rows: list[dict[str, Any]], low: int, high: int) -> tuple[float, lis
     return (statistics.median(ratios), ratios) if ratios else None
 
 
+def worker_addresses(controller_url: str, secret: str) -> list[str]:
+    """The addresses the controller lists now (``GET /workers``)."""
+    r = httpx.get(controller_url + "/workers", headers={"Authorization": f"Bearer {secret}"}, timeout=5)
+    return [w["address"] for w in r.json()["workers"]]
+
+
+def wait_registered(controller_url: str, secret: str, n_workers: int, procs: list[subprocess.Popen],
+                    timeout: float = 600.0) -> None:
+    """Until the controller lists ``n_workers`` workers (QuantchatError when a process exits or time is up)."""
+    deadline = time.time() + timeout
+    while len(worker_addresses(controller_url, secret)) < n_workers:
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            raise QuantchatError(f"the {n_workers} worker(s) did not all register")
+        time.sleep(0.5)
+
+
 def cluster_rows(a: argparse.Namespace, n_workers: int, clients: int, progress) -> list[dict[str, Any]]:
     secret = "bench-" + os.urandom(12).hex()
     env = {**os.environ, "QUANTCHAT_SECRET": secret}
@@ -156,15 +172,7 @@ def cluster_rows(a: argparse.Namespace, n_workers: int, clients: int, progress) 
         aport = free_port()
         procs.append(start(["api", "--controller", curl, "--port", str(aport), "--no-web"], env))
         url = f"http://127.0.0.1:{aport}"
-        deadline = time.time() + 600
-        while True:  # every worker registered
-            r = httpx.get(curl + "/workers", headers={"Authorization": f"Bearer {secret}"}, timeout=5)
-            body = r.json()
-            if len(body.get("workers", body) if isinstance(body, dict) else body) >= n_workers:
-                break
-            if time.time() > deadline or any(p.poll() is not None for p in procs):
-                raise QuantchatError(f"the {n_workers} worker(s) did not all register")
-            time.sleep(0.5)
+        wait_registered(curl, secret, n_workers, procs)
         wait_healthy(url, 60, procs[-1])
         saved, a.api_key = a.api_key, None
         try:

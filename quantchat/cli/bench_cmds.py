@@ -83,6 +83,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from quantchat.benchmark.serving import run_bench_serve  # httpx, aiohttp, matplotlib: not at start-up
 
+    if args.locust:
+        if args.url:
+            raise QuantchatError("--locust starts its own fleet (to kill a worker): drop --url")
+        from quantchat.benchmark.locust_load import run_locust
+
+        return run_locust(args, status)
     return run_bench_serve(args, status)
 
 
@@ -106,4 +112,16 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="repeat the client sweep this many times, interleaved; report medians (default 3)")
     p.add_argument("--out", default=None, help="output folder (default ./quantchat-results/bench-serve-<time>/)")
+    g = p.add_argument_group("locust (--locust): a fleet under load, one worker killed")
+    g.add_argument("--locust", action="store_true",
+                   help="run locust headless against controller + workers (largest of --workers, default 2) + API on "
+                        "loopback, kill one worker while it runs, report requests, failures, p50/p95 latency and "
+                        "check that only requests in flight on it failed")
+    g.add_argument("--users", type=int, default=16, help="locust users (default 16)")
+    g.add_argument("--duration", type=int, default=60, help="seconds of load (default 60)")
+    g.add_argument("--kill-worker-at", type=float, default=20.0,
+                   help="SIGKILL one worker this many seconds in (default 20; 0: none)")
+    g.add_argument("--heartbeat-interval", type=float, default=2.0, help="the workers' heartbeat interval (default 2)")
+    g.add_argument("--heartbeat-expiry", type=float, default=8.0,
+                   help="the controller's heartbeat expiry: the dead worker must be dropped within it (default 8)")
     p.set_defaults(func=cmd_bench_serve)

@@ -161,6 +161,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from quantchat.kernels import cpu as cpu_kernels
 
     t1 = time.perf_counter()
+    if args.all_kernel_variants:  # an image's build stage: compile every variant, load what this CPU runs
+        try:
+            built = cpu_kernels.build_variants()
+        except cpu_kernels.KernelsUnavailable as e:
+            raise QuantchatError(f"cannot build the CPU kernels: {e}") from None
+        status(f"CPU kernels built in {cpu_kernels.kernels_dir()}: "
+               + ", ".join(f"{n} ({s:.1f} s)" for n, s in built.items()))
     if not cpu_kernels.is_built():
         status("building quantchat's CPU kernels for this CPU (once, about 15 s)...")
     if cpu_kernels.available():
@@ -199,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None,
                    help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto: the CPU kernels are built unless CUDA runs it")
+    p.add_argument("--all-kernel-variants", action="store_true",
+                   help="compile the CPU kernels for every variant (AVX2, AVX-512 VNNI, AMX), not only this CPU's: "
+                        "for an image that runs where no compiler is")
     p.set_defaults(func=cmd_prepare)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -60,7 +60,7 @@ PATHS = {f"PATH_{p.name}": p for p in defs.Path} | {f"R8_{p.name}": p for p in d
 globals().update(PATHS)
 
 __all__ = [
-    "KernelsUnavailable", "available", "load", "unavailable_reason", "build_info",
+    "KernelsUnavailable", "available", "load", "build_variants", "unavailable_reason", "build_info",
     "int4_linear", "int8_linear", "int4r8_linear", "sample_logits", "VARIANTS", "load_variant",
     "select_variant", "describe", "decode_plan_class", *PATHS,
 ]
@@ -271,6 +271,56 @@ def _cache_key(cxx: str, v: Variant) -> str:
     return h.hexdigest()[:16]
 
 
+def _prebuilt_key(v: Variant) -> str:
+    """What a build must match to be loaded without a compiler (an image's runtime stage): the sources,
+    the generated header, the flags and the torch build, but not the compiler that made it."""
+    h = hashlib.sha256()
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), defs.header().encode(),
+                 " ".join(_variant_flags(v)).encode(), torch.__version__.encode(),
+                 str(getattr(torch.version, "git_version", "")).encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _key_file(so_path: Path) -> Path:
+    return so_path.with_suffix(".key")
+
+
+def _write_key_file(v: Variant, so_path: Path) -> None:
+    try:
+        if not _key_file(so_path).is_file():
+            _key_file(so_path).write_text(_prebuilt_key(v) + "\n")
+    except OSError:  # a read-only kernels folder: the build stays usable where a compiler is
+        pass
+
+
+def _prebuilt(v: Variant) -> Path | None:
+    """A build of ``v`` made elsewhere (by ``quantchat prepare`` in an image's build stage) whose key
+    matches these sources and this torch, or None."""
+    key = _prebuilt_key(v)
+    for so in sorted(kernels_dir().glob(f"quantchat_cpu_{v.name}_*.so")):
+        try:
+            if _key_file(so).read_text().strip() == key:
+                return so
+        except OSError:
+            continue
+    return None
+
+
+def build_variants(names: tuple[str, ...] = VARIANT_NAMES) -> dict[str, float]:
+    """Compile the named variants into kernels_dir() without loading them (any x86-64 CPU can compile
+    the code for a CPU it is not: an image's build stage makes every variant); seconds per variant."""
+    cxx = _compiler()
+    out = {}
+    for name in names:
+        v = variant(name)
+        so_path = kernels_dir() / f"quantchat_cpu_{v.name}_{_cache_key(cxx, v)}.so"
+        out[name] = _build(cxx, v, so_path) if not so_path.is_file() else 0.0
+        _write_key_file(v, so_path)
+    return out
+
+
 def _build(cxx: str, v: Variant, so_path: Path) -> float:
     """Compile into so_path (under a file lock; another process may have built it meanwhile)."""
     import fcntl  # POSIX only: here, not at the top, so that the module imports (kernels unavailable) elsewhere
@@ -297,6 +347,7 @@ def _prune(folder: Path, keep: int) -> None:
     builds = sorted(folder.glob("quantchat_cpu_*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in builds[keep:]:
         try:
+            _key_file(old).unlink(missing_ok=True)
             old.unlink()
         except OSError:
             pass
@@ -317,9 +368,18 @@ def _load_variant_impl(v: Variant) -> tuple[object, dict]:
         raise KernelsUnavailable(f"the CPU lacks {', '.join(missing)} for the {v.name} kernels")
     info: dict = {}
     if not _registered(v):
-        cxx = _compiler()
-        so_path = kernels_dir() / f"quantchat_cpu_{v.name}_{_cache_key(cxx, v)}.so"
-        build_s = _build(cxx, v, so_path) if not so_path.is_file() else 0.0
+        try:
+            cxx = _compiler()
+        except KernelsUnavailable as e:  # no compiler (an image's runtime stage): a matching prebuilt build
+            so_path = _prebuilt(v)
+            if so_path is None:
+                raise KernelsUnavailable(f"{e}, and no prebuilt {v.name} build in {kernels_dir()} matches "
+                                         "(quantchat prepare --all-kernel-variants makes them)") from None
+            cxx, build_s = "prebuilt", 0.0
+        else:
+            so_path = kernels_dir() / f"quantchat_cpu_{v.name}_{_cache_key(cxx, v)}.so"
+            build_s = _build(cxx, v, so_path) if not so_path.is_file() else 0.0
+            _write_key_file(v, so_path)
         try:
             os.utime(so_path)  # "recently used", for _prune
         except OSError:
