@@ -32,6 +32,7 @@ from quantchat.engine.prefix_cache import PROMPT_LOGITS_KEPT, PrefixCache
 from quantchat.engine.sequence import SeqEvent, Sequence, TokenLogprob, token_logprobs
 from quantchat.engine.stopping import StopStringMatcher
 from quantchat.errors import QueueFullError
+from quantchat.sampling.constraints import apply_masks
 from quantchat.sampling.sampling import (
     apply_openai_penalties,
     apply_repetition_penalty,
@@ -106,6 +107,8 @@ class Scheduler:
         """Queue ``seq`` (``queue_limit``: refuse it when ``max_queue`` wait already; in-process callers such
         as ``Engine.generate`` wait their turn instead)."""
         self.engine.check_prompt(seq.prompt)
+        if seq.params.constraint is not None and seq.matcher is None:  # a bad constraint raises here
+            seq.matcher = self.engine.constraints.matcher(seq.params.constraint)
         with self.cond:
             if queue_limit and len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
@@ -273,6 +276,9 @@ class Scheduler:
             first.finish_reason = "length"
             self._emit_final(seq, first)
             return True
+        if seq.matcher is not None:  # a copy: the prefix cache keeps these logits for the next asker
+            logits = logits.clone()
+            apply_masks(logits, [0], [seq.matcher])
         return self._sample(seq, logits, first)
 
     def _drop_cancelled(self) -> None:
@@ -328,6 +334,10 @@ class Scheduler:
         positions = torch.tensor([len(s.prompt) + len(s.generated) - 1 for s in self.decoding], device=dev)
         logits = self.engine.decode(tokens, positions)
         self.decode_steps += 1
+        rows = [i for i, s in enumerate(self.decoding) if s.matcher is not None]
+        if rows:  # structured output: refused tokens to -inf, in place, before any sampling rule
+            apply_masks(logits, rows, [self.decoding[i].matcher for i in rows],
+                        self.engine.constraints.executor())
         drawn = sample_rows(logits, [s.params for s in self.decoding], [s._gen for s in self.decoding])
         done = [i for i, seq in enumerate(self.decoding) if self._sample(seq, logits[i:i + 1], SeqEvent(), drawn[i])]
         self._remove(done)
@@ -336,6 +346,13 @@ class Scheduler:
         """Pick the next token for ``seq`` from logits [1, V] (unless ``sample_rows`` drew it: ``token``);
         emit it; return whether the sequence ended."""
         p = seq.params
+        if seq.matcher is not None and seq.matcher.dead:  # the constraint admits no token: end it here
+            seq.end, event.finish_reason = "dead_end", "grammar_dead_end"
+            if seq.decoder is not None:  # flush held-back text
+                tail, _ = seq._stopper.push(seq.decoder.flush())
+                event.text += tail + seq._stopper.flush()
+            self._emit_final(seq, event)
+            return True
         history = None
         if p.repetition_penalty != 1.0:
             history = torch.tensor(seq.prompt + seq.generated, dtype=torch.long, device=logits.device)
@@ -362,6 +379,10 @@ class Scheduler:
             event.text = text
             if hit:
                 event.finish_reason, seq.end = "stop", "stop_string"
+            elif seq.matcher is not None and not seq.matcher.advance(token):  # cannot happen under the mask
+                event.finish_reason, seq.end = "grammar_dead_end", "dead_end"
+            elif seq.matcher is not None and seq.matcher.done:
+                event.finish_reason, seq.end = "stop", "grammar"
             elif len(seq.generated) >= p.max_new_tokens:
                 event.finish_reason, seq.end = "length", "max_tokens"
             elif len(seq.prompt) + len(seq.generated) >= self.engine.max_seq_len:
