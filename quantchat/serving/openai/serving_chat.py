@@ -128,8 +128,8 @@ def message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 def tool_setup(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, dict[str, str] | None]:
     """(the tools to offer in the prompt, the constraint that forces a call) for ``tools`` and
-    ``tool_choice``: none offers nothing; auto (the default) offers them; required or a named function
-    also constrain the answer to calls (to that function)."""
+    ``tool_choice``: none offers nothing; auto (the default) offers them; required constrains the answer
+    to calls (several with ``parallel_tool_calls``), a named function to one call of it."""
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none", "auto"):
@@ -143,7 +143,8 @@ def tool_setup(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None
         return None, None
     if choice in (None, "auto"):
         return tools, None
-    if isinstance(choice, NamedToolChoice):
+    named = isinstance(choice, NamedToolChoice)  # one call of that function
+    if named:
         forced = [t for t in tools if t["function"]["name"] == choice.function.name]
         if not forced:
             raise BadRequestError(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
@@ -152,7 +153,7 @@ def tool_setup(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None
     if body.constraint() is not None:
         raise BadRequestError("tool_choice required or named cannot be combined with response_format, regex or "
                               "grammar", "tool_choice")
-    return tools, {"kind": "grammar", "spec": forced_grammar(forced, body.parallel_tool_calls)}
+    return tools, {"kind": "grammar", "spec": forced_grammar(forced, body.parallel_tool_calls and not named)}
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, backend: Backend,
