@@ -46,6 +46,8 @@ TEXTS = ["Marie Curie worked in Paris at the Sorbonne.", "Alan Turing was born i
 def compile_times(engine: Any, rounds: int = 5) -> dict[str, float]:
     """Seconds: the token table (once per tokenizer), the schema's first compile, a cached compile, and
     the mask per token along a valid answer (median)."""
+    import json
+
     from quantchat.sampling.constraints import Constraint, ConstraintCompiler
 
     t0 = time.perf_counter()
@@ -60,9 +62,7 @@ def compile_times(engine: Any, rounds: int = 5) -> dict[str, float]:
         comp.matcher(Constraint.json_schema(SCHEMA))
         cached.append(time.perf_counter() - a)
     one = {"name": "Marie Curie", "kind": "person", "age": 66, "score": 0.9, "tags": ["physics", "chemistry"]}
-    import json
-
-    text = json.dumps({"items": [one] * 8})
+    text = json.dumps({"items": [one] * 8})[:-2]  # 8 of the 64 items the schema asks for: still open
     m = comp.matcher(c)
     per_token = []
     for tok in engine.tokenizer.encode(text, add_bos=False):

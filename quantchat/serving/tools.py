@@ -171,12 +171,19 @@ class ToolStream:
         self.names = names
         self.buf = ""
         self.calls: list[ToolCall] = []
+        self._after_call = False  # nothing but whitespace since the last call
 
     def push(self, text: str) -> tuple[str, list[ToolCall]]:
-        """(text to send now, calls completed by ``text``)."""
+        """(text to send now, calls completed by ``text``). Whitespace right after a call is dropped, as
+        ``parse_tool_calls`` drops it."""
         self.buf += text
         out, calls = "", []
         while True:
+            if self._after_call:
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    break
+                self._after_call = False
             start = self.buf.find(OPEN)
             if start < 0:
                 keep = _partial_suffix(self.buf, OPEN)
@@ -190,12 +197,11 @@ class ToolStream:
                 break
             block = self.buf[start:end + len(CLOSE)]
             call = _call(block[len(OPEN):-len(CLOSE)].strip(), self.names)
-            if call is None:
-                out += block
-            else:
-                out = out.rstrip("\n") if not self.calls and not out.strip() else out
+            out += self.buf[:start] + (block if call is None else "")
+            self.buf = self.buf[end + len(CLOSE):]
+            if call is not None:
                 calls.append(call)
-            self.buf = self.buf[end + len(CLOSE):].lstrip("\n") if call is not None else self.buf[end + len(CLOSE):]
+                self._after_call = True
         self.calls += calls
         return out, calls
 
