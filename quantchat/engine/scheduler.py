@@ -77,6 +77,7 @@ class Scheduler:
         # events) and prompt prefill; the ratio of step times shows what batching gains (bench serve)
         self.decode_time: dict[int, list[float]] = {}
         self.prefill_seconds = 0.0
+        self.constraint_seconds = 0.0  # structured output's share of decode: masks and matcher updates
         self.started_at = time.time()
         engine.scheduler = self
 
@@ -146,6 +147,7 @@ class Scheduler:
             "decode_steps": self.decode_steps,
             "decode_time_by_batch": {b: list(v) for b, v in list(self.decode_time.items())},  # a snapshot
             "prefill_seconds_total": self.prefill_seconds,
+            "constraint_seconds_total": self.constraint_seconds,
             "prompt_tokens_cached_total": self.prompt_tokens_cached_total,
         }
 
@@ -336,8 +338,9 @@ class Scheduler:
         self.decode_steps += 1
         rows = [i for i, s in enumerate(self.decoding) if s.matcher is not None]
         if rows:  # structured output: refused tokens to -inf, in place, before any sampling rule
-            apply_masks(logits, rows, [self.decoding[i].matcher for i in rows],
-                        self.engine.constraints.executor())
+            t0 = time.perf_counter()
+            apply_masks(logits, rows, [self.decoding[i].matcher for i in rows])
+            self.constraint_seconds += time.perf_counter() - t0
         drawn = sample_rows(logits, [s.params for s in self.decoding], [s._gen for s in self.decoding])
         done = [i for i, seq in enumerate(self.decoding) if self._sample(seq, logits[i:i + 1], SeqEvent(), drawn[i])]
         self._remove(done)
@@ -379,7 +382,7 @@ class Scheduler:
             event.text = text
             if hit:
                 event.finish_reason, seq.end = "stop", "stop_string"
-            elif seq.matcher is not None and not seq.matcher.advance(token):  # cannot happen under the mask
+            elif seq.matcher is not None and not self._advance(seq.matcher, token):  # not under the mask
                 event.finish_reason, seq.end = "grammar_dead_end", "dead_end"
             elif seq.matcher is not None and seq.matcher.done:
                 event.finish_reason, seq.end = "stop", "grammar"
@@ -395,6 +398,12 @@ class Scheduler:
             event.text += tail + seq._stopper.flush()
         self._emit_final(seq, event)
         return True
+
+    def _advance(self, matcher, token: int) -> bool:
+        t0 = time.perf_counter()
+        ok = matcher.advance(token)
+        self.constraint_seconds += time.perf_counter() - t0
+        return ok
 
     def _remove(self, indices: list[int]) -> None:
         """Take finished rows out of the decoding block, keeping it contiguous from slot 0."""

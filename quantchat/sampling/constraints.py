@@ -158,7 +158,6 @@ class ConstraintCompiler:
         self.eos = [e for e in eos if e < self.vocab_size]
         self._cache: OrderedDict[Constraint, Any] = OrderedDict()
         self._lock = threading.Lock()
-        self._executor = None
         self.compiled = 0  # cache misses (compilations), for tests and the benchmark
 
     def compile(self, c: Constraint) -> Any:
@@ -191,26 +190,19 @@ class ConstraintCompiler:
         return Matcher(self.compile(c).deep_copy(), self.vocab_size, (self.ll_tokenizer.vocab_size + 31) // 32,
                        self.eos)
 
-    def executor(self) -> Any:
-        if self._executor is None:
-            self._executor = _llg().LLExecutor(num_threads=1)
-        return self._executor
 
-
-def apply_masks(logits: Tensor, rows: list[int], matchers: list[Matcher], executor: Any = None) -> list[int]:
+def apply_masks(logits: Tensor, rows: list[int], matchers: list[Matcher]) -> list[int]:
     """Set the logits [B, V] of tokens each matcher refuses to -inf, in place (row ``rows[i]`` by
     ``matchers[i]``); a matcher whose row allows nothing is marked ``dead``. The bitmasks are computed
-    into one buffer (by ``executor``, an llguidance LLExecutor, when given), then unpacked and applied in
-    one masked fill. Returns the dead rows (left unmasked: nothing may be sampled from them)."""
+    into one buffer, one after the other on this thread (llguidance's parallel LLExecutor waits for its
+    thread pool to wake: 20x slower than this on a busy 2-core machine, 9 ms vs 0.4 ms for 8 rows), then
+    unpacked and applied in one masked fill. Returns the dead rows (left unmasked: nothing may be
+    sampled from them)."""
     if not rows:
         return []
     words = torch.empty(len(rows), matchers[0].words, dtype=torch.int32)
-    if executor is not None:
-        executor.unsafe_compute_mask_ptr([(m.ll, i) for i, m in enumerate(matchers)], words.data_ptr(),
-                                         words.shape[1] * 4, len(rows))
-    else:
-        for i, m in enumerate(matchers):
-            m.ll.unsafe_compute_mask_ptr(words[i].data_ptr(), words.shape[1] * 4)
+    for i, m in enumerate(matchers):
+        m.ll.unsafe_compute_mask_ptr(words[i].data_ptr(), words.shape[1] * 4)
     allowed = unpack(words, logits.shape[-1])
     for i, m in enumerate(matchers):
         if not m.ll.is_accepting():
