@@ -135,7 +135,7 @@ def run_bench_structured(a: argparse.Namespace, status: Callable[[str], None]) -
                      "best_schema_tokens_per_s": max(constrained),
                      "best_cost_percent": 100 * (1 - max(constrained) / max(free)),
                      "constraint_share_percent": 100 * statistics.median(shares),
-                     "free_rounds": free, "schema_rounds": constrained})
+                     "free_rounds": free, "schema_rounds": constrained, "constraint_share_rounds": shares})
     table = markdown_table(
         ["clients", "free tok/s", "JSON schema tok/s", "cost (medians)", "cost (best rounds)",
          "constraint share of decode time", "rounds (free / schema)"],
