@@ -91,7 +91,7 @@ class Engine:
     def constraints(self) -> ConstraintCompiler:
         """Compiles structured-output constraints for this tokenizer (made on first use: ~0.2 s)."""
         if self._constraints is None:
-            self._constraints = ConstraintCompiler(self.tokenizer, self.model.config.vocab_size)
+            self._constraints = ConstraintCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
         return self._constraints
 
     def warmup(self) -> float:

@@ -118,12 +118,7 @@ class Matcher:
 
     def allowed(self) -> Tensor:
         """The allowed next tokens as a bool [vocab_size] tensor."""
-        words = torch.empty(1, self.words, dtype=torch.int32)
-        self.ll.unsafe_compute_mask_ptr(words.data_ptr(), self.words * 4)
-        allowed = unpack(words, self.vocab_size)[0]
-        if not self.ll.is_accepting():
-            allowed[self.eos] = False
-        return allowed
+        return allowed_rows([self], self.vocab_size)[0]
 
     @property
     def error(self) -> str:
@@ -147,12 +142,14 @@ class ConstraintCompiler:
     vocabulary), each distinct constraint is checked and compiled once (LRU of ``CACHE_SIZE``), and every
     sequence gets a copy of the compiled matcher."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None, eos_ids: set[int] | None = None) -> None:
         """``tokenizer``: quantchat's Tokenizer; ``vocab_size``: the model's logits width (default: the
-        tokenizer's)."""
+        tokenizer's); ``eos_ids``: the tokens that end a sequence (default: the tokenizer's)."""
         llg = _llg()
-        eos = sorted(tokenizer.eos_ids) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        eos = sorted(eos_ids if eos_ids is not None else tokenizer.eos_ids)
+        eos = eos or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
         n = tokenizer.vocab_size
+        eos = [e for e in eos if e < n]
         self.vocab_size = vocab_size or n
         self.ll_tokenizer = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=n, eos_token=eos or None)
         self.eos = [e for e in eos if e < self.vocab_size]
@@ -191,6 +188,19 @@ class ConstraintCompiler:
                        self.eos)
 
 
+def allowed_rows(matchers: list[Matcher], vocab_size: int) -> Tensor:
+    """Each matcher's allowed next tokens, bool [len(matchers), vocab_size]; the end-of-sequence tokens
+    only where its grammar accepts."""
+    words = torch.empty(len(matchers), matchers[0].words, dtype=torch.int32)
+    for i, m in enumerate(matchers):
+        m.ll.unsafe_compute_mask_ptr(words[i].data_ptr(), words.shape[1] * 4)
+    allowed = unpack(words, vocab_size)
+    for i, m in enumerate(matchers):
+        if not m.ll.is_accepting():
+            allowed[i, m.eos] = False
+    return allowed
+
+
 def apply_masks(logits: Tensor, rows: list[int], matchers: list[Matcher]) -> list[int]:
     """Set the logits [B, V] of tokens each matcher refuses to -inf, in place (row ``rows[i]`` by
     ``matchers[i]``); a matcher whose row allows nothing is marked ``dead``. The bitmasks are computed
@@ -200,14 +210,7 @@ def apply_masks(logits: Tensor, rows: list[int], matchers: list[Matcher]) -> lis
     sampled from them)."""
     if not rows:
         return []
-    words = torch.empty(len(rows), matchers[0].words, dtype=torch.int32)
-    for i, m in enumerate(matchers):
-        m.ll.unsafe_compute_mask_ptr(words[i].data_ptr(), words.shape[1] * 4)
-    allowed = unpack(words, logits.shape[-1])
-    for i, m in enumerate(matchers):
-        if not m.ll.is_accepting():
-            allowed[i, m.eos] = False
-    allowed = allowed.to(logits.device)
+    allowed = allowed_rows(matchers, logits.shape[-1]).to(logits.device)
     dead = torch.nonzero(~allowed.any(dim=1)).flatten().tolist()
     for i in dead:
         matchers[i].dead = True
