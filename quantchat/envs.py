@@ -36,11 +36,24 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
            "progress output on stderr: auto (bars on a terminal, else only AWQ/GPTQ block lines) "
            "| bar | lines | off"),
     EnvVar("QUANTCHAT_API_KEY", "str", None, "an API key the server requires (also --api-key)"),
-    EnvVar("QUANTCHAT_SECRET", "str", None, "the cluster's shared secret for worker registration (also --secret)"),
+    EnvVar("QUANTCHAT_SECRET", "str", None,
+           "the cluster's one shared secret, for every role not given its own (also --secret)"),
+    EnvVar("QUANTCHAT_WORKER_SECRET", "str", None,
+           "the workers' registration secret with the controller (also --worker-secret-file)"),
+    EnvVar("QUANTCHAT_ADMIN_SECRET", "str", None,
+           "the admin secret API servers send to the controller and workers (also --admin-secret-file)"),
+    EnvVar("QUANTCHAT_CHECKPOINT_KEY", "str", None,
+           "AES-256 key (64 hex digits) of encrypted quantized checkpoints (also --checkpoint-key-file)"),
+    EnvVar("QUANTCHAT_CHECKPOINT_KEY_FILE", "path", None, "file holding QUANTCHAT_CHECKPOINT_KEY"),
+    EnvVar("QUANTCHAT_CHECKPOINT_SIGN_KEY", "str", None,
+           "HMAC-SHA256 key (hex) of signed checkpoint manifests: set, unsigned checkpoints are refused"),
+    EnvVar("QUANTCHAT_CHECKPOINT_SIGN_KEY_FILE", "path", None, "file holding QUANTCHAT_CHECKPOINT_SIGN_KEY"),
     EnvVar("CXX", "str", None, "the C++ compiler for the kernels (default: g++, c++ or clang++)"),
 )}
 
 _FALSE = ("", "0", "false", "no", "off")
+SECRET_VARIABLES = ("QUANTCHAT_API_KEY", "QUANTCHAT_SECRET", "QUANTCHAT_WORKER_SECRET", "QUANTCHAT_ADMIN_SECRET",
+                    "QUANTCHAT_CHECKPOINT_KEY", "QUANTCHAT_CHECKPOINT_SIGN_KEY")
 
 
 def raw(name: str) -> str | None:
@@ -68,7 +81,7 @@ def describe() -> list[dict[str, str | None]]:
     rows = []
     for v in VARIABLES.values():
         value = os.environ.get(v.name)
-        if value and v.name in ("QUANTCHAT_API_KEY", "QUANTCHAT_SECRET"):
+        if value and v.name in SECRET_VARIABLES:
             value = "(set)"
         rows.append({"name": v.name, "value": value, "default": v.default, "help": v.help})
     return rows

@@ -336,6 +336,36 @@ def test_quantize_then_run(tiny_dir, tmp_path, capsys, method):
     assert_user_error(run_main(capsys, "complete", "--model", str(out), "--prompt", "hi"), shard.name)
 
 
+def test_quantize_encrypted_and_signed_then_run(tiny_dir, tmp_path, capsys, monkeypatch):
+    for var in ("QUANTCHAT_CHECKPOINT_KEY_FILE", "QUANTCHAT_CHECKPOINT_SIGN_KEY_FILE"):
+        monkeypatch.setenv(var, "")  # main() sets them from the flags; restored after the test
+    enc, sign = tmp_path / "enc.key", tmp_path / "sign.key"
+    for f in (enc, sign):
+        assert run_main(capsys, "deploy", "checkpoint-key", "--out", str(f)).returncode == 0
+        assert (f.stat().st_mode & 0o777) == 0o600
+    out = tmp_path / "q-sealed"
+    res = run_main(capsys, "quantize", str(tiny_dir), "--method", "int4-asym", "--group-size", "32", "--out", str(out),
+                   "--encrypt-key-file", str(enc), "--sign-key-file", str(sign))
+    assert res.returncode == 0, res.stderr
+    assert "shards encrypted (AES-256-GCM), manifest signed (HMAC-SHA256)" in res.stderr
+    res = run_main(capsys, "complete", "--model", str(out), "--prompt", PROMPT, "-n", "8", "--no-echo",
+                   "--checkpoint-key-file", str(enc), "--checkpoint-sign-key-file", str(sign))
+    assert res.returncode == 0, res.stderr
+    plain = run_main(capsys, "complete", "--model", str(tiny_dir), "--quant", "int4-asym", "--group-size", "32",
+                     "--prompt", PROMPT, "-n", "8", "--no-echo")
+    assert res.stdout == plain.stdout  # the same model as the unencrypted one
+    for var in ("QUANTCHAT_CHECKPOINT_KEY_FILE", "QUANTCHAT_CHECKPOINT_SIGN_KEY_FILE"):
+        monkeypatch.setenv(var, "")
+    assert_user_error(run_main(capsys, "complete", "--model", str(out), "--prompt", "hi"), "signed; give its key")
+    assert_user_error(run_main(capsys, "complete", "--model", str(out), "--prompt", "hi",
+                               "--checkpoint-sign-key-file", str(sign)), "encrypted; give its key")
+    assert_user_error(run_main(capsys, "complete", "--model", str(out), "--prompt", "hi",
+                               "--checkpoint-key-file", str(sign), "--checkpoint-sign-key-file", str(sign)),
+                      "wrong checkpoint key")
+    assert_user_error(run_main(capsys, "complete", "--model", str(out), "--prompt", "hi",
+                               "--checkpoint-key-file", str(tmp_path / "nope")), "no such file")
+
+
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_quantize_calibrated_methods(tiny_dir, tmp_path, capsys, method):
     out = tmp_path / f"q-{method}"

@@ -149,12 +149,16 @@ def cluster(tmp_path_factory):
 
 # -- the pieces, in process ---------------------------------------------------------------------
 def test_address_policy():
-    p = AddressPolicy()  # loopback only
+    p = AddressPolicy()  # loopback and the private ranges
     assert p.check("http://127.0.0.1:21002/") == "http://127.0.0.1:21002"
     assert p.check("http://127.9.9.9:80") == "http://127.9.9.9:80"
     assert p.check("http://[::1]:8000") == "http://[::1]:8000"
     assert p.check("https://LOCALHOST") == "https://localhost:443"
-    for bad in ("http://10.1.2.3:21002", "http://192.168.0.2:1", "http://example.com:21002", "http://[fd00::1]:1"):
+    for private in ("http://10.1.2.3:21002", "http://172.16.0.1:1", "http://172.31.255.254:1", "http://192.168.0.2:1",
+                    "https://[fd00::1]:1", "http://[fc12:3456::9]:21002", "http://[::ffff:10.0.0.7]:1"):
+        assert p.check(private)
+    for bad in ("http://172.32.0.1:21002", "http://11.0.0.1:1", "http://192.169.0.1:1", "http://example.com:21002",
+                "http://[2001:db8::1]:1", "http://[fe80::1]:1", "http://169.254.169.254:80", "http://0.0.0.0:1"):
         with pytest.raises(PermissionError):
             p.check(bad)
     for malformed in ("ftp://127.0.0.1:1", "http://user:pw@127.0.0.1:1", "http://127.0.0.1:1/x", "127.0.0.1:1",
@@ -287,7 +291,7 @@ def test_secret_required_everywhere(cluster):
 
 def test_only_allowed_addresses_may_register(cluster):
     before = cluster.registered()
-    for address in ("http://10.1.2.3:21002", "http://example.com:21002", "http://[fd00::1]:80"):
+    for address in ("http://203.0.113.9:21002", "http://example.com:21002", "http://[2001:db8::1]:80"):
         r = httpx.post(cluster.controller + "/register", headers=auth(),
                        json={"address": address, "model": "evil", "max_model_len": 8})
         assert r.status_code == 403, r.text

@@ -16,6 +16,7 @@ from quantchat.loading.hf_loader import load_model
 from quantchat.model.families import FAMILIES, config_from_hf
 from quantchat.quant.quantize import QuantSpec, quantize_model
 from quantchat.sampling.sampling import SamplingParams
+from test_fused_decode import check_steps
 
 TOL = 1e-4
 VOCAB = 96
@@ -151,11 +152,28 @@ def test_engine_batch_equals_single_and_reports_the_decode_path(tmp_path, case):
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 6)]
     params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
     assert engine.generate_batch(prompts, params) == [engine.generate_batch([p], params)[0] for p in prompts]
-    reason = unsupported_reason(model)
-    if model.config.is_llama_layout:  # Qwen2: the fused step takes its q/k/v biases as any linear's
-        assert reason is None or "layout" not in reason
-    else:
-        assert reason and "layout" in reason and model.config.family in reason
+    assert unsupported_reason(model) is None and engine.fused is not None  # every family decodes fused
+
+
+def test_fused_step_matches_the_models_forward(tmp_path, case):
+    """The fused C++ step (every family's layout: LayerNorm, ALiBi, learned positions, parallel blocks,
+    q/k and sandwich norms, local rope, sliding layers, GeGLU, soft-capping) against the model's own batched
+    forward over rows of different lengths (past Gemma's window of 6), and the KV caches it writes."""
+    build(tmp_path, case)
+    model = load_model(tmp_path)
+    check_steps(model, [5, 12, 3], steps=4)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4-asym"])
+@pytest.mark.parametrize("case_name", ["gpt2", "mpt-6heads-clip", "falcon-7b-layout", "gemma3"])
+def test_quantized_fused_step_matches_the_models_forward(tmp_path, case_name, method):
+    build(tmp_path, case_name)
+    model = load_model(tmp_path, cpu_layout=False)
+    quantize_model(model, QuantSpec.for_method(method, 32))
+    # int8 linears round their activations to int16 on both paths: inputs a float32 ulp apart may round one
+    # step apart, and Gemma's q/k and sandwich norms carry that further (2e-4 of the logits' size seen)
+    check_steps(model, [4, 9], steps=2, atol=1e-4 if method == "int8" else 1e-5,
+                tol=5e-4 if method == "int8" else 1e-4)
 
 
 def test_quantized_families_stay_close(tmp_path, case):

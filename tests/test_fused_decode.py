@@ -52,7 +52,7 @@ def python_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, slo
 
 
 def check_steps(model: Transformer, lengths: list[int], steps: int = 3, kv_dtype: torch.dtype | None = None,
-                atol: float = 1e-5) -> None:
+                atol: float = 1e-5, tol: float = TOL) -> None:
     """Batched fused steps == the model's own batched forward; the caches stay equal too."""
     B = len(lengths)
     model.setup_caches(B, 256, kv_dtype)
@@ -80,7 +80,7 @@ def check_steps(model: Transformer, lengths: list[int], steps: int = 3, kv_dtype
                 lay.attention.kv_cache.v_cache.copy_(v)
             want = python_step(model, tok, pos)
             assert got.shape == want.shape
-            assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item())
+            assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
             rtol = 2e-3 if kv_dtype == torch.float16 else 1e-5  # float16: a float32 difference may flip an ulp
             for lay, (k, v) in zip(model.layers, fused_caches):
                 assert k.dtype == (kv_dtype or torch.float32)
@@ -233,13 +233,15 @@ def test_plan_layout_mismatch_is_a_clear_error(monkeypatch):
     PlanMismatch naming it (not a fallback, not a crash); lists of the wrong length are refused by DecodePlan."""
     model = random_model()
     model.setup_caches(1, 32)
-    meta, tensors = fused_decode._plan_inputs(model)
+    meta, floats, tensors = fused_decode._plan_inputs(model)
     with pytest.raises(RuntimeError, match="tensor count"):
-        cpu.decode_plan_class()(meta, 1e-5, tensors[:-1])
+        cpu.decode_plan_class()(meta, floats, tensors[:-1])
     with pytest.raises(RuntimeError, match="meta size"):
-        cpu.decode_plan_class()(meta[:-1], 1e-5, tensors)
-    monkeypatch.setattr(defs, "LAYER", defs.LAYER + (("q_norm", defs.TENSOR),))
-    with pytest.raises(defs.PlanMismatch, match="missing \\['q_norm'\\]"):
+        cpu.decode_plan_class()(meta[:-1], floats, tensors)
+    with pytest.raises(RuntimeError, match="floats"):
+        cpu.decode_plan_class()(meta, floats[:-1], tensors)
+    monkeypatch.setattr(defs, "LAYER", defs.LAYER + (("extra_norm", defs.TENSOR),))
+    with pytest.raises(defs.PlanMismatch, match="missing \\['extra_norm'\\]"):
         FusedDecoder.build(model)
 
 

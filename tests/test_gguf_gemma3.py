@@ -406,3 +406,32 @@ def test_real_gemma3_270m_in_quantchat_equals_transformers():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_exported_runs_in_llama_cpp(tmp_path):
+    """quantchat's gemma3 GGUF export of the real model (Q8_0): llama.cpp loads it and greedily continues
+    the completion prompt with the same 8 tokens as quantchat's own decoder on the exported file."""
+    _need_gemma()
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from quantchat.engine.build import load_engine
+    from quantchat.quant.gguf_export import export_gguf
+    from quantchat.sampling.sampling import SamplingParams
+
+    qa = {c["name"]: c for c in json.loads(REFERENCE.read_text())["cases"]}["qa"]
+    out = export_gguf("gemma3-270m", tmp_path / "g3.gguf", "q8_0").path
+    assert read_gguf(out).architecture == "gemma3"
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, verbose=False, n_threads=2)
+    try:
+        theirs = []
+        for tok in llm.generate(qa["prompt_ids"], temp=0.0, top_k=1, reset=True):
+            theirs.append(tok)
+            if len(theirs) == 8:
+                break
+    finally:
+        llm.close()
+    engine = load_engine(str(out), device="cpu", max_seq_len=128, quant="none").engine
+    ours = engine.generate_batch([qa["prompt_ids"]], SamplingParams(temperature=0, max_new_tokens=8,
+                                                                    ignore_eos=True))[0]
+    assert ours == theirs
+    assert "Paris" in engine.tokenizer.decode(ours[:4])

@@ -247,3 +247,127 @@ def test_save_progress(tmp_path, monkeypatch, capsys):
     save_quantized(tmp_path / "q2", model, QuantSpec.for_method("int8"), quantize_model(
         load_model(tmp_path / "src", cpu_layout=False), QuantSpec.for_method("int8")), tmp_path / "src")
     assert capsys.readouterr() == ("", "")
+
+
+# -- encrypted shards and a signed manifest -----------------------------------------------------
+def sealed_dir(tmp_path, encrypt: bool = True, sign: bool = True, shard_bytes: int = 20_000):
+    from quantchat.quant.sealing import CheckpointKeys
+
+    src = tmp_path / "src"
+    make_tiny_llama(src, tie=False, n_kv_head=2)
+    model = load_model(src, cpu_layout=False)
+    spec = QuantSpec.for_method("int4-asym", 32)
+    codes = quantize_model(model, spec)
+    keys = CheckpointKeys(encrypt=bytes(range(32)) if encrypt else None, sign=b"s" * 32 if sign else None)
+    out = save_quantized(tmp_path / "q", model, spec, codes, src, max_shard_bytes=shard_bytes, keys=keys)
+    return model, out, keys
+
+
+def test_encrypted_signed_round_trip_is_bit_exact(tmp_path, monkeypatch):
+    from quantchat.quant.sealing import MAGIC, CheckpointKeys
+
+    model, out, keys = sealed_dir(tmp_path)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for s in shards:  # no plaintext at rest: not a safetensors header, no tensor names
+        data = s.read_bytes()
+        assert data.startswith(MAGIC) and b"qweight" not in data and b"layers." not in data
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["encryption"]["cipher"] == "AES-256-GCM" and len(manifest["hmac_sha256"]) == 64
+    loaded = load_quantized(out, keys=keys)
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    # the keys from the environment (what --checkpoint-key-file / --checkpoint-sign-key-file set)
+    (tmp_path / "enc.key").write_text(keys.encrypt.hex() + "\n")
+    monkeypatch.setenv("QUANTCHAT_CHECKPOINT_KEY_FILE", str(tmp_path / "enc.key"))
+    monkeypatch.setenv("QUANTCHAT_CHECKPOINT_SIGN_KEY", keys.sign.hex())
+    assert CheckpointKeys.from_files() == keys
+    loaded = load_quantized(out)
+    assert torch.equal(model.output.weight_int8, loaded.output.weight_int8)
+
+
+def test_encrypted_checkpoint_without_or_with_a_wrong_key(tmp_path):
+    from quantchat.quant.sealing import CheckpointKeys
+
+    _, out, keys = sealed_dir(tmp_path, sign=False)
+    with pytest.raises(ModelLoadError, match="encrypted; give its key"):
+        load_quantized(out, keys=CheckpointKeys())
+    with pytest.raises(ModelLoadError, match="cannot decrypt .wrong checkpoint key"):
+        load_quantized(out, keys=CheckpointKeys(encrypt=b"\x01" * 32))
+
+
+def test_tampered_shard_or_manifest_refused(tmp_path):
+    import hashlib
+
+    from quantchat.quant.sealing import CheckpointKeys
+
+    _, out, keys = sealed_dir(tmp_path)
+    mpath = out / "manifest.json"
+    good_manifest = mpath.read_text()
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    good_shard = shard.read_bytes()
+    # a flipped byte in a shard: its sha256 no longer matches
+    bad = bytearray(good_shard)
+    bad[len(bad) // 2] ^= 0x01
+    shard.write_bytes(bytes(bad))
+    with pytest.raises(ModelLoadError, match=f"{shard.name}.*sha256"):
+        load_quantized(out, keys=keys)
+    # ...and its new sha256 written into the manifest: the HMAC no longer matches
+    m = json.loads(good_manifest)
+    m["files"][shard.name]["sha256"] = hashlib.sha256(bytes(bad)).hexdigest()
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ModelLoadError, match="HMAC does not match"):
+        load_quantized(out, keys=keys)
+    # without the manifest check, AES-GCM still refuses the modified shard
+    with pytest.raises(ModelLoadError, match="cannot decrypt"):
+        load_quantized(out, keys=keys, verify=False)
+    # the signature removed: refused when a sign key is given; a signed manifest without a key is refused too
+    shard.write_bytes(good_shard)
+    m = json.loads(good_manifest)
+    mpath.write_text(json.dumps({k: v for k, v in m.items() if k != "hmac_sha256"}))
+    with pytest.raises(ModelLoadError, match="not signed, but a sign key was given"):
+        load_quantized(out, keys=keys)
+    mpath.write_text(good_manifest)
+    with pytest.raises(ModelLoadError, match="the manifest is signed; give its key"):
+        load_quantized(out, keys=CheckpointKeys(encrypt=keys.encrypt))
+    with pytest.raises(ModelLoadError, match="HMAC does not match"):
+        load_quantized(out, keys=CheckpointKeys(encrypt=keys.encrypt, sign=b"t" * 32))
+    # a shard cut at a chunk boundary or moved under another name fails to decrypt (names are authenticated)
+    other = sorted(out.glob("model-*.safetensors"))[1]
+    other_bytes = other.read_bytes()
+    other.write_bytes(good_shard)
+    with pytest.raises(ModelLoadError, match="cannot decrypt"):
+        load_quantized(out, keys=keys, verify=False)
+    other.write_bytes(other_bytes)
+    assert load_quantized(out, keys=keys) is not None
+
+
+def test_unkeyed_checkpoint_loads_and_index_cannot_name_files_outside(tmp_path):
+    from quantchat.quant.sealing import CheckpointKeys
+
+    _, out, _ = sealed_dir(tmp_path, encrypt=False, sign=False)
+    assert "hmac_sha256" not in json.loads((out / "manifest.json").read_text())
+    load_quantized(out, keys=CheckpointKeys())
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    name = next(iter(idx["weight_map"]))
+    idx["weight_map"][name] = "../src/model.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(ModelLoadError, match="not a file name in the checkpoint's folder"):
+        load_quantized(out, keys=CheckpointKeys(), verify=False)
+
+
+def test_checkpoint_key_formats(tmp_path):
+    import base64
+
+    from quantchat.quant.sealing import parse_key, read_key
+
+    k = bytes(range(32))
+    assert parse_key(k.hex().encode(), "x") == k
+    assert parse_key(base64.b64encode(k) + b"\n", "x") == k
+    assert parse_key(base64.urlsafe_b64encode(k), "x") == k
+    assert parse_key(k, "x") == k
+    for bad in (b"", b"abc", b"00" * 16, b"zz" * 32):
+        with pytest.raises(QuantchatError, match="not a 256-bit key"):
+            parse_key(bad, "x")
+    with pytest.raises(QuantchatError, match="cannot read the key"):
+        read_key(tmp_path / "missing", "QUANTCHAT_CHECKPOINT_KEY")

@@ -112,3 +112,20 @@ def test_keep_freed_memory_applies_once_and_can_be_turned_off():
     if on[2] == "glibc":
         assert on[0] == "True"
     assert off[:2] == ["False", "False"]
+
+
+def test_draw_never_crashes_on_overflowed_weights():
+    """Logits that overflowed (inf / NaN probabilities, no finite weight) still give a token id, not an
+    IndexError in the scheduler's thread."""
+    from quantchat.sampling.sampling import MIN_REPETITION_PENALTY, draw, sample_token
+
+    for probs in (torch.tensor([float("nan")] * 4), torch.tensor([0.0, float("inf"), float("nan"), 0.0]),
+                  torch.zeros(4)):
+        assert 0 <= draw(probs) < 4
+    logits = torch.tensor([1e38, 3e38, -1.0, 2.0])
+    p = SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=MIN_REPETITION_PENALTY)
+    assert 0 <= sample_token(logits, p, previous=torch.tensor([0, 1])) < 4
+    from quantchat.errors import QuantchatError
+
+    with pytest.raises(QuantchatError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1e-308)

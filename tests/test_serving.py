@@ -302,6 +302,112 @@ def test_bad_requests(server, client):
     assert post(server, "/v1/nothing-here", {}).status_code == 404
 
 
+def test_bad_input_is_a_clear_4xx(server, worker):
+    """Malformed, mistyped, oversized or hostile requests: each a 4xx in the OpenAI error shape, never a 500,
+    and the server keeps answering."""
+    chat = [{"role": "user", "content": "x"}]
+    cases = [  # (path, body, status, words in the message)
+        ("/v1/completions", b'{"prompt": "\xff\xfe", "max_tokens": 2}', 400, "not valid json"),  # invalid UTF-8
+        ("/v1/completions", b'{"pr\xc3ompt": "x"}', 400, "not valid json"),
+        ("/v1/completions", b"[" * 20000 + b"]" * 20000, 400, ""),  # nesting deeper than a parser's stack
+        ("/v1/completions", b"null", 400, ""),
+        ("/v1/completions", b'"a string"', 400, ""),
+        ("/v1/completions", b"", 400, ""),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 10**12}, 400, "context length"),  # huge max_tokens
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2**80}, 400, "max_tokens"),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
+        ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+        ("/v1/completions", {"prompt": {"a": 1}}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
+        ("/v1/completions", {"prompt": "x", "stop": {"a": 1}}, 400, "stop"),
+        ("/v1/completions", {"prompt": "x", "n": 10**6}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "logprobs": "all"}, 400, "logprobs"),
+        ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": chat, "stream": "maybe"}, 400, "stream"),
+        ("/v1/chat/completions", {"messages": chat, "max_tokens": [1]}, 400, "max_tokens"),
+        # found by schemathesis: logits divided into inf killed the scheduler (every later request a 503)
+        ("/v1/chat/completions", {"messages": chat, "repetition_penalty": 1e-308}, 400, "repetition_penalty"),
+        ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400, "content part"),
+        ("/tokenize", {"prompt": 5}, 400, ""),
+        ("/detokenize", {"tokens": ["a"]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [10**30]}, 400, ""),
+    ]
+    for path, body, status, words in cases:
+        r = post(server, path, body)
+        assert r.status_code == status, (path, body if len(str(body)) < 200 else "(long)", r.text)
+        assert_error(r, status, words)
+    # an oversized body without a Content-Length (chunked): 413 all the same
+    r = httpx.post(server.url + "/v1/completions", content=(b'{"prompt": "' + b"x" * 1024 for _ in range(100)),
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"}, timeout=30)
+    assert_error(r, 413, "larger than")
+    # path traversal in model names: an unknown model (404), never a file read
+    for name in ("../../../../etc/passwd", "/etc/passwd", "tiny/../../pyproject.toml", "..\\..\\x", "\x00"):
+        r = post(server, "/v1/chat/completions", {"model": name, "messages": chat, "max_tokens": 1})
+        assert_error(r, 404, "does not exist")
+        assert "root:" not in r.text
+    for path in ("/v1/models/..%2F..%2F..%2Fetc%2Fpasswd", "/v1/models/../../etc/passwd",
+                 "/static/..%2F..%2F..%2Fpyproject.toml", "/static/%2e%2e%2fapp.py", "/static/.hidden"):
+        r = httpx.get(server.url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        assert r.status_code == 404 and "error" in r.json(), (path, r.text)
+    assert post(server, "/v1/completions", {"prompt": "still fine", "max_tokens": 2}).status_code == 200
+
+
+def test_slow_clients_are_closed(worker):
+    """Slowloris: a connection that dribbles its request header is closed after the header timeout; a body
+    that stalls gets 408; a client that keeps sending in time is served."""
+    from quantchat.serving.slow_clients import with_header_timeout
+
+    app = create_app(LocalBackend(worker), body_timeout_s=0.6)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           http=with_header_timeout(0.8)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline
+            time.sleep(0.02)
+
+        def closed_after(sock: socket.socket, limit: float) -> tuple[float, bytes]:
+            t0 = time.monotonic()
+            sock.settimeout(limit)
+            got = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return time.monotonic() - t0, got
+                got += chunk
+
+        with socket.create_connection(("127.0.0.1", port)) as s:  # connects, sends nothing
+            dt, got = closed_after(s, 5)
+            assert got == b"" and 0.5 < dt < 3
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a header a byte at a time
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            t0 = time.monotonic()
+            for c in b"X-Slow: " + b"a" * 40:
+                try:
+                    s.sendall(bytes([c]))
+                except OSError:  # closed by the server: what the test wants
+                    break
+                time.sleep(0.1)
+            dt, got = closed_after(s, 5)
+            assert got == b"" and time.monotonic() - t0 < 4
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a body that stops half way
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            dt, got = closed_after(s, 5)
+            assert got.startswith(b"HTTP/1.1 408"), got[:200]
+            assert b"stalled" in got
+        r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)  # and the server still answers
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_queue_full_and_loading(worker):
     full = Worker(worker.engine, "tiny", max_queue=0)  # a second scheduler on the same engine, never used
     try:
@@ -760,6 +866,51 @@ def test_serve_command_subprocess(tiny_dir, tmp_path):
             proc.kill()
             out = proc.communicate()[0].decode()
     assert f"http://127.0.0.1:{port}/" in out
+
+
+def test_serve_over_tls(tiny_dir, tmp_path):
+    """`quantchat serve --tls-cert/--tls-key`: HTTPS only, a hashed key from the key file, a chat answer."""
+    import ssl
+
+    from quantchat.serving.keys import hash_key
+    from quantchat.serving.tls import make_certs
+
+    certs = make_certs(tmp_path / "certs", roles=("api",))
+    port = free_port()
+    keyfile = tmp_path / "keys"
+    keyfile.write_text(hash_key("sk-tls-0123456789") + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "quantchat", "serve", "--model", str(tiny_dir), "--port", str(port),
+                             "--api-key-file", str(keyfile), "--quant", "none", "--max-seq-len", "128",
+                             "--tls-cert", str(certs["api"]), "--tls-key", str(certs["api-key"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url, ca = f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=str(certs["ca"]))
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", verify=ca, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/chat/completions", verify=ca, timeout=60,
+                       headers={"Authorization": "Bearer sk-tls-0123456789"},
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        with pytest.raises(httpx.HTTPError):  # a client that does not trust the CA
+            httpx.get(url + "/health", timeout=5)
+    finally:
+        proc.terminate()
+        try:
+            out = proc.communicate(timeout=20)[0].decode()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0].decode()
+    assert f"https://127.0.0.1:{port}/" in out and "plain HTTP" not in out
 
 
 def test_async_client(server):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 4096) -> None:
                    help="decode through torch.compile instead of the fused C++ step (which is faster on CPU; "
                         "for CUDA, or models the fused step does not cover)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--checkpoint-key-file", default=None,
+                   help="key of an encrypted quantized checkpoint (sets $QUANTCHAT_CHECKPOINT_KEY_FILE)")
+    g.add_argument("--checkpoint-sign-key-file", default=None,
+                   help="HMAC key its manifest must be signed with; unsigned ones are refused "
+                        "(sets $QUANTCHAT_CHECKPOINT_SIGN_KEY_FILE)")
 
 
 def add_kv_cache_arg(g) -> None:
@@ -158,3 +164,15 @@ def stream_out(chunks, show_stats: bool) -> str:
     if show_stats and stats is not None:
         status(stats.summary())
     return "".join(pieces)
+
+
+def apply_checkpoint_key_args(args) -> None:
+    """--checkpoint-key-file / --checkpoint-sign-key-file become the variables the checkpoint loader reads
+    (this process and the workers it starts)."""
+    for flag, var in (("checkpoint_key_file", "QUANTCHAT_CHECKPOINT_KEY_FILE"),
+                      ("checkpoint_sign_key_file", "QUANTCHAT_CHECKPOINT_SIGN_KEY_FILE")):
+        path = getattr(args, flag, None)
+        if path:
+            if not Path(path).is_file():
+                raise QuantchatError(f"--{flag.replace('_', '-')} {path}: no such file")
+            os.environ[var] = str(Path(path).absolute())

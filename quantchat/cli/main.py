@@ -13,12 +13,13 @@ import os
 import sys
 from pathlib import Path
 
-from quantchat.cli.common import (add_model_args, add_sampling_args, add_structured_args, load_from_args,
-                                  packed_gguf_default, sampling_from_args, status, stream_out)
+from quantchat.cli.common import (add_model_args, add_sampling_args, add_structured_args,
+                                  apply_checkpoint_key_args, load_from_args, packed_gguf_default,
+                                  sampling_from_args, status, stream_out)
 from quantchat.errors import QuantchatError
 
 # commands defined in their own modules, each with register(subparsers)
-COMMAND_MODULES = ["quantchat.cli.quant_cmds", "quantchat.cli.serve_cmds", "quantchat.cli.eval_cmds", "quantchat.cli.bench_cmds", "quantchat.cli.cluster_cmds"]
+COMMAND_MODULES = ["quantchat.cli.quant_cmds", "quantchat.cli.serve_cmds", "quantchat.cli.eval_cmds", "quantchat.cli.bench_cmds", "quantchat.cli.cluster_cmds", "quantchat.cli.deploy_cmds"]
 
 
 CHAT_HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     try:
+        apply_checkpoint_key_args(args)
         return args.func(args)
     except QuantchatError as e:
         print(f"quantchat: error: {e}", file=sys.stderr)

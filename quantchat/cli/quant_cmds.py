@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantchat.cli.common import status
 from quantchat.errors import QuantchatError
+from quantchat.paths import KNOWN_MODELS
 from quantchat.quant import methods
 
 
@@ -20,6 +21,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quantchat.loading.resolve import resolve_model
     from quantchat.quant.checkpoint import is_quantized_dir, save_quantized
     from quantchat.quant.quantize import NEEDS_CALIBRATION, QuantSpec, quantize_model, stage_progress
+    from quantchat.quant.sealing import CheckpointKeys
     from quantchat.tokenizer.tokenizer import Tokenizer
 
     if args.threads is not None:
@@ -53,8 +55,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report_dir = Path(args.report) if args.report else out / "report"
     with torch.inference_mode():
         codes = quantize_model(model, spec, calib=calib, progress=stage_progress(), keep_codes=report_dir is not None)
+    keys = CheckpointKeys.from_files(args.encrypt_key_file, args.sign_key_file)
+    if keys.encrypt or keys.sign:
+        status("the checkpoint: " + ", ".join(w for w, k in (("shards encrypted (AES-256-GCM)", keys.encrypt),
+                                                            ("manifest signed (HMAC-SHA256)", keys.sign)) if k))
     save_quantized(out, model, spec, codes, source.hf_dir, max_shard_bytes=int(args.shard_size_mb * 1024**2),
-                   source={"origin": str(Path(source.origin).absolute()), "hf_dir": str(Path(source.hf_dir).absolute())})
+                   source={"origin": str(Path(source.origin).absolute()), "hf_dir": str(Path(source.hf_dir).absolute())},
+                   keys=keys)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     status(f"quantized {source.name} with {spec.method}"
            f"{f' g{spec.group_size}' if spec.group_size else ''} in {time.perf_counter() - t0:.1f} s: "
@@ -162,7 +169,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    if args.model is not None and not Path(args.model).expanduser().exists():
+    if args.model is not None and not Path(args.model).expanduser().exists() and args.model not in KNOWN_MODELS:
         raise QuantchatError(f"{args.model}: no such file or folder")
     t0 = time.perf_counter()
     res = export_gguf(args.model, args.out, args.type, force=args.force, name=args.name,
@@ -190,6 +197,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--shard-size-mb", type=float, default=2048, help="max size of one safetensors shard")
+    p.add_argument("--encrypt-key-file", default=None,
+                   help="encrypt the shards at rest with this 256-bit key (AES-256-GCM; also "
+                        "$QUANTCHAT_CHECKPOINT_KEY[_FILE]); quantchat deploy checkpoint-key makes one")
+    p.add_argument("--sign-key-file", default=None,
+                   help="sign the manifest with this key (HMAC-SHA256; also $QUANTCHAT_CHECKPOINT_SIGN_KEY[_FILE])")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--report", nargs="?", const="", default=None, metavar="DIR",
                    help="after saving, measure the per-layer quantization error and write a report "
@@ -219,7 +231,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export-gguf", help="write a GGUF file llama.cpp can load (q4_0, q4_1 or q8_0)")
     p.add_argument("model", nargs="?", default=None,
-                   help="quantized folder, HF folder or .gguf (default: the embedded model)")
+                   help="quantized folder, HF folder, .gguf or a known short name (default: the embedded model)")
     p.add_argument("--type", required=True, metavar="TYPE", help="GGUF type of the linears: q4_0, q4_1 or q8_0")
     p.add_argument("--out", required=True, metavar="FILE.gguf", help="output file")
     p.add_argument("--force", action="store_true", help="replace an existing output file")

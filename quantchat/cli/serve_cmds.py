@@ -15,21 +15,43 @@ DEFAULT_SERVE_QUANT = "int4-asym"
 DEFAULT_SERVE_GROUP = 32
 
 
-def read_api_keys(args: argparse.Namespace) -> set[str]:
-    """Keys from --api-key (repeatable), --api-key-file (one per line) and $QUANTCHAT_API_KEY."""
-    keys = {k.strip() for k in (args.api_key or []) if k.strip()}
-    if args.api_key_file:
-        try:
-            text = Path(args.api_key_file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise QuantchatError(f"{args.api_key_file}: cannot read API keys ({e.strerror})") from None
-        keys |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
-        if not keys:
-            raise QuantchatError(f"{args.api_key_file}: no API key in the file")
+def read_api_keys(args: argparse.Namespace):
+    """The client keys (a reloadable ``KeyRing``): --api-key (repeatable), $QUANTCHAT_API_KEY, and
+    --api-key-file (one a line, plain or ``sha256:HEX``; read again on change or SIGHUP)."""
+    from quantchat.serving.keys import KeyRing
+
+    keys = [k.strip() for k in (args.api_key or []) if k.strip()]
     env = os.environ.get("QUANTCHAT_API_KEY", "").strip()
     if env:
-        keys.add(env)
-    return keys
+        keys.append(env)
+    return KeyRing(keys, path=args.api_key_file or None, grace_s=args.key_grace, name="API key", log=status)
+
+
+def add_tls_args(p: argparse.ArgumentParser, mutual: bool) -> None:
+    g = p.add_argument_group("TLS")
+    g.add_argument("--tls-cert", default=None, help="this server's certificate (PEM): serve HTTPS")
+    g.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    if mutual:
+        g.add_argument("--tls-ca", default=None,
+                       help="the fleet CA (quantchat deploy certs): mutual TLS between API, controller and workers "
+                            "(peers must show a certificate it signed; this process shows --tls-cert)")
+
+
+def tls_from_args(args: argparse.Namespace):
+    from quantchat.serving.tls import TLSConfig
+
+    return TLSConfig(args.tls_cert, args.tls_key, getattr(args, "tls_ca", None))
+
+
+def scheme(tls) -> str:
+    return "https" if tls.server else "http"
+
+
+def warn_plain_http(host: str, tls, what: str) -> None:
+    if not tls.server and not is_loopback(host):
+        status(f"warning: {what} serves plain HTTP on {host}: requests, keys and answers cross the network "
+               "unencrypted; plain HTTP is for one machine (give --tls-cert/--tls-key, and --tls-ca for mutual TLS "
+               "inside the fleet)")
 
 
 def is_loopback(host: str) -> bool:
@@ -47,7 +69,11 @@ def add_server_args(p: argparse.ArgumentParser, port: int) -> None:
     g.add_argument("--port", type=int, default=port)
     g.add_argument("--api-key", action="append", default=[],
                    help="require this API key (repeatable; also $QUANTCHAT_API_KEY)")
-    g.add_argument("--api-key-file", default=None, help="file with API keys, one per line")
+    g.add_argument("--api-key-file", default=None,
+                   help="file with API keys, one a line: plain, or sha256:HEX (quantchat deploy hash-key); read "
+                        "again when it changes or on SIGHUP")
+    g.add_argument("--key-grace", type=float, default=300.0, metavar="SECONDS",
+                   help="a key removed from a key file keeps working this long (rotation; default 300)")
     g.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (413 above)")
     g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -103,10 +129,21 @@ def build_worker(args: argparse.Namespace, progress=status):
     return worker
 
 
-def run_uvicorn(app, host: str, port: int, log_level: str) -> None:
+def run_uvicorn(app, host: str, port: int, log_level: str, tls=None, require_client_cert: bool = False,
+                rings=(), header_timeout_s: float = 10.0) -> None:
+    """Serve ``app``; HTTPS with ``tls`` (a ``TLSConfig`` with a certificate), asking clients for a certificate
+    signed by its CA with ``require_client_cert``; ``rings`` (KeyRings) are read again on SIGHUP. A connection
+    that has not sent a whole request header ``header_timeout_s`` after it opened (or after its request began)
+    is closed; idle keep-alive connections after 5 s."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+    from quantchat.serving.keys import install_sighup
+    from quantchat.serving.slow_clients import with_header_timeout
+
+    install_sighup(rings, status)
+    ssl_kw = tls.uvicorn_kwargs(require_client_cert) if tls is not None else {}
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3,
+                http=with_header_timeout(header_timeout_s), **ssl_kw)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -114,7 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from quantchat.serving.openai.app import create_app
 
     keys = read_api_keys(args)
+    tls = tls_from_args(args)
     check_worker_args(args)
+    warn_plain_http(args.host, tls, "quantchat serve")
     if not is_loopback(args.host) and not keys:
         status(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
                "(set --api-key or --api-key-file)")
@@ -132,10 +171,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             status(f"quantchat: error: {e}")
 
     threading.Thread(target=load, name="quantchat-load", daemon=True).start()
-    status(f"quantchat serving on http://{args.host}:{args.port}/ (OpenAI API at /v1, chat page at /)"
+    status(f"quantchat serving on {scheme(tls)}://{args.host}:{args.port}/ (OpenAI API at /v1, chat page at /)"
            + (" — API key required" if keys else ""))
     try:
-        run_uvicorn(app, args.host, args.port, args.log_level)
+        run_uvicorn(app, args.host, args.port, args.log_level, tls=tls, rings=[keys])
     finally:
         if backend.worker is not None:
             backend.worker.close()
@@ -146,6 +185,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API + web chat page + one worker, in one process")
     add_model_args(p, max_seq_len=2048)
     add_server_args(p, port=8000)
+    add_tls_args(p, mutual=False)
     add_worker_args(p)
     p.add_argument("--no-web", action="store_true", help="do not serve the chat page at /")
     p.set_defaults(func=cmd_serve, quant=None)

@@ -3,8 +3,9 @@
 ``Transformer.forward`` (quantchat/model/transformer.py) is the reference; at decode its ~15 torch ops per
 layer cost more in dispatch than in arithmetic on a small model. ``FusedDecoder`` hands the same
 weights and KV cache to ``DecodePlan`` (quantchat/kernels/decode_step.cpp),
-which runs rmsnorm, the packed linears, rope, the cache write, grouped-query attention, SwiGLU and the
-LM head as plain loops between quantchat's linear kernels. Same results as the model's forward to
+which runs the norms, the packed linears, rope or ALiBi, the cache write, grouped-query attention, the MLP
+and the LM head as plain loops between quantchat's linear kernels, for every family's layout (LLaMA,
+Qwen2, Gemma 3, GPT-2, MPT, Falcon: the parts ``ModelConfig`` switches on, see decode_step.cpp). Same results as the model's forward to
 float32 rounding (tests/test_fused_decode.py). Building the decoder re-lays every int4 linear (group size a
 multiple of 32) in the row-interleaved layout (``QuantizedLinear.interleave_rows_``; the same bytes, no
 copy kept), whose kernel multiplies them with activations rounded to int8 per 32 columns (``R8Path.Q8``,
@@ -17,8 +18,7 @@ activations everywhere (float32-exact).
 
 Used by ``Engine.decode`` when the model qualifies (``FusedDecoder.build`` returns None otherwise, with
 the reason in ``unsupported_reason``): CPU, float32 activations and cache, quantchat's kernels built,
-every linear float (``nn.Linear`` / ``TransposedLinear``) or quantchat-kernel int4 / int8, no
-embedding scale or other model-specific extras. ``QUANTCHAT_NO_FUSED=1`` turns it off.
+every linear float (``nn.Linear`` / ``TransposedLinear``) or quantchat-kernel int4 / int8. ``QUANTCHAT_NO_FUSED=1`` turns it off.
 
 The plan's layout (which tensors and numbers, in which order) is defined once, in quantchat/kernels/defs.py:
 this module fills its fields by name, the C++ reads them by the named indices generated from it.
@@ -80,9 +80,6 @@ def _precondition(model: nn.Module) -> str | None:
         return "disabled by QUANTCHAT_NO_FUSED"
     if type(model) is not Transformer:
         return f"{type(model).__name__} is not quantchat's Transformer"
-    if not model.config.is_llama_layout:
-        return (f"the {model.config.family} layout (norms, positions, MLP or block) is not the fused step's "
-                "RMSNorm + RoPE + SwiGLU: decode runs the model's own forward")
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return "needs a float32 model on CPU"
     if not model.layers or model.layers[0].attention.kv_cache is None:
@@ -105,26 +102,59 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return reason
 
 
-def _plan_inputs(model: Transformer) -> tuple[list[int], list[Tensor]]:
-    """DecodePlan's (meta, tensors), by the field names of ``defs.PLAN_META`` / ``LAYER`` / ``FINAL``
-    (``defs.PlanMismatch`` if they and this function disagree)."""
+def _tensor(t: Tensor | None) -> Tensor:
+    """A float32 contiguous vector for the plan, or the empty tensor for a part the model does not have."""
+    return _EMPTY if t is None or t.numel() == 0 else t.detach().float().contiguous()
+
+
+def _norm(norm: nn.Module | None) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of an RMSNorm / LayerNorm; empty tensors for a missing norm or bias."""
+    if norm is None:
+        return _EMPTY, _EMPTY
+    return _tensor(norm.weight), _tensor(getattr(norm, "bias", None))
+
+
+def _mlp_in(layer: nn.Module) -> nn.Module:
+    """The MLP's first linear: gate|up (``w13``) or a plain MLP's ``w1``."""
+    ff = layer.feed_forward
+    return ff.w13 if ff.gated else ff.w1
+
+
+def _plan_inputs(model: Transformer) -> tuple[list[int], list[float], list[Tensor]]:
+    """DecodePlan's (meta, floats, tensors), by the field names of ``defs.PLAN_META`` / ``PLAN_FLOATS`` /
+    ``LAYER`` / ``FINAL`` (``defs.PlanMismatch`` if they and this function disagree)."""
     cfg = model.config
     meta = dict(n_layer=cfg.n_layer, dim=cfg.dim, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head,
-                head_dim=cfg.head_dim, sliding_window=cfg.sliding_window or 0, hidden=cfg.intermediate_size)
+                head_dim=cfg.head_dim, hidden=cfg.intermediate_size, norm=defs.NORMS.index(cfg.norm),
+                activation=defs.ACTIVATION.index(cfg.activation), gated=int(cfg.mlp_gated),
+                parallel=int(cfg.parallel_block), shared_norm=int(cfg.parallel_block and cfg.shared_block_norm),
+                position=defs.POSITION.index(cfg.position))
+    floats = dict(norm_eps=cfg.norm_eps, attn_scale=model.layers[0].attention.scale, clip_qkv=cfg.clip_qkv or 0.0)
     layers = []
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         att, ff = layer.attention, layer.feed_forward
+        attn_norm, attn_norm_bias = _norm(layer.attention_norm)
+        ffn_norm, ffn_norm_bias = _norm(getattr(layer, "ffn_norm", None))
         layers.append(dict(
-            attn_norm=layer.attention_norm.weight.detach(), wqkv=_linear_entry(att.wqkv), wo=_linear_entry(att.wo),
-            ffn_norm=layer.ffn_norm.weight.detach(), w13=_linear_entry(ff.w13), w2=_linear_entry(ff.w2),
+            window=cfg.layer_window(i) or 0, local=int(cfg.is_local(i)),
+            attn_norm=attn_norm, attn_norm_bias=attn_norm_bias, wqkv=_linear_entry(att.wqkv),
+            q_norm=_norm(getattr(att, "q_norm", None))[0], k_norm=_norm(getattr(att, "k_norm", None))[0],
+            wo=_linear_entry(att.wo), post_attn_norm=_norm(getattr(layer, "post_attention_norm", None))[0],
+            ffn_norm=ffn_norm, ffn_norm_bias=ffn_norm_bias, w13=_linear_entry(_mlp_in(layer)),
+            w2=_linear_entry(ff.w2), post_ffn_norm=_norm(getattr(layer, "post_ffn_norm", None))[0],
             k_cache=att.kv_cache.k_cache, v_cache=att.kv_cache.v_cache))
-    final = dict(norm=model.norm.weight.detach(), head=_linear_entry(model.output), rope_cos=model.rope_cos,
-                 rope_sin=model.rope_sin)
-    return defs.plan_lists(meta, layers, final)
+    norm, norm_bias = _norm(model.norm)
+    rope = cfg.position == "rope"
+    local = rope and cfg.sliding_layers is not None
+    final = dict(norm=norm, norm_bias=norm_bias, head=_linear_entry(model.output),
+                 rope_cos=model.rope_cos if rope else _EMPTY, rope_sin=model.rope_sin if rope else _EMPTY,
+                 rope_cos_local=model.rope_cos_local if local else _EMPTY,
+                 rope_sin_local=model.rope_sin_local if local else _EMPTY, alibi=_tensor(model.alibi))
+    return defs.plan_lists(meta, floats, layers, final)
 
 
 def _linears(model: Transformer) -> list[nn.Module]:
-    layers = [(layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
+    layers = [(layer.attention.wqkv, layer.attention.wo, _mlp_in(layer), layer.feed_forward.w2)
               for layer in model.layers]
     return [m for group in layers for m in group] + [model.output]
 
@@ -132,7 +162,7 @@ def _linears(model: Transformer) -> list[nn.Module]:
 def _watched(model: Transformer) -> list[nn.Module]:
     """Modules whose replacement makes a plan stale (a quantization pass swaps all linears together)."""
     first, last = model.layers[0], model.layers[-1]
-    return [first.attention.wqkv, first.feed_forward.w2, last.attention.wo, last.feed_forward.w13, model.output]
+    return [first.attention.wqkv, first.feed_forward.w2, last.attention.wo, _mlp_in(last), model.output]
 
 
 class FusedDecoder:
@@ -149,13 +179,14 @@ class FusedDecoder:
                 for m in _linears(model):
                     if isinstance(m, QuantizedLinear):
                         m.interleave_rows_()
-            meta, tensors = _plan_inputs(model)
+            meta, floats, tensors = _plan_inputs(model)
         except ValueError as e:
             raise ValueError(f"fused decode unavailable: {e}") from None
         self.model = model
         self.cache = model.layers[0].attention.kv_cache.k_cache
         self.modules = _watched(model)
-        self.plan = cpu.decode_plan_class()(meta, float(model.config.norm_eps), tensors)
+        self.softcap = model.config.final_softcap
+        self.plan = cpu.decode_plan_class()(meta, floats, tensors)
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecoder | None":
@@ -172,5 +203,7 @@ class FusedDecoder:
                 and all(a is b for a, b in zip(_watched(model), self.modules)))
 
     def step(self, tokens: Tensor, positions: Tensor, first_slot: int = 0) -> Tensor:
-        x = self.model.tok_embeddings(tokens)
-        return self.plan.run(x, positions, first_slot)
+        x = self.model.embed(tokens[:, None], positions[:, None])[:, 0]  # embedding scale, learned positions
+        logits = self.plan.run(x, positions, first_slot)
+        cap = self.softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

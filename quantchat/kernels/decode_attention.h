@@ -55,11 +55,12 @@ inline void store_row(const float* src, uint16_t* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
 }
 
-// one query head over n cached keys / values (rows of hd floats): o = softmax(q K^T * scale) V.
+// one query head over n cached keys / values (rows of hd floats): o = softmax(q K^T * scale + bias) V, where
+// bias = slope * (rel0 + j) for key j (ALiBi: slope * (key position - query position); slope 0: none).
 // NV = hd / 8 > 0: scores 8 keys at a time, the output kept in registers; NV = 0: any hd.
 template <int NV, typename T>
-void attend_head(const float* q, const T* kr, const T* vr, int64_t n, int64_t hd, float scale, float* sc,
-                 float* o) {
+void attend_head(const float* q, const T* kr, const T* vr, int64_t n, int64_t hd, float scale, float slope,
+                 int64_t rel0, float* sc, float* o) {
   int64_t j = 0;
   if (NV > 0) {
     for (; j + 8 <= n; j += 8) {
@@ -76,6 +77,8 @@ void attend_head(const float* q, const T* kr, const T* vr, int64_t n, int64_t hd
     }
   }
   for (; j < n; ++j) sc[j] = dot(q, kr + j * hd, hd) * scale;
+  if (slope != 0.0f)
+    for (int64_t jj = 0; jj < n; ++jj) sc[jj] += slope * static_cast<float>(rel0 + jj);
   const float inv = softmax_unnormalized(sc, n);
   if (NV > 0) {
     __m256 acc[NV > 0 ? NV : 1];
@@ -98,6 +101,8 @@ void attend_head(const float* q, const T* kr, const T* vr, int64_t n, int64_t hd
 
 struct AttentionShape {
   int64_t n_head, n_kv, hd, window;  // window 0: no sliding window
+  float scale;                       // of q . k
+  const float* alibi;                // per-head ALiBi slopes, or null
 };
 
 // each row's keys and values into its slot's cache at its position, then its attention over that
@@ -117,7 +122,7 @@ void cache_and_attend(const AttentionShape& a, const float* q, int64_t ldq, floa
       store_row(row + qs + kvs + g * hd, vc + off, hd);
     }
   }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float scale = a.scale;
   at::parallel_for(0, B * n_kv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> sc;
     for (int64_t t = t0; t < t1; ++t) {
@@ -133,12 +138,15 @@ void cache_and_attend(const AttentionShape& a, const float* q, int64_t ldq, floa
         const int64_t h = g * rep + r;
         const float* qh = q + b * ldq + h * hd;
         float* o = out + b * n_head * hd + h * hd;
+        const float slope = a.alibi ? a.alibi[h] : 0.0f;
+        const int64_t rel0 = start - pos[b];
         switch (hd) {
-          case 16: attend_head<2>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
-          case 32: attend_head<4>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
-          case 64: attend_head<8>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
-          case 128: attend_head<16>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
-          default: attend_head<0>(qh, kr, vr, n, hd, scale, sc.data(), o); break;
+          case 16: attend_head<2>(qh, kr, vr, n, hd, scale, slope, rel0, sc.data(), o); break;
+          case 32: attend_head<4>(qh, kr, vr, n, hd, scale, slope, rel0, sc.data(), o); break;
+          case 64: attend_head<8>(qh, kr, vr, n, hd, scale, slope, rel0, sc.data(), o); break;
+          case 128: attend_head<16>(qh, kr, vr, n, hd, scale, slope, rel0, sc.data(), o); break;
+          case 256: attend_head<32>(qh, kr, vr, n, hd, scale, slope, rel0, sc.data(), o); break;
+          default: attend_head<0>(qh, kr, vr, n, hd, scale, slope, rel0, sc.data(), o); break;
         }
       }
     }

@@ -1,4 +1,5 @@
-// The fused decode step's vector math: rmsnorm, residual adds, SwiGLU, rope (AVX2 + FMA + F16C).
+// The fused decode step's vector math: RMSNorm and LayerNorm, residual adds, the MLP activations (SwiGLU,
+// GeGLU, plain GELU), rope (AVX2 + FMA + F16C).
 // A part of decode_step.cpp's translation unit (anonymous namespace, as x86/*.h).
 #pragma once
 
@@ -6,6 +7,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -51,6 +53,21 @@ void rmsnorm(const float* x, const float* w, float* out, int64_t B, int64_t D, f
   }
 }
 
+// out = (x - mean(x)) * rsqrt(var(x) + eps) * w (+ bias), row by row ([B, D]; bias may be null)
+void layernorm(const float* x, const float* w, const float* bias, float* out, int64_t B, int64_t D, float eps) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * D;
+    float* o = out + b * D;
+    double sum = 0.0;
+    for (int64_t i = 0; i < D; ++i) sum += xr[i];
+    const float mean = static_cast<float>(sum / static_cast<double>(D));
+    double var = 0.0;
+    for (int64_t i = 0; i < D; ++i) var += static_cast<double>(xr[i] - mean) * (xr[i] - mean);
+    const float r = 1.0f / std::sqrt(static_cast<float>(var / static_cast<double>(D)) + eps);
+    for (int64_t i = 0; i < D; ++i) o[i] = (xr[i] - mean) * r * w[i] + (bias ? bias[i] : 0.0f);
+  }
+}
+
 // h[b, :] += y[b, :] (y may have a row stride)
 void add_rows(float* h, const at::Tensor& y, int64_t B, int64_t D) {
   const float* yp = y.data_ptr<float>();
@@ -58,23 +75,50 @@ void add_rows(float* h, const at::Tensor& y, int64_t B, int64_t D) {
   for (int64_t b = 0; b < B; ++b) axpy(1.0f, yp + b * ld, h + b * D, D);
 }
 
-// out[b, i] = silu(gu[b, i]) * gu[b, F + i]
-void silu_mul(const at::Tensor& gu, float* out, int64_t B, int64_t F) {
+enum Activation : int64_t { kSilu = 0, kGelu = 1, kGeluTanh = 2 };  // defs.ACTIVATION's order
+
+inline float gelu1(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
+
+// x * sigmoid(x) (silu) or GELU's tanh approximation 0.5 x (1 + tanh(u)) = x * sigmoid(2u),
+// u = sqrt(2/pi) (x + 0.044715 x^3): both x / (1 + exp(-z)) with z = x or 2u
+inline __m256 sigmoid_times(__m256 x, __m256 z) {
+  const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z)));
+  return _mm256_div_ps(x, den);
+}
+inline float sigmoid_times1(float x, float z) { return x / (1.0f + exp1(-z)); }
+inline __m256 tanh_arg2(__m256 x) {  // 2u of gelu_tanh
+  const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+  return _mm256_mul_ps(_mm256_set1_ps(1.5957691216057308f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+}
+inline float tanh_arg2_1(float x) { return 1.5957691216057308f * (x + 0.044715f * x * x * x); }
+
+// out[b, i] = act(g[b, i]) * (gated ? g[b, F + i] : 1): SwiGLU / GeGLU (gated) or a plain MLP's activation
+void activate(const at::Tensor& gu, float* out, int64_t B, int64_t F, int64_t act, bool gated) {
   const float* g0 = gu.data_ptr<float>();
   const int64_t ld = gu.stride(0);
-  const __m256 one = _mm256_set1_ps(1.0f);
   for (int64_t b = 0; b < B; ++b) {
     const float* g = g0 + b * ld;
     const float* u = g + F;
     float* o = out + b * F;
     int64_t i = 0;
+    if (act == kGelu) {
+      for (; i < F; ++i) o[i] = gelu1(g[i]) * (gated ? u[i] : 1.0f);
+      continue;
+    }
     for (; i + 8 <= F; i += 8) {
       const __m256 gv = _mm256_loadu_ps(g + i);
-      const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
+      __m256 y = sigmoid_times(gv, act == kSilu ? gv : tanh_arg2(gv));
+      if (gated) y = _mm256_mul_ps(y, _mm256_loadu_ps(u + i));
+      _mm256_storeu_ps(o + i, y);
     }
-    for (; i < F; ++i) o[i] = g[i] / (1.0f + exp1(-g[i])) * u[i];
+    for (; i < F; ++i) o[i] = sigmoid_times1(g[i], act == kSilu ? g[i] : tanh_arg2_1(g[i])) * (gated ? u[i] : 1.0f);
   }
+}
+
+// x[i] = clamp(x[i], -c, c) over rows of n floats with stride ld
+void clamp_rows(float* x, int64_t ld, int64_t B, int64_t n, float c) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n; ++i) x[b * ld + i] = std::min(c, std::max(-c, x[b * ld + i]));
 }
 
 // rotate-half rope in place on n_heads heads of size hd: x' = x * cos + rotate_half(x) * sin

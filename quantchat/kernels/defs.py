@@ -8,10 +8,11 @@ named indices; ``python -m quantchat.kernels.defs`` prints it. Torch-free.
 * ``Path`` / ``R8Path``: the ``path`` argument of ``int4_linear`` / ``int8_linear`` and of
   ``int4r8_linear`` (what each path does: ``quantchat.kernels.cpu``). C++: ``kPathAuto``, ``kR8Q8``, ...
 * ``LinearKind``: how ``DecodePlan`` runs one linear. C++: ``kFloat``, ``kInt4R8``, ...
-* The plan: ``DecodePlan(meta, eps, tensors)`` takes two flat lists. ``PLAN_META`` heads ``meta``; then
-  each layer's ``LAYER`` fields, then the ``FINAL`` ones. A tensor field is one tensor; a linear field is
-  ``LINEAR_TENSORS`` tensors and ``LINEAR_META`` numbers (meta holds the layers' linears, then the final
-  ones, in field order). ``plan_lists`` makes the lists from dicts by name. C++: ``kLayerWo`` (the first
+* The plan: ``DecodePlan(meta, floats, tensors)`` takes three flat lists. ``PLAN_META`` heads ``meta``,
+  ``PLAN_FLOATS`` are ``floats``; then each layer's ``LAYER`` fields, then the ``FINAL`` ones. A tensor
+  field is one tensor; a number field one entry of meta; a linear field is ``LINEAR_TENSORS`` tensors and
+  ``LINEAR_META`` numbers (meta holds each layer's numbers and linears, then the final ones, in field
+  order). ``plan_lists`` makes the lists from dicts by name. C++: ``kLayerWo`` (the first
   tensor of a layer's wo), ``kLayerMetaWo`` (its first number in the layer's meta), ``kLayerTensors``,
   ``kLinBias``, ``kLinGroupSize``, ``kMetaHeadDim``, ...
 """
@@ -76,15 +77,30 @@ class LinearKind(IntEnum):
     INT4_R8 = 4
 
 
-TENSOR, LINEAR = "tensor", "linear"
+TENSOR, LINEAR, NUMBER = "tensor", "linear", "number"
 # one linear: float (a = the weight), int4 (a, b, c = packed, scales, mins), int8 (a, b = qweight, scales);
 # bias empty when there is none. INT8: group_size holds int8_linear's path
 LINEAR_TENSORS = ("a", "b", "c", "bias")
 LINEAR_META = ("kind", "group_size", "in_features", "out_features")
-PLAN_META = ("n_layer", "dim", "n_head", "n_kv_head", "head_dim", "sliding_window", "hidden")
-LAYER = (("attn_norm", TENSOR), ("wqkv", LINEAR), ("wo", LINEAR), ("ffn_norm", TENSOR), ("w13", LINEAR),
-         ("w2", LINEAR), ("k_cache", TENSOR), ("v_cache", TENSOR))
-FINAL = (("norm", TENSOR), ("head", LINEAR), ("rope_cos", TENSOR), ("rope_sin", TENSOR))
+# the model's shape and layout (norm: 0 RMSNorm, 1 LayerNorm; activation: ACTIVATION's index; gated: gate *
+# up (w13) or a plain MLP (w13 holds w1); parallel: x + attn(n(x)) + mlp(n'(x)); shared_norm: n' = n;
+# position: POSITION's index (learned positions are added to the embeddings before the step))
+PLAN_META = ("n_layer", "dim", "n_head", "n_kv_head", "head_dim", "hidden", "norm", "activation", "gated",
+             "parallel", "shared_norm", "position")
+PLAN_FLOATS = ("norm_eps", "attn_scale", "clip_qkv")  # clip_qkv 0: no clamp
+NORMS = ("rms", "layer")
+ACTIVATION = ("silu", "gelu", "gelu_tanh")
+POSITION = ("rope", "learned", "alibi")
+# a layer: norm biases (LayerNorm), q/k norms (per head, RMS) and the norms after attention and after the MLP
+# (Gemma) are empty tensors where the model has none; window: its sliding window (0: none); local: it reads
+# the local rope tables
+LAYER = (("window", NUMBER), ("local", NUMBER), ("attn_norm", TENSOR), ("attn_norm_bias", TENSOR),
+         ("wqkv", LINEAR), ("q_norm", TENSOR), ("k_norm", TENSOR), ("wo", LINEAR), ("post_attn_norm", TENSOR),
+         ("ffn_norm", TENSOR), ("ffn_norm_bias", TENSOR), ("w13", LINEAR), ("w2", LINEAR),
+         ("post_ffn_norm", TENSOR), ("k_cache", TENSOR), ("v_cache", TENSOR))
+# rope tables empty without rope (local ones without local layers); alibi: the per-head slopes, or empty
+FINAL = (("norm", TENSOR), ("norm_bias", TENSOR), ("head", LINEAR), ("rope_cos", TENSOR), ("rope_sin", TENSOR),
+         ("rope_cos_local", TENSOR), ("rope_sin_local", TENSOR), ("alibi", TENSOR))
 
 
 class PlanMismatch(RuntimeError):
@@ -109,23 +125,27 @@ def _add_fields(what: str, fields: tuple, values: Mapping, meta: list, tensors: 
             _check_keys(f"{what} {name}", lin, LINEAR_TENSORS + LINEAR_META)
             tensors.extend(lin[k] for k in LINEAR_TENSORS)
             linear_meta.extend(int(lin[k]) for k in LINEAR_META)
+        elif kind == NUMBER:
+            linear_meta.append(int(values[name]))
         else:
             tensors.append(values[name])
     meta.extend(linear_meta)
 
 
-def plan_lists(plan_meta: Mapping[str, int], layers: Sequence[Mapping], final: Mapping) -> tuple[list[int], list]:
-    """``DecodePlan``'s (meta, tensors) from dicts by field name: ``plan_meta`` with the ``PLAN_META``
-    keys, one dict per layer with the ``LAYER`` fields, ``final`` with the ``FINAL`` ones; a linear field
-    is a dict with the ``LINEAR_TENSORS`` and ``LINEAR_META`` keys. ``PlanMismatch`` names any field
-    missing or unknown."""
+def plan_lists(plan_meta: Mapping[str, int], floats: Mapping[str, float], layers: Sequence[Mapping],
+               final: Mapping) -> tuple[list[int], list[float], list]:
+    """``DecodePlan``'s (meta, floats, tensors) from dicts by field name: ``plan_meta`` with the
+    ``PLAN_META`` keys, ``floats`` with the ``PLAN_FLOATS`` ones, one dict per layer with the ``LAYER``
+    fields, ``final`` with the ``FINAL`` ones; a linear field is a dict with the ``LINEAR_TENSORS`` and
+    ``LINEAR_META`` keys, a number field an int. ``PlanMismatch`` names any field missing or unknown."""
     _check_keys("meta", plan_meta, PLAN_META)
+    _check_keys("floats", floats, PLAN_FLOATS)
     meta = [int(plan_meta[k]) for k in PLAN_META]
     tensors: list = []
     for i, layer in enumerate(layers):
         _add_fields(f"layer {i}", LAYER, layer, meta, tensors)
     _add_fields("final", FINAL, final, meta, tensors)
-    return meta, tensors
+    return meta, [float(floats[k]) for k in PLAN_FLOATS], tensors
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +170,10 @@ def layout(fields: tuple) -> tuple[dict[str, int], dict[str, int], int, int]:
     per linear field, tensors in all, meta numbers in all)."""
     tensor_at, meta_at, t, m = {}, {}, 0, 0
     for name, kind in fields:
+        if kind == NUMBER:
+            meta_at[name] = m
+            m += 1
+            continue
         tensor_at[name] = t
         if kind == LINEAR:
             meta_at[name] = m
@@ -162,8 +186,9 @@ def layout(fields: tuple) -> tuple[dict[str, int], dict[str, int], int, int]:
 def _layout(prefix: str, fields: tuple) -> str:
     tensor_at, meta_at, n_tensors, n_meta = layout(fields)
     out = []
-    for name, t in tensor_at.items():
-        out.append(f"constexpr int64_t {prefix}{_camel(name)} = {t};\n")
+    for name, _ in fields:
+        if name in tensor_at:
+            out.append(f"constexpr int64_t {prefix}{_camel(name)} = {tensor_at[name]};\n")
         if name in meta_at:
             out.append(f"constexpr int64_t {prefix}Meta{_camel(name)} = {meta_at[name]};\n")
     out.append(f"constexpr int64_t {prefix}Tensors = {n_tensors};\nconstexpr int64_t {prefix}Meta = {n_meta};\n")
@@ -180,8 +205,10 @@ def header() -> str:
         _enum("LinearKind", "k", LinearKind, "kLinearKindLast"),
         "\n// DecodePlan's meta: the model's shape first\n", _indices("kMeta", PLAN_META),
         f"constexpr int64_t kPlanMeta = {len(PLAN_META)};\n",
+        "// DecodePlan's floats\n", _indices("kFloats", PLAN_FLOATS),
+        f"constexpr int64_t kPlanFloats = {len(PLAN_FLOATS)};\n",
         "// one linear: its tensors and its numbers\n", _indices("kLin", LINEAR_TENSORS), _indices("kLin", LINEAR_META),
-        "// each layer's fields: offsets into its tensors (and its meta, for the linears)\n", _layout("kLayer", LAYER),
+        "// each layer's fields: offsets into its tensors (and its meta, for the numbers and linears)\n", _layout("kLayer", LAYER),
         "// after the layers\n", _layout("kFinal", FINAL),
     ))
 

@@ -45,6 +45,33 @@ MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 CHUNK_BYTES = 8 << 20  # staging buffer for converted / transposed reads
 
 
+class MemoryFile:
+    """The seek / read / readinto of a file, over bytes in memory (no copy of them)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._m, self.size, self._pos = memoryview(data).cast("B"), len(data), 0
+
+    def seek(self, pos: int) -> None:
+        self._pos = pos
+
+    def read(self, n: int) -> bytes:
+        out = bytes(self._m[self._pos:self._pos + n])
+        self._pos += len(out)
+        return out
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), max(0, self.size - self._pos))
+        buf[:n] = self._m[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        try:
+            self._m.release()
+        except BufferError:  # a tensor still views it: the memory goes with the last view
+            pass
+
+
 class SafetensorsFile:
     """One .safetensors file, read with plain ``readinto`` calls into tensors the caller keeps.
 
@@ -52,12 +79,16 @@ class SafetensorsFile:
     matching shapes, tensors tiling the data area exactly); errors are ``ModelLoadError`` naming the file.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, data: bytes | bytearray | None = None) -> None:
+        """``data``: the file's bytes already in memory (a decrypted shard); ``path`` then only names it."""
         self.path = Path(path)
-        try:
-            self._f = open(self.path, "rb", buffering=0)
-        except OSError as e:
-            raise ModelLoadError(f"{self.path}: cannot read ({e})") from None
+        if data is not None:
+            self._f = MemoryFile(data)
+        else:
+            try:
+                self._f = open(self.path, "rb", buffering=0)
+            except OSError as e:
+                raise ModelLoadError(f"{self.path}: cannot read ({e})") from None
         try:
             self._parse()
         except BaseException:
@@ -68,7 +99,7 @@ class SafetensorsFile:
         return ModelLoadError(f"{self.path}: corrupt or truncated safetensors file ({why})")
 
     def _parse(self) -> None:
-        size = os.fstat(self._f.fileno()).st_size
+        size = self._f.size if isinstance(self._f, MemoryFile) else os.fstat(self._f.fileno()).st_size
         head = self._read_at(0, 8) if size >= 8 else b""
         if len(head) != 8:
             raise self._bad("shorter than its 8-byte header length")

@@ -65,7 +65,7 @@ def describe_model_dir(hf_dir: Path) -> dict:
         try:
             mc = config_from_hf(cfg, str(hf_dir / "config.json"))
             info["family"], info["params"] = mc.family, mc.n_params
-            info["decode"] = "fused" if mc.is_llama_layout else "forward"  # the fused C++ step, or the model's
+            info["decode"] = "fused"  # every family runs the fused C++ decode step (on CPU, float32 activations)
         except ModelLoadError as e:
             info["family"] = "unsupported"
             info["decode"] = str(e).split(": ", 1)[-1]

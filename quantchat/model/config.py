@@ -76,14 +76,6 @@ class ModelConfig:
         return self.sliding_layers is not None and bool(self.sliding_layers[i])
 
     @property
-    def is_llama_layout(self) -> bool:
-        """RMSNorm, RoPE, SwiGLU, sequential blocks, nothing extra: what the fused C++ decode step runs."""
-        return (self.norm == "rms" and self.position == "rope" and self.mlp_gated and self.activation == "silu"
-                and not self.parallel_block and self.clip_qkv is None and not self.qk_norm
-                and not self.sandwich_norm and self.embedding_scale is None and self.attn_scale is None
-                and self.final_softcap is None and self.sliding_layers is None)
-
-    @property
     def block_linears(self) -> tuple[str, ...]:
         """The linears of one block, by name inside it, in the order data flows (a plain MLP has ``w1``
         where a gated one has ``w13``)."""

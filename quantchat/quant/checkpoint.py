@@ -7,7 +7,9 @@ A folder holds:
 * ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``: for each quantized module
   ``NAME.qweight`` and ``NAME.scales`` (int8: float32 [out]), int4 also ``NAME.mins``, and float
   tensors (norms, biases);
-* ``manifest.json``: sha256 and size of every other file, checked at load.
+* ``manifest.json``: sha256 and size of every other file, checked at load; optionally an HMAC-SHA256
+  over it (``--sign-key-file``), and shards encrypted with AES-256-GCM (``--encrypt-key-file``): see
+  ``quant.sealing``.
 
 Format versions: 2 (written now) stores int4 ``scales`` and ``mins`` in float16 (``w = code * scale +
 min``), exactly what the kernels keep resident (``rtn.int4_resident``); version 1 stored float32
@@ -41,6 +43,8 @@ from quantchat.quant import rtn
 from quantchat.quant.embedding import QuantizedEmbedding
 from quantchat.quant.linear import QuantizedLinear
 from quantchat.quant.quantize import METHODS, QuantSpec, set_module
+from quantchat.quant.sealing import (CHUNK_BYTES, CIPHER, CheckpointKeys, check_manifest_mac, decrypt_file,
+                                     encrypt_file, is_encrypted, manifest_mac)
 
 FORMAT = "quantchat-quant"
 FORMAT_VERSION = 2
@@ -82,13 +86,15 @@ def is_quantized_dir(path: Path) -> bool:
 def save_quantized(
     out_dir: Path, model: Transformer, spec: QuantSpec, codes: dict[str, dict[str, Tensor]], source_dir: Path,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Callable[[str], None] | None = None,
-    source: dict[str, str] | None = None,
+    source: dict[str, str] | None = None, keys: CheckpointKeys | None = None,
 ) -> Path:
     """Write a quantized checkpoint (atomically: a temp folder renamed at the end); a progress bar over
     the shards on stderr (quantchat.progress), and ``progress(message)`` after each shard if given.
 
     ``source`` (optional) records where the float model came from ({"origin": path the user named,
-    "hf_dir": the loaded folder}): ``quantchat inspect`` uses it as the default reference."""
+    "hf_dir": the loaded folder}): ``quantchat inspect`` uses it as the default reference.
+    ``keys``: encrypt the shards (``keys.encrypt``) and sign the manifest (``keys.sign``)."""
+    keys = keys or CheckpointKeys()
     def write(tmp: Path) -> None:
         tensors: dict[str, Tensor] = {}
         modules: dict[str, dict] = {}
@@ -143,24 +149,48 @@ def save_quantized(
         for f in TOKENIZER_FILES:
             if (Path(source_dir) / f).is_file():
                 shutil.copy2(Path(source_dir) / f, tmp / f)
+        shard_names = sorted(set(weight_map.values()))
+        if keys.encrypt:
+            for fname in shard_names:
+                encrypt_file(tmp / fname, keys.encrypt)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        manifest = {"files": {f: {"sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size} for f in files}}
+        manifest: dict = {"files": {f: {"sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size}
+                                    for f in files}}
+        if keys.encrypt:
+            manifest["encryption"] = {"cipher": CIPHER, "chunk_bytes": CHUNK_BYTES, "files": shard_names}
+        if keys.sign:
+            manifest["hmac_sha256"] = manifest_mac(manifest, keys.sign)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
     return build_dir_atomically(out_dir, write)
 
 
-def verify_manifest(model_dir: Path) -> None:
-    """Every file listed in manifest.json exists with its size and sha256; errors name the file."""
+def plain_name(fname: object, where: Path) -> str:
+    """``fname`` if it names a file in the checkpoint's own folder (no path, no ``..``); else ModelLoadError."""
+    if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname or fname in (".", "..") \
+            or "\x00" in fname:
+        raise ModelLoadError(f"{where}: {str(fname)[:100]!r} is not a file name in the checkpoint's folder")
+    return fname
+
+
+def verify_manifest(model_dir: Path, sign_key: bytes | None = None) -> dict:
+    """The manifest, once its HMAC (with ``sign_key``) and every listed file's size and sha256 check out;
+    errors name the file."""
     mpath = model_dir / MANIFEST_FILE
     if not mpath.is_file():
         raise ModelLoadError(f"{mpath}: missing (quantized checkpoints carry a manifest of sha256 sums)")
     try:
-        files = json.loads(mpath.read_text())["files"]
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not an object")
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{mpath}: invalid manifest ({e})") from None
+    check_manifest_mac(manifest, sign_key, mpath)
     for fname, info in files.items():
-        f = model_dir / fname
+        f = model_dir / plain_name(fname, mpath)
+        if not isinstance(info, dict):
+            raise ModelLoadError(f"{mpath}: invalid entry for {fname}")
         if not f.is_file():
             raise ModelLoadError(f"{f}: missing (listed in {MANIFEST_FILE})")
         if f.stat().st_size != info.get("size"):
@@ -168,6 +198,7 @@ def verify_manifest(model_dir: Path) -> None:
                                  "(truncated or modified)")
         if sha256_file(f) != info.get("sha256"):
             raise ModelLoadError(f"{f}: sha256 mismatch with {MANIFEST_FILE} (corrupted or modified)")
+    return manifest
 
 
 def read_quant_config(model_dir: Path) -> dict:
@@ -189,12 +220,15 @@ def read_quant_config(model_dir: Path) -> dict:
 
 def load_quantized(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    verify: bool = True, keep_codes: bool = False,
+    verify: bool = True, keep_codes: bool = False, keys: CheckpointKeys | None = None,
 ) -> Transformer:
-    """Load a quantized checkpoint with its weights packed (never dequantized to a float copy)."""
+    """Load a quantized checkpoint with its weights packed (never dequantized to a float copy).
+    ``keys`` (default: from the environment, ``CheckpointKeys.from_files()``): the key of encrypted shards,
+    and the sign key the manifest's HMAC must match (then an unsigned manifest is refused)."""
     model_dir = Path(model_dir)
+    keys = keys if keys is not None else CheckpointKeys.from_files()
     if verify:
-        verify_manifest(model_dir)
+        verify_manifest(model_dir, keys.sign)
     q = read_quant_config(model_dir)
     config = load_config(model_dir / "config.json")
     try:
@@ -211,7 +245,14 @@ def load_quantized(
         if fname is None:
             raise ModelLoadError(f"{model_dir}: tensor {name} missing from {INDEX_FILE} (config/weights mismatch)")
         if fname not in files:
-            files[fname] = SafetensorsFile(model_dir / fname)
+            path = model_dir / plain_name(fname, model_dir / INDEX_FILE)
+            if path.is_file() and is_encrypted(path):
+                if keys.encrypt is None:
+                    raise ModelLoadError(f"{path}: encrypted; give its key (--checkpoint-key-file or "
+                                         "$QUANTCHAT_CHECKPOINT_KEY)")
+                files[fname] = SafetensorsFile(path, data=decrypt_file(path, keys.encrypt))
+            else:
+                files[fname] = SafetensorsFile(path)
         sf = files[fname]
         if name not in sf:
             raise ModelLoadError(f"{model_dir / fname}: cannot read {name} (not in the file)")

@@ -6,17 +6,25 @@ inverse -- then re-quantized into GGUF's 32-weight blocks), or a float model (HF
 or the embedded default). Quantization, tensor layout and metadata are written with the ``gguf``
 package (``gguf.quants.quantize``, ``GGUFWriter``, ``gguf.vocab.SpecialVocab``).
 
-Layout, as llama.cpp's ``convert_hf_to_gguf.py`` writes a LLaMA:
+Layout, as llama.cpp's ``convert_hf_to_gguf.py`` writes each architecture (the family's
+``general.architecture``: llama, qwen2, gemma3, gpt2, mpt, falcon; ``GGUF_EXPORT_ARCHITECTURES``):
 
 * ``token_embd``, ``blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
   ffn_up, ffn_down}``, ``output_norm`` and ``output`` (left out for tied embeddings: llama.cpp then
   reads ``token_embd`` as the head); quantchat's fused wqkv / w13 are split back;
-* q and k rows permuted into llama.cpp's rope layout (the inverse of ``gguf_io.unpermute_qk``);
+* llama: q and k rows permuted into llama.cpp's rope layout (the inverse of ``gguf_io.unpermute_qk``);
+  qwen2: not permuted, q/k/v biases; gemma3: also ``attn_q_norm``, ``attn_k_norm``,
+  ``post_attention_norm``, ``post_ffw_norm`` (quantchat's norm weights are already HF's + 1, as
+  llama.cpp stores them), its sliding pattern and local rope base where they differ from llama.cpp's
+  defaults;
+* gpt2, mpt, falcon: one fused ``attn_qkv`` ([q; k; v] rows, Falcon's ``jploski`` layout), a plain MLP
+  (``ffn_up``, ``ffn_down``), LayerNorm biases, ``position_embd`` (GPT-2), ALiBi bias and q/k/v clamp
+  (MPT), Falcon's two norms as ``attn_norm`` (the MLP's) and ``attn_norm_2`` (the attention's);
 * linears in the chosen type; ``token_embd`` / ``output`` in Q8_0 (quantchat keeps the LM head
   int8, and a tied embedding shares it); norms and biases F32; a linear whose input width is not a
   multiple of 32 falls back to F16 (as llama.cpp's converter does).
 
-Metadata: the llama architecture keys, ``general.*`` (name, file type, quantization version), and
+Metadata: the architecture's keys, ``general.*`` (name, file type, quantization version), and
 the tokenizer: when the model came from a GGUF file, its ``tokenizer.*`` keys are copied verbatim;
 otherwise they are built from tokenizer.json -- byte-level BPE as ``gpt2`` (tokens, merges, token
 types, pre-tokenizer identified by its structure), SentencePiece-style BPE (byte fallback) as
@@ -143,57 +151,109 @@ def _weight(module: nn.Module) -> Tensor:
     return module.weight.detach().float().cpu()
 
 
+def _vec(t: Tensor | None) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+Planned = tuple[str, Callable[[], np.ndarray], str]  # GGUF name, its array (made when written), role
+
+
+def _norm_plan(name: str, norm: nn.Module | None) -> list[Planned]:
+    """A norm's weight (and LayerNorm bias) under GGUF stem ``name``."""
+    if norm is None:
+        return []
+    out: list[Planned] = [(f"{name}.weight", lambda: _vec(norm.weight), "norm")]
+    if getattr(norm, "bias", None) is not None:
+        out.append((f"{name}.bias", lambda: _vec(norm.bias), "bias"))
+    return out
+
+
+def _linear_plan(name: str, m: nn.Module, rows: slice = slice(None), qk_heads: int = 0) -> list[Planned]:
+    """Rows ``rows`` of a linear (weight, and bias where it has one) under GGUF stem ``name``; ``qk_heads``:
+    permute them into llama.cpp's rope layout (the llama architecture's q and k)."""
+    def fix(a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a[rows])
+        return permute_qk(a, qk_heads) if qk_heads else a
+
+    out: list[Planned] = [(f"{name}.weight", lambda: fix(_weight(m).numpy()), "linear")]
+    if getattr(m, "bias", None) is not None:
+        out.append((f"{name}.bias", lambda: fix(_vec(m.bias)), "bias"))
+    return out
+
+
+def _attention_plan(p: str, cfg, att: nn.Module, split: bool) -> list[Planned]:
+    """q/k/v as attn_q/attn_k/attn_v (``split``; q/k permuted for llama) or one fused attn_qkv, then attn_output."""
+    qs, kvs = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    if split:
+        permute = cfg.family == "llama"
+        out = (_linear_plan(p + "attn_q", att.wqkv, slice(0, qs), cfg.n_head if permute else 0)
+               + _linear_plan(p + "attn_k", att.wqkv, slice(qs, qs + kvs), cfg.n_kv_head if permute else 0)
+               + _linear_plan(p + "attn_v", att.wqkv, slice(qs + kvs, None)))
+    else:  # gpt2, mpt, falcon: llama.cpp keeps [q; k; v] fused (Falcon's groups reordered to that by its converter)
+        out = _linear_plan(p + "attn_qkv", att.wqkv)
+    return out + _linear_plan(p + "attn_output", att.wo)
+
+
+def _mlp_plan(p: str, ff: nn.Module) -> list[Planned]:
+    if ff.gated:
+        up = (_linear_plan(p + "ffn_gate", ff.w13, slice(0, ff.hidden))
+              + _linear_plan(p + "ffn_up", ff.w13, slice(ff.hidden, None)))
+    else:
+        up = _linear_plan(p + "ffn_up", ff.w1)
+    return up + _linear_plan(p + "ffn_down", ff.w2)
+
+
+def _layer_plan(family: str, cfg, i: int, layer: nn.Module) -> list[Planned]:
+    """One block's tensors under llama.cpp's names for the family's architecture."""
+    p = f"blk.{i}."
+    att, ff = layer.attention, layer.feed_forward
+    split = family in ("llama", "qwen2", "gemma3")
+    if family == "falcon" and hasattr(layer, "ffn_norm"):
+        # two norms (new decoder architecture): llama.cpp's attn_norm is the MLP's (ln_mlp), attn_norm_2 the
+        # attention's (ln_attn)
+        return (_norm_plan(p + "attn_norm", layer.ffn_norm) + _attention_plan(p, cfg, att, False)
+                + _norm_plan(p + "attn_norm_2", layer.attention_norm) + _mlp_plan(p, ff))
+    out = _norm_plan(p + "attn_norm", layer.attention_norm) + _attention_plan(p, cfg, att, split)
+    if family == "gemma3":
+        out += _norm_plan(p + "attn_q_norm", att.q_norm) + _norm_plan(p + "attn_k_norm", att.k_norm)
+        out += _norm_plan(p + "post_attention_norm", layer.post_attention_norm)
+        out += _norm_plan(p + "ffn_norm", layer.ffn_norm) + _mlp_plan(p, ff)
+        return out + _norm_plan(p + "post_ffw_norm", layer.post_ffn_norm)
+    if family == "falcon":  # one norm shared by attention and MLP
+        return out + _mlp_plan(p, ff)
+    return out + _norm_plan(p + "ffn_norm", layer.ffn_norm) + _mlp_plan(p, ff)
+
+
+def _plan(model: nn.Module) -> list[Planned]:
+    cfg = model.config
+    family = cfg.family
+    out: list[Planned] = [("token_embd.weight", lambda: _weight(model.tok_embeddings).numpy(), "embed")]
+    if cfg.position == "learned":
+        out.append(("position_embd.weight", lambda: _vec(model.pos_embeddings.weight), "position"))
+    for i, layer in enumerate(model.layers):
+        out += _layer_plan(family, cfg, i, layer)
+    out += _norm_plan("output_norm", model.norm)
+    if not cfg.tie_word_embeddings:
+        out.append(("output.weight", lambda: _weight(model.output).numpy(), "head"))
+    return out
+
+
 def n_gguf_tensors(model: nn.Module) -> int:
     """How many tensors ``gguf_tensors`` yields for ``model``."""
-    n = 2 + (0 if model.config.tie_word_embeddings else 1)  # token_embd, output_norm, output
-    for layer in model.layers:
-        att, ff = layer.attention, layer.feed_forward
-        n += 9 + 3 * (att.wqkv.bias is not None) + (att.wo.bias is not None) + 2 * (ff.w13.bias is not None) \
-            + (ff.w2.bias is not None)
-    return n
+    return len(_plan(model))
 
 
 def gguf_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray, str]]:
-    """(GGUF name, float32 array in GGUF row order, role) for every tensor; role: embed, head, linear, norm, bias."""
-    cfg = model.config
-    qs, kvs = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    yield "token_embd.weight", _weight(model.tok_embeddings).numpy(), "embed"
-    for i, layer in enumerate(model.layers):
-        att, ff = layer.attention, layer.feed_forward
-        p = f"blk.{i}."
-        yield p + "attn_norm.weight", layer.attention_norm.weight.detach().float().numpy(), "norm"
-        wqkv = _weight(att.wqkv).numpy()
-        parts = {"attn_q": wqkv[:qs], "attn_k": wqkv[qs:qs + kvs], "attn_v": wqkv[qs + kvs:]}
-        heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_kv_head}
-        for part, w in parts.items():
-            yield p + f"{part}.weight", permute_qk(w, heads[part]) if part in heads else w, "linear"
-        if att.wqkv.bias is not None:
-            b = att.wqkv.bias.detach().float().cpu().numpy()
-            for part, bb in {"attn_q": b[:qs], "attn_k": b[qs:qs + kvs], "attn_v": b[qs + kvs:]}.items():
-                yield p + f"{part}.bias", permute_qk(bb, heads[part]) if part in heads else bb, "bias"
-        yield p + "attn_output.weight", _weight(att.wo).numpy(), "linear"
-        if att.wo.bias is not None:
-            yield p + "attn_output.bias", att.wo.bias.detach().float().cpu().numpy(), "bias"
-        yield p + "ffn_norm.weight", layer.ffn_norm.weight.detach().float().numpy(), "norm"
-        w13 = _weight(ff.w13).numpy()
-        yield p + "ffn_gate.weight", w13[:ff.hidden], "linear"
-        yield p + "ffn_up.weight", w13[ff.hidden:], "linear"
-        if ff.w13.bias is not None:
-            b = ff.w13.bias.detach().float().cpu().numpy()
-            yield p + "ffn_gate.bias", b[:ff.hidden], "bias"
-            yield p + "ffn_up.bias", b[ff.hidden:], "bias"
-        yield p + "ffn_down.weight", _weight(ff.w2).numpy(), "linear"
-        if ff.w2.bias is not None:
-            yield p + "ffn_down.bias", ff.w2.bias.detach().float().cpu().numpy(), "bias"
-    yield "output_norm.weight", model.norm.weight.detach().float().numpy(), "norm"
-    if not cfg.tie_word_embeddings:
-        yield "output.weight", _weight(model.output).numpy(), "head"
+    """(GGUF name, float32 array in GGUF row order, role) for every tensor, as llama.cpp's converter names and
+    lays them out for the model's architecture; role: embed, head, linear, norm, bias."""
+    for name, make, role in _plan(model):
+        yield name, make(), role
 
 
 def encode_tensor(arr: np.ndarray, role: str, qtype) -> tuple[np.ndarray, Any]:
     """(raw array, GGML type) as written: block types for 2-D weights whose rows are multiples of 32."""
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if role in ("norm", "bias") or arr.ndim != 2:
+    if role in ("norm", "bias", "position") or arr.ndim != 2:
         return arr, Q.F32
     target = Q.Q8_0 if role in ("embed", "head") else qtype
     if arr.shape[1] % BLOCK:
@@ -203,40 +263,89 @@ def encode_tensor(arr: np.ndarray, role: str, qtype) -> tuple[np.ndarray, Any]:
 
 # -- metadata -----------------------------------------------------------------------------------
 
+# quantchat family -> llama.cpp's general.architecture
+GGUF_EXPORT_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3", "gpt2": "gpt2", "mpt": "mpt",
+                             "falcon": "falcon"}
+
+
+def _export_refusal(cfg) -> str | None:
+    """Why llama.cpp's graph for the family cannot run this model (None: it can)."""
+    if cfg.family not in GGUF_EXPORT_ARCHITECTURES:
+        return f"the {cfg.family} family has no GGUF export"
+    if cfg.family == "falcon" and not cfg.parallel_block:
+        return "Falcon with sequential attention and MLP: llama.cpp's falcon graph is parallel only"
+    if cfg.family == "mpt" and cfg.position != "alibi":
+        return "MPT without ALiBi: llama.cpp's mpt graph uses ALiBi"
+    if cfg.family == "gemma3" and cfg.attn_scale is not None and abs(cfg.attn_scale * cfg.head_dim ** 0.5 - 1) > 1e-6:
+        return "Gemma 3 with query_pre_attn_scalar other than head_dim: llama.cpp fixes the scale to 1/sqrt(head_dim)"
+    return None
+
+
+def _add_rope_scaling(w, cfg) -> None:
+    sc = cfg.rope_scaling
+    if not sc:
+        return
+    rtype = sc.get("rope_type") or sc.get("type")
+    if rtype == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(sc["factor"]))
+    elif rtype == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(sc["factor"]))
+        if sc.get("original_max_position_embeddings"):
+            w.add_rope_scaling_orig_ctx_len(int(sc["original_max_position_embeddings"]))
+        if sc.get("beta_fast"):
+            w.add_rope_scaling_yarn_beta_fast(float(sc["beta_fast"]))
+        if sc.get("beta_slow"):
+            w.add_rope_scaling_yarn_beta_slow(float(sc["beta_slow"]))
+    else:
+        raise QuantchatError(f"rope scaling '{rtype}' cannot be exported to GGUF by quantchat "
+                             "(supported: none, linear, yarn)")
+
+
 def _add_architecture(w, cfg, warnings: list[str]) -> None:
+    """The architecture's metadata keys, as llama.cpp's converter writes them (``GGUFWriter`` prefixes them
+    with the architecture's name)."""
+    family = cfg.family
     w.add_context_length(int(cfg.max_position_embeddings))
     w.add_embedding_length(int(cfg.dim))
     w.add_block_count(int(cfg.n_layer))
     w.add_feed_forward_length(int(cfg.intermediate_size))
     w.add_head_count(int(cfg.n_head))
+    if family in ("gpt2", "mpt", "falcon"):
+        w.add_layer_norm_eps(float(cfg.norm_eps))
+        if family == "falcon":
+            w.add_head_count_kv(int(cfg.n_kv_head))
+            w.add_tensor_data_layout("jploski")  # [q; k; v] rows, as its converter reorders them
+        if family == "mpt":
+            w.add_max_alibi_bias(float(cfg.alibi_bias_max))
+            if cfg.clip_qkv is not None:
+                w.add_clamp_kqv(float(cfg.clip_qkv))
+        return
     w.add_head_count_kv(int(cfg.n_kv_head))
-    w.add_rope_dimension_count(int(cfg.head_dim))
     if cfg.head_dim != cfg.dim // cfg.n_head:
         w.add_key_length(int(cfg.head_dim))
         w.add_value_length(int(cfg.head_dim))
     w.add_rope_freq_base(float(cfg.rope_theta))
     w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+    _add_rope_scaling(w, cfg)
+    if family == "gemma3":
+        # written only where they differ from llama.cpp's gemma3 defaults (every 6th layer global, local
+        # base 10000), as its converter does
+        if cfg.sliding_window:
+            w.add_sliding_window(int(cfg.sliding_window))
+            layers = [bool(x) for x in (cfg.sliding_layers or [True] * cfg.n_layer)]
+            if layers != [i % 6 < 5 for i in range(cfg.n_layer)]:
+                w.add_array(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch="gemma3"), layers)
+        if cfg.rope_local_theta and cfg.rope_local_theta != 10_000.0:
+            w.add_float32(gguf.Keys.Rope.FREQ_BASE_SWA.format(arch="gemma3"), float(cfg.rope_local_theta))
+        if cfg.final_softcap is not None:
+            w.add_final_logit_softcapping(float(cfg.final_softcap))
+        return
+    w.add_rope_dimension_count(int(cfg.head_dim))
     w.add_vocab_size(int(cfg.vocab_size))
-    sc = cfg.rope_scaling
-    if sc:
-        rtype = sc.get("rope_type") or sc.get("type")
-        if rtype == "linear":
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(sc["factor"]))
-        elif rtype == "yarn":
-            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            w.add_rope_scaling_factor(float(sc["factor"]))
-            if sc.get("original_max_position_embeddings"):
-                w.add_rope_scaling_orig_ctx_len(int(sc["original_max_position_embeddings"]))
-            if sc.get("beta_fast"):
-                w.add_rope_scaling_yarn_beta_fast(float(sc["beta_fast"]))
-            if sc.get("beta_slow"):
-                w.add_rope_scaling_yarn_beta_slow(float(sc["beta_slow"]))
-        else:
-            raise QuantchatError(f"rope scaling '{rtype}' cannot be exported to GGUF by quantchat "
-                                 "(supported: none, linear, yarn)")
     if cfg.sliding_window and cfg.sliding_window < cfg.max_position_embeddings:
-        warnings.append(f"sliding window {cfg.sliding_window} is not written: llama.cpp's llama architecture "
+        warnings.append(f"sliding window {cfg.sliding_window} is not written: llama.cpp's {family} architecture "
                         "attends over the whole context")
 
 
@@ -407,7 +516,8 @@ def export_gguf(
     model: str | os.PathLike[str] | None, out: str | os.PathLike[str], qtype: str = "q8_0", *,
     force: bool = False, name: str | None = None, tokenizer_pre: str | None = None, progress: Progress = None,
 ) -> ExportResult:
-    """Write ``model`` (quantized folder, HF folder, .gguf, None = default) as a llama GGUF at ``out``."""
+    """Write ``model`` (quantized folder, HF folder, .gguf, None = default) as a GGUF of its architecture
+    (llama, qwen2, gemma3, gpt2, mpt, falcon) at ``out``."""
     gtype = ggml_type(qtype)
     qtype = qtype.lower().replace("-", "_")
     out = Path(out).expanduser()
@@ -423,8 +533,9 @@ def export_gguf(
                                  f"(known: {', '.join(sorted(PRE_TOKENIZERS))})")
     src = _load_source(model, progress)
     cfg = src.model.config
-    if cfg.model_type not in ("llama", "mistral"):
-        raise QuantchatError(f"{src.hf_dir}: model type {cfg.model_type} cannot be exported (llama family only)")
+    refusal = _export_refusal(cfg)
+    if refusal:
+        raise QuantchatError(f"{src.hf_dir}: cannot export to GGUF: {refusal}")
     warnings: list[str] = []
     if src.quantized:
         _requantization_note(src.hf_dir, qtype, warnings)
@@ -437,7 +548,7 @@ def export_gguf(
     tmp = Path(tmp_name)
     types: dict[str, str] = {}
     try:
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), GGUF_EXPORT_ARCHITECTURES[cfg.family])
         w.add_type("model")
         fields = gguf_fields(src.gguf) if src.gguf is not None else []
         _copy_fields(w, [f for f in fields if not (name and f[0] == "general.name")], "general.")

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from quantchat.sampling.constraints import Constraint
 
 
+# a penalty near 0 divides logits into inf (NaN probabilities); far above 10 it only erases them
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
+
 @dataclass
 class SamplingParams:
     """How one sequence picks its next tokens and when it stops."""
@@ -42,8 +46,9 @@ class SamplingParams:
             raise QuantchatError(f"top_k must be >= 0, got {self.top_k}")
         if not (0 < self.top_p <= 1):
             raise QuantchatError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.repetition_penalty > 0):
-            raise QuantchatError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise QuantchatError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, "
+                                 f"{MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not (-2.0 <= getattr(self, name) <= 2.0):
                 raise QuantchatError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
@@ -158,7 +163,10 @@ def _invert_cdf(probs: Tensor, u: Tensor) -> list[int]:
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].tolist()  # first cdf > u
     for b, idx in enumerate(picked):
         if idx >= probs.shape[-1]:  # u rounded up to the total: the last token with weight
-            picked[b] = int(torch.nonzero(probs[b] > 0)[-1])
+            weighted = torch.nonzero(probs[b] > 0)
+            # no finite weight at all (logits overflowed to inf / NaN): the largest finite one, never a crash
+            picked[b] = int(weighted[-1]) if weighted.numel() else int(torch.argmax(torch.nan_to_num(
+                probs[b].float(), nan=-1.0, posinf=3e38, neginf=-1.0)))
     return picked
 
 

@@ -3,11 +3,12 @@
 ``quantchat controller`` keeps the list of live workers (``quantchat worker``, each one model on its
 own port or machine) and tells the API server (``quantchat api``) which worker should take a request.
 
-Controller routes; all but ``/health`` need ``Authorization: Bearer <shared secret>``:
+Controller routes; all but ``/health`` need ``Authorization: Bearer <secret>``: the workers' registration
+secret for ``/register``, ``/heartbeat`` and ``/unregister``, the admin secret (the API servers') for the rest:
 
 - ``POST /register`` ``{address, model, max_model_len, created, status}``: 403 unless ``address``
-  matches the allow-list (``--allow-worker``; loopback only by default), since the API server sends
-  requests, with the shared secret, to whatever address is registered.
+  matches the allow-list (``--allow-worker``; loopback and private ranges by default), since the API
+  server sends requests, with the admin secret, to whatever address is registered.
 - ``POST /heartbeat`` ``{address, status}``: 404 when the controller does not know the worker (it
   restarted, or dropped the worker): the worker then registers again.
 - ``POST /unregister`` ``{address}``, ``POST /report_failure`` ``{address}`` (the API could not reach it:
@@ -31,6 +32,7 @@ import fnmatch
 import ipaddress
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -55,11 +57,14 @@ from quantchat.serving.middleware import BodyLimit
 from quantchat.serving.openai.errors import error_response, install_error_handlers
 from quantchat.serving.openai.protocol import TokenizeRequest
 from quantchat.serving.protocol import GenerateRequest
-from quantchat.serving.worker_server import error_event, require_secret
+from quantchat.serving.keys import KeyRing, SecretSource
+from quantchat.serving.worker_server import as_ring, error_event, require_secret
 
 DEFAULT_PORT = 21001
 DEFAULT_EXPIRY = 20.0
-DEFAULT_ALLOW = ("127.0.0.0/8", "::1", "localhost")
+# loopback and the private ranges (RFC 1918, IPv6 unique local): where a cluster's pods and hosts live
+DEFAULT_ALLOW = ("127.0.0.0/8", "::1", "localhost", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+WORKER_ROUTES = ("/register", "/heartbeat", "/unregister")
 MAX_WORKERS = 4096
 STATUS_FIELDS = {"queue_length": int, "running_batch": int, "max_batch": int, "kv_cache_usage": float,
                  "requests_total": int, "requests_finished": int, "generation_tokens_total": int,
@@ -318,13 +323,18 @@ class DispatchBody(BaseModel):
     exclude: list[str] = Field(default_factory=list, max_length=64)
 
 
-def create_controller_app(controller: Controller, secret: str, max_body_bytes: int = 1024 * 1024) -> FastAPI:
-    if not secret:
-        raise QuantchatError("the controller needs a shared secret")
+def create_controller_app(controller: Controller, worker_secret: KeyRing | str,
+                          admin_secret: KeyRing | str | None = None, max_body_bytes: int = 1024 * 1024) -> FastAPI:
+    """The controller's routes: /register, /heartbeat, /unregister take the workers' registration secret,
+    the others the admin secret (the API servers'); one string for both when ``admin_secret`` is None."""
+    worker_ring = as_ring(worker_secret, "worker secret")
+    admin_ring = as_ring(admin_secret, "admin secret") if admin_secret is not None else worker_ring
+    if not worker_ring or not admin_ring:
+        raise QuantchatError("the controller needs a worker registration secret and an admin secret")
     app = FastAPI(title="quantchat controller", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.controller = controller
 
-    require_secret(app, secret)
+    require_secret(app, lambda path: worker_ring if path in WORKER_ROUTES else admin_ring)
 
     install_error_handlers(app, quantchat_errors=False)
 
@@ -427,21 +437,22 @@ class ControllerBackend:
     """``api.Backend`` over a controller and its workers (``quantchat api``).
 
     ``start()`` begins refreshing the worker list in the background (for ``ready()``, the health
-    probe); ``close()`` stops it. HTTP to the controller and the workers uses the shared secret.
+    probe); ``close()`` stops it. HTTP to the controller and the workers sends the admin secret, over
+    mutual TLS when ``ssl_context`` holds the fleet CA and this server's certificate.
     """
 
-    def __init__(self, controller_url: str, secret: str, retries: int = 3, refresh_s: float = 2.0,
+    def __init__(self, controller_url: str, secret: SecretSource | str, retries: int = 3, refresh_s: float = 2.0,
                  connect_timeout: float = 5.0, read_timeout: float | None = 600.0,
-                 log: Callable[[str], None] = lambda s: None) -> None:
+                 log: Callable[[str], None] = lambda s: None, ssl_context: ssl.SSLContext | None = None) -> None:
         if not secret:
-            raise QuantchatError("the API server needs the cluster's shared secret")
+            raise QuantchatError("the API server needs the controller's admin secret")
         self.url = controller_url.rstrip("/")
-        self.secret = secret
+        self.secret = secret if isinstance(secret, SecretSource) else SecretSource(secret, name="admin secret")
+        self.ssl_context = ssl_context
         self.retries = max(1, retries)
         self.refresh_s = refresh_s
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.log = log
-        self.headers = {"Authorization": f"Bearer {secret}"}
         self._client = None
         self._client_loop = None
         self._session = None  # aiohttp, for the token streams from workers
@@ -456,7 +467,7 @@ class ControllerBackend:
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             self._client = httpx.AsyncClient(
-                headers=self.headers,
+                verify=self.ssl_context if self.ssl_context is not None else True,
                 timeout=httpx.Timeout(connect=self.connect_timeout, read=self.read_timeout,
                                       write=self.connect_timeout, pool=None),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
@@ -469,10 +480,10 @@ class ControllerBackend:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session_loop is not loop:
             self._session = aiohttp.ClientSession(
-                headers=self.headers,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout,
                                               sock_read=self.read_timeout),
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0))
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0,
+                                               ssl=self.ssl_context if self.ssl_context is not None else True))
             self._session_loop = loop
         return self._session
 
@@ -486,11 +497,11 @@ class ControllerBackend:
 
     async def _controller(self, method: str, path: str, **kw) -> Any:
         try:
-            r = await self.client().request(method, self.url + path, **kw)
+            r = await self.client().request(method, self.url + path, headers=self.secret.header(), **kw)
         except httpx.HTTPError as e:
             raise UnavailableError(f"the controller {self.url} is unreachable ({type(e).__name__})") from None
         if r.status_code == 401:
-            raise UnavailableError("the controller refused the cluster secret (check --secret)")
+            raise UnavailableError("the controller refused the admin secret (check --admin-secret-file / --secret)")
         if r.status_code != 200:
             raise refusal(r.status_code, r.content)
         return r.json()
@@ -527,10 +538,11 @@ class ControllerBackend:
 
     def _refresh_loop(self) -> None:
         warned = False
-        with httpx.Client(headers=self.headers, timeout=self.connect_timeout) as c:
+        verify = self.ssl_context if self.ssl_context is not None else True
+        with httpx.Client(timeout=self.connect_timeout, verify=verify) as c:
             while True:
                 try:
-                    r = c.get(self.url + "/workers")
+                    r = c.get(self.url + "/workers", headers=self.secret.header())
                     r.raise_for_status()
                     self._remember(r.json()["workers"])
                     if warned:
@@ -586,7 +598,8 @@ class ControllerBackend:
                 raise e
             tried.append(address)
             try:
-                resp = await session.post(address + "/worker/generate", json=payload, params=params)
+                resp = await session.post(address + "/worker/generate", json=payload, params=params,
+                                          headers=self.secret.header())
             except STREAM_ERRORS as e:
                 last = f"{address}: {type(e).__name__}: {e}"
                 await self._report(address, f"{type(e).__name__}: {e}")
@@ -624,7 +637,8 @@ class ControllerBackend:
                 raise
             tried.append(address)
             try:
-                r = await self.client().post(address + path, json=body, params={"model": model} if model else None)
+                r = await self.client().post(address + path, json=body, params={"model": model} if model else None,
+                                             headers=self.secret.header())
             except httpx.HTTPError as e:
                 last = f"{address}: {type(e).__name__}: {e}"
                 await self._report(address, last)

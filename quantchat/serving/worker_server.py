@@ -1,7 +1,8 @@
 """A worker process's internal HTTP API, and its registration with the controller.
 
 ``quantchat worker`` serves one model for the cluster (``quantchat controller`` + ``quantchat api``).
-Routes; every ``/worker`` route needs ``Authorization: Bearer <shared secret>``:
+Routes; every ``/worker`` route needs ``Authorization: Bearer <admin secret>`` (what the API servers send;
+the one shared secret where no admin secret is given), over mutual TLS with ``--tls-ca``:
 
 - ``POST /worker/generate[?model=ID]``: a ``GenerateRequest`` (JSON) -> a stream of event dicts, one JSON
   object per line (NDJSON), the same dicts ``Worker.generate`` yields. A request that cannot run is
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -35,6 +36,7 @@ from starlette.datastructures import Headers
 
 from quantchat.errors import ContextLengthError, QuantchatError
 from quantchat.serving.backend import LocalBackend
+from quantchat.serving.keys import KeyRing, SecretSource
 from quantchat.serving.middleware import BodyLimit
 from quantchat.serving.openai.errors import error_for, error_response, install_error_handlers
 from quantchat.serving.openai.protocol import TokenizeRequest
@@ -44,32 +46,41 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 WORKER_MAX_BODY = 4 * 1024 * 1024
 
 
-def bearer_ok(header: str, secret: str) -> bool:
-    """``header`` is ``Bearer <secret>`` (constant-time compare; any bytes are safe)."""
-    if not secret or not header.lower().startswith("bearer "):
-        return False
-    given = header[7:].strip().encode("utf-8", "surrogateescape")
-    return secrets.compare_digest(given, secret.encode("utf-8"))
+def bearer_token(header: str) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` (None without one)."""
+    if not header.lower().startswith("bearer "):
+        return None
+    return header[7:].strip() or None
+
+
+def as_ring(keys: KeyRing | str | None, name: str = "secret") -> KeyRing:
+    """A ``KeyRing`` of ``keys`` (a ring as it is, a string as a ring of that one key)."""
+    if isinstance(keys, KeyRing):
+        return keys
+    return KeyRing([keys] if keys else [], name=name)
 
 
 class RequireSecret:
     """ASGI middleware (plain, so streams pass through untouched): every route but /health needs
-    ``Authorization: Bearer <secret>``."""
+    ``Authorization: Bearer <key>`` of the ring ``rings(path)`` picks (None: refused)."""
 
-    def __init__(self, app, secret: str) -> None:
-        self.app, self.secret = app, secret
+    def __init__(self, app, rings: Callable[[str], KeyRing | None]) -> None:
+        self.app, self.rings = app, rings
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health" and \
-                not bearer_ok(Headers(scope=scope).get("authorization", ""), self.secret):
-            await error_response(401, "missing or wrong cluster secret", "authentication_error")(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["path"] != "/health":
+            ring = self.rings(scope["path"])
+            token = bearer_token(Headers(scope=scope).get("authorization", ""))
+            if ring is None or not ring.check(token):
+                await error_response(401, "missing or wrong cluster secret", "authentication_error")(
+                    scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
-def require_secret(app: FastAPI, secret: str) -> None:
-    """Every route but /health needs ``Authorization: Bearer <secret>`` (controller and worker apps)."""
-    app.add_middleware(RequireSecret, secret=secret)
+def require_secret(app: FastAPI, rings: Callable[[str], KeyRing | None]) -> None:
+    """Every route but /health needs a key of ``rings(path)`` (controller and worker apps)."""
+    app.add_middleware(RequireSecret, rings=rings)
 
 
 def worker_error(e: Exception) -> JSONResponse:
@@ -138,16 +149,18 @@ class DetokenizeBody(BaseModel):
     tokens: list[int] = Field(max_length=1_000_000)
 
 
-def create_worker_app(backend: LocalBackend, secret: str, max_body_bytes: int = WORKER_MAX_BODY,
+def create_worker_app(backend: LocalBackend, secret: KeyRing | str, max_body_bytes: int = WORKER_MAX_BODY,
                       info: Callable[[], dict[str, Any]] | None = None,
                       on_shutdown: list[Callable[[], None]] | None = None) -> FastAPI:
     """The internal API of one worker process. ``backend.worker`` may be set later (loading).
+    ``secret``: the keys API servers send (the controller's admin secret).
 
     ``on_shutdown`` runs (in a thread) when the server shuts down gracefully: uvicorn re-raises
     SIGTERM after its shutdown, so code after ``uvicorn.run`` never runs on SIGTERM.
     """
-    if not secret:
-        raise QuantchatError("the worker API needs a shared secret")
+    ring = as_ring(secret)
+    if not ring:
+        raise QuantchatError("the worker API needs a secret (the admin secret the API servers send)")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -159,7 +172,7 @@ def create_worker_app(backend: LocalBackend, secret: str, max_body_bytes: int = 
     app.state.backend = backend
     counters = {"generate_requests": 0, "streams_open": 0}
 
-    require_secret(app, secret)
+    require_secret(app, lambda path: ring)
 
     install_error_handlers(app, worker_error)
 
@@ -204,13 +217,15 @@ class Registrar:
     something (the model is loaded). ``log`` gets one line per change of state, not one per retry.
     """
 
-    def __init__(self, controller_url: str, secret: str, describe: Callable[[], dict[str, Any] | None],
+    def __init__(self, controller_url: str, secret: SecretSource | str, describe: Callable[[], dict[str, Any] | None],
                  load: Callable[[], dict[str, Any]], interval: float = DEFAULT_HEARTBEAT_INTERVAL,
-                 log: Callable[[str], None] = print, timeout: float = 5.0, max_backoff: float | None = None) -> None:
+                 log: Callable[[str], None] = print, timeout: float = 5.0, max_backoff: float | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if interval <= 0:
             raise QuantchatError("the heartbeat interval must be positive")
         self.url = controller_url.rstrip("/")
-        self.secret = secret
+        self.secret = secret if isinstance(secret, SecretSource) else SecretSource(secret, name="worker secret")
+        self.verify: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self.describe, self.load = describe, load
         self.interval = interval
         self.max_backoff = max_backoff if max_backoff is not None else max(2.0, min(30.0, 4 * interval))
@@ -235,13 +250,13 @@ class Registrar:
             desc = self.describe()
             try:
                 httpx.post(f"{self.url}/unregister", json={"address": desc["address"]} if desc else {},
-                           headers=self._headers(), timeout=2.0)
+                           headers=self._headers(), timeout=2.0, verify=self.verify)
             except httpx.HTTPError:
                 pass
             self.registered = False
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.secret}"}
+        return self.secret.header()
 
     def _trouble(self, what: str) -> None:
         if self._problem != what:
@@ -254,7 +269,7 @@ class Registrar:
         if desc is None:
             return False
         if not self.registered:
-            r = client.post(f"{self.url}/register", json={**desc, "status": self.load()})
+            r = client.post(f"{self.url}/register", json={**desc, "status": self.load()}, headers=self._headers())
             if r.status_code == 200:
                 self.registered = True
                 self.registrations += 1
@@ -265,7 +280,8 @@ class Registrar:
             self._trouble(f"the controller {self.url} refused the registration of {desc['address']}: "
                           f"HTTP {r.status_code} {_message(r)}")
             return False
-        r = client.post(f"{self.url}/heartbeat", json={"address": desc["address"], "status": self.load()})
+        r = client.post(f"{self.url}/heartbeat", json={"address": desc["address"], "status": self.load()},
+                        headers=self._headers())
         if r.status_code == 200:
             if self._problem is not None:
                 self.log(f"the controller {self.url} answers again")
@@ -281,7 +297,7 @@ class Registrar:
 
     def _run(self) -> None:
         delay = 0.0
-        with httpx.Client(headers=self._headers(), timeout=self.timeout) as client:
+        with httpx.Client(timeout=self.timeout, verify=self.verify) as client:
             while not self._stop.wait(delay):
                 try:
                     if self.describe() is None:  # still loading
@@ -289,7 +305,10 @@ class Registrar:
                         continue
                     ok = self.step(client)
                 except httpx.HTTPError as e:
-                    self._trouble(f"the controller {self.url} is unreachable ({type(e).__name__}: {e}); "
+                    hint = (" (mutual TLS: is this worker's certificate signed by the fleet CA the controller "
+                            "has as --tls-ca, and the controller's by this worker's --tls-ca?)"
+                            if isinstance(self.verify, ssl.SSLContext) else "")
+                    self._trouble(f"the controller {self.url} is unreachable ({type(e).__name__}: {e}){hint}; "
                                   "retrying in the background")
                     ok = False
                 except Exception as e:  # never let the thread die

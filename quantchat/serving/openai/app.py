@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (and the web chat page) over a ``Backend``.
 
 Routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (streaming as SSE),
-``/tokenize``, ``/detokenize``, ``/health``, ``/metrics`` (Prometheus text), ``/`` (chat page).
-Every route but ``/health`` and the page's static files needs the API key when one is set.
+``/tokenize``, ``/detokenize``, ``/health``, ``/metrics`` (Prometheus text), ``/openapi.json`` (the
+schema), ``/`` (chat page). Every route but ``/health``, ``/openapi.json`` and the page's files needs
+an API key when keys are set.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
+from quantchat import __version__
 from quantchat.errors import UnknownModelError
 from quantchat.serving.backend import Backend
+from quantchat.serving.keys import KeyRing
 from quantchat.serving.metrics import Metrics
-from quantchat.serving.middleware import AuthAndCount, BodyLimit
+from quantchat.serving.middleware import BODY_TIMEOUT_S, AuthAndCount, BodyLimit
 from quantchat.serving.openai.errors import error_response, install_error_handlers
 from quantchat.serving.openai.protocol import (
     ChatCompletionRequest,
@@ -34,16 +37,20 @@ DEFAULT_MAX_BODY = 4 * 1024 * 1024
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
 
 
-def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
-               web: bool = True, title: str = "quantchat") -> FastAPI:
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(backend: Backend, api_keys: KeyRing | set[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+               web: bool = True, title: str = "quantchat", body_timeout_s: float | None = BODY_TIMEOUT_S) -> FastAPI:
+    """The API app; ``api_keys``: the client keys (a ``KeyRing``, reloadable, or a set of plain keys); a request
+    body that stalls ``body_timeout_s`` between chunks gets 408."""
+    # the schema at /openapi.json (public, like /health); no docs pages: they load their scripts from a CDN
+    app = FastAPI(title=title, version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     metrics = Metrics()
-    keys = {k for k in (api_keys or set()) if k}
+    keys = api_keys if isinstance(api_keys, KeyRing) else KeyRing(api_keys or (), name="API key")
     app.state.backend, app.state.metrics = backend, metrics
 
     install_error_handlers(app)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health():
         if backend.ready():
             return {"status": "ok"}
@@ -89,7 +96,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, max_body_byte
     if web:
         install_web(app)
     app.add_middleware(AuthAndCount, keys=keys, metrics=metrics, web=web)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     return app
 
 
@@ -97,14 +104,16 @@ def install_web(app: FastAPI) -> None:
     """Serve the chat page and its assets from the package (no CDN, no build step)."""
     web_dir = resources.files("quantchat.serving") / "web"
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
+    @app.head("/", include_in_schema=False, response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse)
     async def index():
         page = web_dir / "index.html"
         if not page.is_file():
             return HTMLResponse("<h1>quantchat</h1><p>The chat page is not installed.</p>")
         return HTMLResponse(page.read_text(encoding="utf-8"))
 
-    @app.api_route("/static/{name}", methods=["GET", "HEAD"])
+    @app.head("/static/{name}", include_in_schema=False)
+    @app.get("/static/{name}")
     async def static(name: str):
         f = web_dir / name
         if "/" in name or name.startswith(".") or not f.is_file():

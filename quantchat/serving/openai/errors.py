@@ -66,7 +66,10 @@ def install_error_handlers(app: FastAPI, to_response: Callable[[Exception], Resp
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's words
+            message = "the request body is not valid JSON (it must be UTF-8 JSON text)"
+        return error_response(exc.status_code, message, "invalid_request_error")
 
     if quantchat_errors:
         @app.exception_handler(QuantchatError)

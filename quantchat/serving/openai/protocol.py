@@ -13,7 +13,6 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from quantchat.errors import BadRequestError
-
 from quantchat.serving.protocol import GenerateRequest, Limited
 
 MAX_STOP = 16
@@ -28,6 +27,8 @@ MAX_PROMPTS = 64
 def _stop_list(v: Any) -> list[str]:
     if v is None:
         return []
+    if not isinstance(v, (str, list, tuple)):  # a number, an object: not a list of stop strings (no 500)
+        raise ValueError("stop must be a string or a list of strings")
     stops = [v] if isinstance(v, str) else list(v)
     if len(stops) > MAX_STOP:
         raise ValueError(f"at most {MAX_STOP} stop strings")
@@ -119,7 +120,7 @@ class SamplingFields(Limited):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension (vLLM, llama.cpp): 0 = off
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)  # extension (near 0: logits overflow)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -210,8 +211,8 @@ class ChatMessage(Limited):
             return self.content
         out = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"unsupported content part type {part.get('type')!r} (only text)")
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):  # a 400 on every route
+                raise BadRequestError(f"unsupported content part type {part.get('type')!r} (only text)", "messages")
             out.append(part["text"])
         return "".join(out)
 

@@ -159,10 +159,7 @@ def tool_setup(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, backend: Backend,
                                  metrics: Metrics) -> Response:
     body.check_supported()
-    try:
-        messages = message_dicts(body)
-    except ValueError as e:
-        raise BadRequestError(str(e), "messages") from None
+    messages = message_dicts(body)  # an unsupported content part is a BadRequestError
     tools, forced = tool_setup(body)
     top = (body.top_logprobs or 0) if body.logprobs else None
     extra: dict[str, Any] = {"tools": tools} if tools else {}
