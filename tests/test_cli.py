@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -431,3 +432,26 @@ def test_chat_with_a_base_model_says_which_template_it_guessed(tiny_dir, tmp_pat
     assert done.returncode == 0 and "no chat template" not in done.stderr, done.stderr
     own = run_cli("chat", "--model", str(tiny_dir), "--prompt", "hi", "-t", "0", "-n", "4")
     assert own.returncode == 0 and "no chat template" not in own.stderr, own.stderr
+
+
+def test_structured_output_flags(tiny_dir, tmp_path, capsys):
+    """complete --regex / chat --json-schema: the noise model's answer takes the asked-for shape; a bad
+    schema file is one clear error line."""
+    res = run_main(capsys, "complete", "--model", str(tiny_dir), "--prompt", PROMPT, "-n", "24", "--no-echo",
+                   "--regex", "[0-9]{3}-[a-z]{2}", "--temperature", "1", "--seed", "1")
+    assert res.returncode == 0, res.stderr
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}\n", res.stdout), res.stdout
+    assert "stop: stop (grammar)" in res.stderr
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1,
+                                                                        "maximum": 9}},
+                                  "required": ["n"], "additionalProperties": False}))
+    res = run_main(capsys, "chat", "--model", str(tiny_dir), "-p", "hi", "-n", "24", "--no-stats",
+                   "--json-schema", str(schema))
+    assert res.returncode == 0, res.stderr
+    assert 1 <= json.loads(res.stdout)["n"] <= 9
+    schema.write_text("{not json")
+    res = run_main(capsys, "chat", "--model", str(tiny_dir), "-p", "hi", "--json-schema", str(schema))
+    assert res.returncode == 2 and "not valid JSON" in res.stderr
+    res = run_main(capsys, "complete", "--model", str(tiny_dir), "-p", "x", "--regex", "a(")
+    assert res.returncode == 2 and "regular expression" in res.stderr

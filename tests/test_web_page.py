@@ -399,3 +399,21 @@ def test_chat_page_api_key(servers, browser):
     ok = wait_for(lambda: (a := assistants(d)) and len(a) == 2 and a[-1]["done"] == "1" and not a[-1]["error"]
                   and a[-1], 30, "retried answer")
     assert ok["text"].strip()
+
+
+def test_chat_page_json_mode(servers, browser):
+    """The JSON-mode toggle asks for response_format json_object; the answer is JSON, not the tiny
+    model's letters."""
+    d = browser
+    open_page(d, servers["open"].base)
+    wait_models(d)
+    set_slider(d, "temperature", 0)
+    set_slider(d, "max-tokens", 8)
+    js(d, "const e = document.getElementById('json-mode'); e.checked = true; e.dispatchEvent(new Event('change'))")
+    type_and_send(d, "json please")
+    answer = wait_answer(d, 1)
+    assert js(d, "return window.__sent")[-1]["response_format"] == {"type": "json_object"}
+    assert answer["text"].startswith("{"), answer
+    d.refresh()
+    wait_models(d)
+    assert js(d, "return document.getElementById('json-mode').checked") is True

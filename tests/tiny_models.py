@@ -14,7 +14,7 @@ from quantchat.tokenizer.gguf_tokenizer import bytes_to_unicode
 def make_tiny_llama(
     out_dir: Path, *, n_kv_head: int = 2, tie: bool = False, vocab: int = 256, seed: int = 0,
     model_type: str = "llama", rope_scaling: dict | None = None, max_shard_size: str | None = None,
-    sliding_window: int | None = None, layers: int = 2,
+    sliding_window: int | None = None, layers: int = 2, max_positions: int = 256,
 ):
     """Save a random transformers LLaMA/Mistral with safetensors; returns the transformers model (float32, eval)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
@@ -22,7 +22,7 @@ def make_tiny_llama(
     torch.manual_seed(seed)
     kw = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=n_kv_head, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=n_kv_head, max_position_embeddings=max_positions,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
     )
     if model_type == "mistral":
@@ -79,13 +79,13 @@ def write_byte_tokenizer(out_dir: Path, chat_template: str | None = CHAT_TEMPLAT
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def make_tiny_chat_model(out_dir: Path) -> None:
+def make_tiny_chat_model(out_dir: Path, max_positions: int = 256) -> None:
     """A random tiny LLaMA with a byte tokenizer whose greedy output is lowercase letters and spaces.
 
     The lm_head rows of all other tokens are zeroed: their logits are exactly 0 while the maximum over
     the 27 allowed random logits is positive, so greedy decoding never leaves PRINTABLE (nor hits EOS).
     """
-    model = make_tiny_llama(out_dir, vocab=VOCAB)
+    model = make_tiny_llama(out_dir, vocab=VOCAB, max_positions=max_positions)
     keep = torch.zeros(VOCAB, dtype=torch.bool)
     keep[list(PRINTABLE)] = True
     with torch.no_grad():

@@ -30,8 +30,8 @@ from quantchat.kernels import cpu_features
 
 RESULTS_DIR = "quantchat-results"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the quantchat package
-KINDS = ("bench", "bench-serve", "bench-serve-locust", "eval-ppl", "eval-kl", "eval-mc", "eval-compare", "core-bench", "kernel-bench",
-         "quant-bench", "startup")
+KINDS = ("bench", "bench-serve", "bench-serve-locust", "eval-ppl", "eval-kl", "eval-mc", "eval-compare",
+         "core-bench", "kernel-bench", "quant-bench", "startup", "bench-structured")
 
 
 def default_out_dir(command: str, base: str | Path = RESULTS_DIR) -> Path:

@@ -13,7 +13,7 @@ import argparse
 from quantchat import envs
 from quantchat.benchmark.runner import DEFAULT_PROMPT_LENGTHS, DEFAULT_QUANTS, PEERS, VARIANTS, BenchOptions
 from quantchat.benchmark.synthetic import SYNTHETIC_CONFIGS
-from quantchat.cli.common import add_kv_cache_arg, status
+from quantchat.cli.common import add_kv_cache_arg, packed_gguf_default, status
 from quantchat.errors import QuantchatError
 from quantchat.quant import methods
 
@@ -78,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
     bench_sub = p.add_subparsers(dest="bench_command", required=False, metavar="SUBCOMMAND")
     register_serve(bench_sub)
+    register_structured(bench_sub)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -125,3 +126,23 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--heartbeat-expiry", type=float, default=8.0,
                    help="the controller's heartbeat expiry: the dead worker must be dropped within it (default 8)")
     p.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_structured(args: argparse.Namespace) -> int:
+    from quantchat.benchmark.structured import run_bench_structured
+
+    packed_gguf_default(args)  # the default Q4_1 model keeps its packed int4 weights, as chat and serve do
+    return run_bench_structured(args, status)
+
+
+def register_structured(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("structured", help="decode tokens/s with a JSON Schema constraint vs without; compile time")
+    p.add_argument("--model", "-m", default=None, help="model (default: embedded)")
+    p.add_argument("--quant", default=None, help="load-time quantization (default: as chat and serve load it)")
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--clients", type=int_list, default=[1, 8], help="concurrent sequences (default 1,8)")
+    p.add_argument("--tokens", type=int, default=96, help="tokens decoded per sequence (default 96)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds each, free and constrained alternating (default 3)")
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--out", default=None, help="output folder (default ./quantchat-results/bench-structured-<time>/)")
+    p.set_defaults(func=cmd_bench_structured)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -57,6 +58,42 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--no-stats", action="store_true", help="do not print the timing line")
 
 
+def add_structured_args(p: argparse.ArgumentParser) -> None:
+    """Structured output (docs/structured_output.md): at most one constraint on the answer."""
+    g = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="answer with a JSON object")
+    g.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid under this JSON Schema file")
+    g.add_argument("--grammar", metavar="FILE", help="answer in this grammar (a Lark or GBNF file)")
+    g.add_argument("--regex", metavar="PATTERN", help="answer with text this regular expression matches")
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuantchatError(f"{path}: cannot read the {what} ({e})") from None
+
+
+def constraint_from_args(args: argparse.Namespace):
+    """The constraint ``add_structured_args`` asked for (None: free text)."""
+    from quantchat.sampling.constraints import Constraint
+
+    if getattr(args, "json", False):
+        return Constraint("json_object")
+    if getattr(args, "json_schema", None):
+        text = _read_text(args.json_schema, "JSON schema")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise QuantchatError(f"{args.json_schema}: not valid JSON ({e})") from None
+        return Constraint.json_schema(schema)
+    if getattr(args, "grammar", None):
+        return Constraint("grammar", _read_text(args.grammar, "grammar"))
+    if getattr(args, "regex", None):
+        return Constraint("regex", args.regex)
+    return None
+
+
 def sampling_from_args(args: argparse.Namespace):
     from quantchat.sampling.sampling import SamplingParams
 
@@ -64,7 +101,7 @@ def sampling_from_args(args: argparse.Namespace):
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens,
-        stop=list(args.stop),
+        stop=list(args.stop), constraint=constraint_from_args(args),
     )
 
 

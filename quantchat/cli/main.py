@@ -13,8 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from quantchat.cli.common import (add_model_args, add_sampling_args, apply_checkpoint_key_args, load_from_args,
-                                  packed_gguf_default, sampling_from_args, status, stream_out)
+from quantchat.cli.common import (add_model_args, add_sampling_args, add_structured_args,
+                                  apply_checkpoint_key_args, load_from_args, packed_gguf_default,
+                                  sampling_from_args, status, stream_out)
 from quantchat.errors import QuantchatError
 
 # commands defined in their own modules, each with register(subparsers)
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", "-s", default=None, help="system prompt")
     p.add_argument("--template", default=None,
                    help="chat template: a built-in name (chatml, llama-2, vicuna, mistral) or a jinja file")
+    add_structured_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("complete", help="plain text completion, no chat template")
@@ -195,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, temperature=0.0)
     p.add_argument("--prompt", "-p", required=True, help="text to continue ('-' reads stdin)")
     p.add_argument("--no-echo", action="store_true", help="print only the continuation")
+    add_structured_args(p)
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("models", help="list the models quantchat can see")

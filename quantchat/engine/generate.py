@@ -24,6 +24,7 @@ from quantchat.engine.scheduler import Scheduler
 from quantchat.engine.sequence import SeqEvent, Sequence
 from quantchat.errors import ContextLengthError, QuantchatError
 from quantchat.model.transformer import Transformer
+from quantchat.sampling.constraints import ConstraintCompiler
 from quantchat.sampling.sampling import SamplingParams
 
 PREFILL_CHUNK = 512
@@ -37,7 +38,7 @@ class GenerationStats:
     ttft_s: float = 0.0  # start to first sampled token (prefill + sampling)
     decode_s: float = 0.0  # first token to the last one
     finish_reason: str = ""  # OpenAI's: "stop" | "length" | ...
-    end: str = ""  # what ended it: "eos" | "stop_string" | "max_tokens" | "context"
+    end: str = ""  # what ended it: "eos" | "stop_string" | "max_tokens" | "context" | "grammar" | "dead_end"
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -84,6 +85,14 @@ class Engine:
         # decode runs as one C++ call per step when the model qualifies (engine/fused_decode.py)
         self.fused = FusedDecoder.build(model) if fused and not compile else None
         self.scheduler: Scheduler | None = None  # the generation loop over these slots (set by Scheduler)
+        self._constraints: ConstraintCompiler | None = None
+
+    @property
+    def constraints(self) -> ConstraintCompiler:
+        """Compiles structured-output constraints for this tokenizer (made on first use: ~0.2 s)."""
+        if self._constraints is None:
+            self._constraints = ConstraintCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
+        return self._constraints
 
     def warmup(self) -> float:
         """Run a prefill and two decode steps (triggers compilation); returns the seconds it took."""

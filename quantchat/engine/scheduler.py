@@ -32,6 +32,7 @@ from quantchat.engine.prefix_cache import PROMPT_LOGITS_KEPT, PrefixCache
 from quantchat.engine.sequence import SeqEvent, Sequence, TokenLogprob, token_logprobs
 from quantchat.engine.stopping import StopStringMatcher
 from quantchat.errors import QueueFullError
+from quantchat.sampling.constraints import apply_masks
 from quantchat.sampling.sampling import (
     apply_openai_penalties,
     apply_repetition_penalty,
@@ -76,6 +77,7 @@ class Scheduler:
         # events) and prompt prefill; the ratio of step times shows what batching gains (bench serve)
         self.decode_time: dict[int, list[float]] = {}
         self.prefill_seconds = 0.0
+        self.constraint_seconds = 0.0  # structured output's share of decode: masks and matcher updates
         self.started_at = time.time()
         engine.scheduler = self
 
@@ -106,6 +108,8 @@ class Scheduler:
         """Queue ``seq`` (``queue_limit``: refuse it when ``max_queue`` wait already; in-process callers such
         as ``Engine.generate`` wait their turn instead)."""
         self.engine.check_prompt(seq.prompt)
+        if seq.params.constraint is not None and seq.matcher is None:  # a bad constraint raises here
+            seq.matcher = self.engine.constraints.matcher(seq.params.constraint)
         with self.cond:
             if queue_limit and len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
@@ -143,6 +147,7 @@ class Scheduler:
             "decode_steps": self.decode_steps,
             "decode_time_by_batch": {b: list(v) for b, v in list(self.decode_time.items())},  # a snapshot
             "prefill_seconds_total": self.prefill_seconds,
+            "constraint_seconds_total": self.constraint_seconds,
             "prompt_tokens_cached_total": self.prompt_tokens_cached_total,
         }
 
@@ -273,6 +278,9 @@ class Scheduler:
             first.finish_reason = "length"
             self._emit_final(seq, first)
             return True
+        if seq.matcher is not None:  # a copy: the prefix cache keeps these logits for the next asker
+            logits = logits.clone()
+            apply_masks(logits, [0], [seq.matcher])
         return self._sample(seq, logits, first)
 
     def _drop_cancelled(self) -> None:
@@ -328,6 +336,11 @@ class Scheduler:
         positions = torch.tensor([len(s.prompt) + len(s.generated) - 1 for s in self.decoding], device=dev)
         logits = self.engine.decode(tokens, positions)
         self.decode_steps += 1
+        rows = [i for i, s in enumerate(self.decoding) if s.matcher is not None]
+        if rows:  # structured output: refused tokens to -inf, in place, before any sampling rule
+            t0 = time.perf_counter()
+            apply_masks(logits, rows, [self.decoding[i].matcher for i in rows])
+            self.constraint_seconds += time.perf_counter() - t0
         drawn = sample_rows(logits, [s.params for s in self.decoding], [s._gen for s in self.decoding])
         done = [i for i, seq in enumerate(self.decoding) if self._sample(seq, logits[i:i + 1], SeqEvent(), drawn[i])]
         self._remove(done)
@@ -336,6 +349,13 @@ class Scheduler:
         """Pick the next token for ``seq`` from logits [1, V] (unless ``sample_rows`` drew it: ``token``);
         emit it; return whether the sequence ended."""
         p = seq.params
+        if seq.matcher is not None and seq.matcher.dead:  # the constraint admits no token: end it here
+            seq.end, event.finish_reason = "dead_end", "grammar_dead_end"
+            if seq.decoder is not None:  # flush held-back text
+                tail, _ = seq._stopper.push(seq.decoder.flush())
+                event.text += tail + seq._stopper.flush()
+            self._emit_final(seq, event)
+            return True
         history = None
         if p.repetition_penalty != 1.0:
             history = torch.tensor(seq.prompt + seq.generated, dtype=torch.long, device=logits.device)
@@ -362,6 +382,10 @@ class Scheduler:
             event.text = text
             if hit:
                 event.finish_reason, seq.end = "stop", "stop_string"
+            elif seq.matcher is not None and not self._advance(seq.matcher, token):  # not under the mask
+                event.finish_reason, seq.end = "grammar_dead_end", "dead_end"
+            elif seq.matcher is not None and seq.matcher.done:
+                event.finish_reason, seq.end = "stop", "grammar"
             elif len(seq.generated) >= p.max_new_tokens:
                 event.finish_reason, seq.end = "length", "max_tokens"
             elif len(seq.prompt) + len(seq.generated) >= self.engine.max_seq_len:
@@ -374,6 +398,12 @@ class Scheduler:
             event.text += tail + seq._stopper.flush()
         self._emit_final(seq, event)
         return True
+
+    def _advance(self, matcher, token: int) -> bool:
+        t0 = time.perf_counter()
+        ok = matcher.advance(token)
+        self.constraint_seconds += time.perf_counter() - t0
+        return ok
 
     def _remove(self, indices: list[int]) -> None:
         """Take finished rows out of the decoding block, keeping it contiguous from slot 0."""

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from quantchat.engine.stopping import StopStringMatcher
+from quantchat.sampling.constraints import Matcher
 from quantchat.sampling.sampling import SamplingParams
 
 
@@ -28,7 +29,7 @@ class SeqEvent:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # once, first, when asked (echo)
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "grammar_dead_end"
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -53,7 +54,10 @@ class Sequence:
     _gen: torch.Generator | None = None
     _stopper: StopStringMatcher | None = None
     _prompt_lp: list[TokenLogprob] = field(default_factory=list)
-    end: str | None = None  # why it ended: "eos" | "stop_string" | "max_tokens" | "context" (else unset)
+    matcher: Matcher | None = None  # the constraint's state (params.constraint), made at submit
+    # why it ended: "eos" | "stop_string" | "max_tokens" | "context" | "grammar" (the constraint is complete)
+    # | "dead_end" (the constraint admits no next token) (else unset)
+    end: str | None = None
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from quantchat.errors import QuantchatError
 from quantchat.kernels import cpu
+
+if TYPE_CHECKING:
+    from quantchat.sampling.constraints import Constraint
 
 
 # a penalty near 0 divides logits into inf (NaN probabilities); far above 10 it only erases them
@@ -29,6 +33,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # structured output: a JSON schema, regex or grammar to match
 
     def __post_init__(self) -> None:
         self.validate()

@@ -5,6 +5,8 @@ The OpenAI request and response models are in ``quantchat.serving.openai.protoco
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -19,7 +21,8 @@ class GenerateRequest(Limited):
 
     prompt_ids: list[int] | None = None
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None  # role, content; tool_calls, tool_call_id
+    tools: list[dict[str, Any]] | None = None  # OpenAI's tool definitions, rendered into the chat prompt
     add_generation_prompt: bool = True
     max_tokens: int | None = None  # None: up to the end of the context
     temperature: float = 1.0
@@ -33,3 +36,4 @@ class GenerateRequest(Limited):
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's and the k best
     echo: bool = False  # return the prompt's text (and its logprobs when logprobs is set)
+    constraint: dict[str, str] | None = None  # structured output: {kind, spec} (quantchat/sampling/constraints.py)

@@ -17,7 +17,9 @@ from quantchat.engine.generate import Engine
 from quantchat.engine.scheduler import Scheduler
 from quantchat.engine.sequence import SeqEvent, Sequence, TokenLogprob
 from quantchat.errors import BadRequestError, ContextLengthError, QuantchatError
+from quantchat.sampling.constraints import Constraint
 from quantchat.sampling.sampling import SamplingParams
+from quantchat.serving.tools import prepare_messages
 from quantchat.serving.protocol import GenerateRequest
 
 
@@ -45,10 +47,14 @@ class Worker:
         self.scheduler.stop()
 
     # -- preparation ----------------------------------------------------------------------
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt for ``messages`` (with ``tools`` offered: quantchat/serving/tools.py)."""
         try:
+            source = self.tokenizer.resolve_chat_template(self.template)
+            messages, context = prepare_messages(messages, tools, source)
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      template=self.template)
+                                                      template=source, **context)
         except QuantchatError as e:
             raise BadRequestError(str(e), "messages") from None
         return self.tokenizer.encode(text)
@@ -58,7 +64,7 @@ class Worker:
         if sum(given) != 1:
             raise BadRequestError("give exactly one of prompt, prompt token ids or messages")
         if req.messages is not None:
-            return self.render_chat(req.messages, req.add_generation_prompt)
+            return self.render_chat(req.messages, req.add_generation_prompt, req.tools)
         if req.prompt is not None:
             return self.tokenizer.encode(req.prompt)
         ids = list(req.prompt_ids or [])
@@ -88,6 +94,7 @@ class Worker:
                 repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, seed=req.seed, max_new_tokens=max_new,
                 stop=list(req.stop), ignore_eos=req.ignore_eos,
+                constraint=None if req.constraint is None else Constraint.from_dict(req.constraint),
             )
         except QuantchatError as e:
             raise BadRequestError(str(e)) from None

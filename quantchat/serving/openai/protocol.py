@@ -1,14 +1,16 @@
 """OpenAI's wire formats: every request and response model of the API.
 
-Requests ignore unknown fields; the fields we read are validated here, with limits, so bad input is a
-400 before it reaches a worker. Responses are dumped in field order (``model_dump``), as the wire has them.
+Requests ignore unknown fields, except OpenAI's own that quantchat cannot honour (``UNSUPPORTED``): those
+are a 400 naming the field, never silently dropped. The fields we read are validated here, with limits, so
+bad input is a 400 before it reaches a worker. Responses are dumped in field order (``model_dump``), as the wire has them.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from quantchat.errors import BadRequestError
 from quantchat.serving.protocol import GenerateRequest, Limited
@@ -42,8 +44,77 @@ class StreamOptions(Limited):
     include_usage: bool = False
 
 
+# OpenAI request fields quantchat cannot honour, each with the values that mean "not used" (accepted)
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "store": (None, False),
+    "best_of": (None, 1),
+    "service_tier": (None, "auto", "default"),
+    "functions": (None, []),  # the legacy form of tools
+    "function_call": (None, "none", "auto"),
+}
+# read and harmless: OpenAI's bookkeeping fields (quantchat stores nothing, caches prefixes by itself)
+IGNORED = ("metadata", "prompt_cache_key", "safety_identifier", "user")
+
+SCHEMA_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class JsonSchemaFormat(Limited):
+    name: str = Field("response", pattern=SCHEMA_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Limited):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(Limited):
+    name: str = Field(pattern=SCHEMA_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Limited):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Limited):
+    name: str
+
+
+class NamedToolChoice(Limited):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def strict_schema(schema: Any) -> Any:
+    """OpenAI's strict mode on a schema: objects admit no property but theirs unless they say otherwise
+    (the other strict rules, every property required, only restrict what a client may send)."""
+    if isinstance(schema, dict):
+        out = {k: strict_schema(v) for k, v in schema.items()}
+        if out.get("type") == "object" or "properties" in out:
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [strict_schema(v) for v in schema]
+    return schema
+
+
 class SamplingFields(Limited):
     """Fields shared by chat and completions requests."""
+
+    model_config = ConfigDict(extra="allow")  # kept, so ``check_supported`` sees OpenAI's other fields
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -59,6 +130,9 @@ class SamplingFields(Limited):
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False  # extension (benchmarks)
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    regex: str | None = Field(None, max_length=64 * 1024)  # extension: the output matches this pattern
+    grammar: str | None = Field(None, max_length=256 * 1024)  # extension: a Lark or GBNF grammar
 
     _norm_stop = field_validator("stop", mode="before")(_stop_list)
 
@@ -72,6 +146,34 @@ class SamplingFields(Limited):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def check_supported(self) -> None:
+        """A 400 naming the first OpenAI field set to something quantchat cannot honour."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise BadRequestError(f"{name} is not supported by quantchat", name)
+
+    def constraint(self) -> dict[str, str] | None:
+        """The structured-output constraint asked for (response_format, regex or grammar), as the worker
+        protocol carries it; at most one of them."""
+        asked = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", {"kind": "json_object", "spec": ""}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise BadRequestError("response_format json_schema needs json_schema.schema", "response_format")
+            schema = rf.json_schema.schema_
+            if rf.json_schema.strict:
+                schema = strict_schema(schema)
+            asked.append(("response_format", {"kind": "json_schema", "spec": json.dumps(schema)}))
+        if self.regex is not None:
+            asked.append(("regex", {"kind": "regex", "spec": self.regex}))
+        if self.grammar is not None:
+            asked.append(("grammar", {"kind": "grammar", "spec": self.grammar}))
+        if len(asked) > 1:
+            raise BadRequestError(f"give at most one of {', '.join(a for a, _ in asked)}", asked[1][0])
+        return asked[0][1] if asked else None
+
     def generate_request(self, seed_offset: int, **kw: Any) -> GenerateRequest:
         """The worker request for one sequence (its seed is ``seed + seed_offset``)."""
         return GenerateRequest(
@@ -79,14 +181,27 @@ class SamplingFields(Limited):
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + seed_offset, stop=self.stop, ignore_eos=self.ignore_eos,
-            **kw,
+            **{"constraint": self.constraint(), **kw},
         )
+
+
+class FunctionCall(Limited):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(Limited):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(Limited):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result answers this call
 
     def text(self) -> str:
         """The message's text; content parts of type text are joined (images are not supported)."""
@@ -109,6 +224,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -224,9 +342,22 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
-class AssistantMessage(BaseModel):
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class AssistantMessage(OmitNone):
+    omit_none = ("tool_calls",)
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -242,10 +373,25 @@ class ChatCompletionResponse(ResponseHead):
     usage: Usage
 
 
+class FunctionDelta(OmitNone):
+    omit_none = ("name", "arguments")
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(OmitNone):
+    omit_none = ("id", "type")
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class DeltaMessage(OmitNone):
-    omit_none = ("role", "content")
+    omit_none = ("role", "content", "tool_calls")
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

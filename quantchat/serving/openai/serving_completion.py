@@ -71,6 +71,7 @@ class CompletionRenderer:
 
 
 async def create_completion(body: CompletionRequest, request: Request, backend: Backend, metrics: Metrics) -> Response:
+    body.check_supported()
     try:
         prompts = body.prompts()
     except ValueError as e:

@@ -10,7 +10,7 @@
     toggleSettings: $("toggle-settings"), closeSettings: $("close-settings"), scrim: $("scrim"),
     system: $("system"), temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"),
     temperatureValue: $("temperature-value"), topPValue: $("top-p-value"), maxTokensValue: $("max-tokens-value"),
-    contextHint: $("context-hint"), apiKey: $("api-key"), reset: $("reset-settings"),
+    contextHint: $("context-hint"), apiKey: $("api-key"), reset: $("reset-settings"), jsonMode: $("json-mode"),
     scroller: $("scroller"), empty: $("empty"), emptyModel: $("empty-model"), messages: $("messages"),
     notice: $("notice"), composer: $("composer"), prompt: $("prompt"),
     send: $("send"), stop: $("stop"), regenerate: $("regenerate"), clear: $("clear"),
@@ -94,6 +94,8 @@
     }
     el.system.value = store.get("system", DEFAULTS.system);
     el.system.addEventListener("input", () => store.set("system", el.system.value));
+    el.jsonMode.checked = store.get("jsonMode", "") === "1";
+    el.jsonMode.addEventListener("change", () => store.set("jsonMode", el.jsonMode.checked ? "1" : ""));
     el.apiKey.value = store.get("apiKey", "");
     el.apiKey.addEventListener("change", () => {
       const key = el.apiKey.value.trim();
@@ -105,6 +107,8 @@
       for (const s of sliders) { s[0].value = DEFAULTS[s[2]]; showSlider(s); store.set(s[2], s[0].value); }
       el.system.value = DEFAULTS.system;
       store.set("system", "");
+      el.jsonMode.checked = false;
+      store.set("jsonMode", "");
     });
   }
 
@@ -369,6 +373,7 @@
         model, messages, stream: true, stream_options: { include_usage: true },
         temperature: +el.temperature.value, top_p: Math.max(0.01, +el.topP.value), max_tokens: maxTokens,
       };
+      if (el.jsonMode.checked) body.response_format = { type: "json_object" };
       t0 = performance.now();
       const res = await fetch(url("v1/chat/completions"), {
         method: "POST", headers: headers(true), body: JSON.stringify(body), signal: controller.signal,
