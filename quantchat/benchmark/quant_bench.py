@@ -133,7 +133,7 @@ def main() -> None:
         ppl_s = time.perf_counter() - t1
         engine = Engine(model, tok, max_seq_len=1024)
         speed = (decode_speed(engine, prompt, args.new_tokens, args.runs) if not args.no_decode
-                 else {"median": float("nan"), "min": float("nan"), "max": float("nan"), "runs": []})
+                 else {"median": None, "min": None, "max": None, "runs": []})
         wbytes = model_bytes(model)
         bpp = linear_bytes_per_param(model)
         row = {"variant": v, "ppl": res.ppl, "tokens_scored": res.tokens_scored, "ppl_s": ppl_s,
@@ -143,7 +143,8 @@ def main() -> None:
                "quantize_model_runs_s": quant_s, "threads": torch.get_num_threads()}
         rows.append(row)
         runs = f", runs {', '.join(f'{t:.0f}' for t in total_s)} s" if len(total_s) > 1 else ""
-        print(f"{v:>14}: ppl {res.ppl:.3f}  decode {speed['median']:.1f} tok/s  weights {wbytes / 1e6:.1f} MB  "
+        dec = f"{speed['median']:.1f} tok/s" if speed["runs"] else "not timed"
+        print(f"{v:>14}: ppl {res.ppl:.3f}  decode {dec}  weights {wbytes / 1e6:.1f} MB  "
               f"linears {bpp:.3f} B/param  (quantize {qtime:.0f} s incl. loading{runs}; "
               f"ppl pass {res.tokens_scored / ppl_s:.0f} tok/s)", flush=True)
         del engine, model
@@ -154,7 +155,8 @@ def main() -> None:
     for r in rows:
         d = r["decode_tok_s"]
         rel = f"{(r['ppl'] / base - 1) * 100:+.2f}%" if base else "-"
-        lines.append(f"| {r['variant']} | {r['ppl']:.3f} | {rel} | {d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}] "
+        dec = f"{d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}]" if d["runs"] else "-"
+        lines.append(f"| {r['variant']} | {r['ppl']:.3f} | {rel} | {dec} "
                      f"| {r['weight_bytes'] / 1e6:.1f} | {r['linear_bytes_per_param']:.3f} | {r['quantize_s']:.1f} |")
     table = "\n".join(lines)
     print()
