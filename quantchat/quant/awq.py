@@ -44,6 +44,13 @@ Follows mit-han-lab/llm-awq (``auto_scale.py``, ``auto_clip.py``), block by bloc
    16.212 (+11.0 %). q and k rows are not clipped (their errors pass through q k^T, which
    the per-group output error does not see -- llm-awq skips q/k); the v rows of wqkv are.
 
+Speed (``fast``, the default; the reference searches stay beside it, ``fast=False``): the scale
+candidates are scored on ``search_tokens`` (4096) of the calibration tokens, whole windows evenly spread
+(mean |x| still over all of them), and the grid is walked coarse to fine (``coarse_to_fine``: every 4th
+point, then the best's neighbours at 2 and 1; 9 of 20 forwards); the clip error comes from each group's
+Gram matrix (``search_clip(gram=True)``: the reference's value, 16x fewer operations at group 128). On the
+default model one block costs 7.4 s of CPU instead of 54 s (one thread, side by side).
+
 ``awq_model`` edits the float weights in place (step 1) and returns the clip tensors of step 2;
 quantize each linear afterwards with ``rtn.quantize_int4(w, group_size, symmetric, clip=clips[name])``
 (or ``QuantizedLinear.from_float(..., clip=...)``), the same group size and symmetry as the search.
