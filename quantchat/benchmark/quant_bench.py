@@ -8,6 +8,15 @@ bias; int4 pays 0.5 + 4 / group size, plus the zero padding of K = 576 to the gr
 quantization time.
 
     .venv/bin/python -m quantchat.benchmark.quant_bench --threads 2 --ppl-tokens 32768
+
+Quantization speed of the calibrated methods (AWQ, GPTQ; the issue-22 targets): ``--repeats N`` quantizes
+each variant N times and records every time and their median (the machine may be shared: medians, and
+ratios of variants run side by side, are what to compare); ``--no-decode`` skips the decode timing. A
+variant ``awq:128:ref`` runs AWQ's reference search (``awq_model(fast=False)``, every grid point on every
+token: minutes per block) beside the default fast one:
+
+    .venv/bin/python -m quantchat.benchmark.quant_bench --variants awq:128,gptq:128 --calib-samples 32 \
+        --repeats 3 --no-decode --out quantchat-results/quant-speed.json
 """
 
 from __future__ import annotations
@@ -84,6 +93,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=1, help="quantize each variant this many times (median kept)")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode-speed runs")
     ap.add_argument("--out", default=str(Path(RESULTS_DIR) / "quant.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,39 +107,57 @@ def main() -> None:
                                 text=tok.decode(corpus[len(corpus) // 2:]))
     prompt = tok.encode("The history of the printing press begins")
     rows = []
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
     for v in args.variants.split(","):
-        method, _, gs = v.partition(":")
-        t0 = time.perf_counter()
-        model = load_model(src.hf_dir, cpu_layout=method == "float32")
-        qtime = 0.0
-        if method != "float32":
-            spec = QuantSpec.for_method(method, int(gs) if gs else None)
-            with torch.inference_mode():
-                quantize_model(model, spec, calib=calib if method in methods.calibrated_names() else None)
-            qtime = time.perf_counter() - t0
+        method, _, rest = v.partition(":")
+        gs, _, mode = rest.partition(":")
+        if mode not in ("", "ref") or (mode and method != "awq"):
+            raise SystemExit(f"unknown variant {v!r}: a method, ':group size', and ':ref' for AWQ's reference search")
+        opts = {"fast": False} if mode else None
+        total_s, quant_s = [], []
+        for _ in range(args.repeats if method != "float32" else 1):
+            t0 = time.perf_counter()
+            model = load_model(src.hf_dir, cpu_layout=method == "float32")
+            if method != "float32":
+                spec = QuantSpec.for_method(method, int(gs) if gs else None)
+                t1 = time.perf_counter()
+                with torch.inference_mode():
+                    quantize_model(model, spec, calib=calib if method in methods.calibrated_names() else None,
+                                   calib_options=opts)
+                quant_s.append(time.perf_counter() - t1)
+                total_s.append(time.perf_counter() - t0)
+        qtime = statistics.median(total_s) if total_s else 0.0
         t1 = time.perf_counter()
         res = perplexity(model, ppl_ids, window=args.window)
         ppl_s = time.perf_counter() - t1
         engine = Engine(model, tok, max_seq_len=1024)
-        speed = decode_speed(engine, prompt, args.new_tokens, args.runs)
+        speed = (decode_speed(engine, prompt, args.new_tokens, args.runs) if not args.no_decode
+                 else {"median": None, "min": None, "max": None, "runs": []})
         wbytes = model_bytes(model)
         bpp = linear_bytes_per_param(model)
         row = {"variant": v, "ppl": res.ppl, "tokens_scored": res.tokens_scored, "ppl_s": ppl_s,
                "ppl_tokens_per_s": res.tokens_scored / ppl_s, "decode_tok_s": speed,
-               "weight_bytes": wbytes, "linear_bytes_per_param": bpp, "quantize_s": qtime}
+               "weight_bytes": wbytes, "linear_bytes_per_param": bpp, "quantize_s": qtime,
+               "quantize_runs_s": total_s, "quantize_model_s": statistics.median(quant_s) if quant_s else 0.0,
+               "quantize_model_runs_s": quant_s, "threads": torch.get_num_threads()}
         rows.append(row)
-        print(f"{v:>14}: ppl {res.ppl:.3f}  decode {speed['median']:.1f} tok/s  weights {wbytes / 1e6:.1f} MB  "
-              f"linears {bpp:.3f} B/param  (quantize {qtime:.0f} s, ppl pass {res.tokens_scored / ppl_s:.0f} tok/s)",
-              flush=True)
+        runs = f", runs {', '.join(f'{t:.0f}' for t in total_s)} s" if len(total_s) > 1 else ""
+        dec = f"{speed['median']:.1f} tok/s" if speed["runs"] else "not timed"
+        print(f"{v:>14}: ppl {res.ppl:.3f}  decode {dec}  weights {wbytes / 1e6:.1f} MB  "
+              f"linears {bpp:.3f} B/param  (quantize {qtime:.0f} s incl. loading{runs}; "
+              f"ppl pass {res.tokens_scored / ppl_s:.0f} tok/s)", flush=True)
         del engine, model
     base = rows[0]["ppl"] if rows and rows[0]["variant"] == "float32" else None
-    lines = ["| variant | perplexity | vs float32 | decode tok/s (median [min-max]) | weights MB | linears B/param |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | perplexity | vs float32 | decode tok/s (median [min-max]) | weights MB | linears B/param "
+             "| quantize s (median) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r["decode_tok_s"]
         rel = f"{(r['ppl'] / base - 1) * 100:+.2f}%" if base else "-"
-        lines.append(f"| {r['variant']} | {r['ppl']:.3f} | {rel} | {d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}] "
-                     f"| {r['weight_bytes'] / 1e6:.1f} | {r['linear_bytes_per_param']:.3f} |")
+        dec = f"{d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}]" if d["runs"] else "-"
+        lines.append(f"| {r['variant']} | {r['ppl']:.3f} | {rel} | {dec} "
+                     f"| {r['weight_bytes'] / 1e6:.1f} | {r['linear_bytes_per_param']:.3f} | {r['quantize_s']:.1f} |")
     table = "\n".join(lines)
     print()
     print(table)

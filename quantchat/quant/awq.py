@@ -44,6 +44,13 @@ Follows mit-han-lab/llm-awq (``auto_scale.py``, ``auto_clip.py``), block by bloc
    16.212 (+11.0 %). q and k rows are not clipped (their errors pass through q k^T, which
    the per-group output error does not see -- llm-awq skips q/k); the v rows of wqkv are.
 
+Speed (``fast``, the default; the reference searches stay beside it, ``fast=False``): the scale
+candidates are scored on ``search_tokens`` (4096) of the calibration tokens, whole windows evenly spread
+(mean |x| still over all of them), and the grid is walked coarse to fine (``coarse_to_fine``: every 4th
+point, then the best's neighbours at 2 and 1; 9 of 20 forwards); the clip error comes from each group's
+Gram matrix (``search_clip(gram=True)``: the reference's value, 16x fewer operations at group 128). On the
+default model one block costs 7.4 s of CPU instead of 54 s (one thread, side by side).
+
 ``awq_model`` edits the float weights in place (step 1) and returns the clip tensors of step 2;
 quantize each linear afterwards with ``rtn.quantize_int4(w, group_size, symmetric, clip=clips[name])``
 (or ``QuantizedLinear.from_float(..., clip=...)``), the same group size and symmetry as the search.
@@ -78,6 +85,19 @@ def act_scale(x: Tensor) -> Tensor:
 
 # -- scale search -------------------------------------------------------------------------------
 
+def grid_scale(x_mean: Tensor, alpha: float) -> Tensor:
+    """The AWQ candidate ``s = x_mean ** alpha``, normalized by ``sqrt(max(s) * min(s))``."""
+    s = x_mean.pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def _set_fake_quantized_(linears: list[nn.Linear], orig: list[Tensor], s: Tensor, group_size: int,
+                         symmetric: bool) -> None:
+    """Each linear's weight becomes ``Q(W * s) / s`` (RTN int4 of the scaled weight, scale divided out)."""
+    for lin, w in zip(linears, orig):
+        lin.weight.data.copy_(fake_quantize_int4(w.float() * s, group_size, symmetric) / s)
+
+
 @torch.no_grad()
 def search_scale(
     forward: Callable[[Tensor], Tensor], linears: list[nn.Linear], inp: Tensor, group_size: int,
@@ -85,7 +105,9 @@ def search_scale(
 ) -> tuple[Tensor, float, float]:
     """Best AWQ input-channel scale s [K] for ``linears`` (all fed ``inp`` [n, T, K]); ``forward`` maps a
     chunk of ``inp`` to the output the loss is measured on. Returns (s, best MSE, MSE at alpha = 0
-    i.e. plain RTN). The linears' weights are restored before returning."""
+    i.e. plain RTN). The linears' weights are restored before returning.
+
+    The reference search (llm-awq's): every grid point, all tokens. ``search_scale_fast`` is the default."""
     x_mean = act_scale(inp)
     orig = [lin.weight.data.clone() for lin in linears]
     sl_list = list(chunks(inp.shape[0], batch_size))
@@ -94,11 +116,8 @@ def search_scale(
     best, best_s, rtn_loss = float("inf"), torch.ones_like(x_mean), float("nan")
     try:
         for r in range(n_grid):
-            alpha = r / n_grid
-            s = x_mean.pow(alpha).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            for lin, w in zip(linears, orig):
-                lin.weight.data.copy_(fake_quantize_int4(w.float() * s, group_size, symmetric) / s)
+            s = grid_scale(x_mean, r / n_grid)
+            _set_fake_quantized_(linears, orig, s, group_size, symmetric)
             loss = sum(float((forward(inp[sl]).float() - o).pow(2).sum()) for sl, o in zip(sl_list, ref)) / numel
             if r == 0:
                 rtn_loss = loss
@@ -108,6 +127,63 @@ def search_scale(
         for lin, w in zip(linears, orig):
             lin.weight.data.copy_(w)
     return best_s, best, rtn_loss
+
+
+def search_rows(n: int, seq_len: int, search_tokens: int | None) -> Tensor:
+    """Indices of the calibration sequences the fast scale search scores: ``search_tokens // seq_len``
+    of the ``n`` (at least one), evenly spread; all of them when ``search_tokens`` is None."""
+    k = n if search_tokens is None else max(1, min(n, search_tokens // seq_len))
+    return torch.linspace(0, n - 1, k).round().long().unique()
+
+
+def coarse_to_fine(loss: Callable[[int], float], n_grid: int, step: int) -> int:
+    """The grid index in 0..n_grid-1 with the least ``loss`` found by scoring every ``step``-th index,
+    then the neighbours of the best so far at half the distance (rounded up), down to distance 1
+    (``step`` 1: every index). Finds the grid minimum when the loss is unimodal in the index; index 0 is always scored."""
+    seen: dict[int, float] = {}
+
+    def score(i: int) -> float:
+        if i not in seen:
+            seen[i] = loss(i)
+        return seen[i]
+
+    step = max(1, step)
+    best = min(range(0, n_grid, step), key=score)
+    d = step
+    while d > 1:
+        d = (d + 1) // 2  # rounded up: the distances reached add up to at least step - 1
+        best = min((i for i in (best - d, best, best + d) if 0 <= i < n_grid), key=score)
+    return best
+
+
+@torch.no_grad()
+def search_scale_fast(
+    forward: Callable[[Tensor], Tensor], linears: list[nn.Linear], inp: Tensor, group_size: int,
+    symmetric: bool, n_grid: int = 20, batch_size: int = 8, search_tokens: int | None = 4096, step: int = 4,
+) -> tuple[Tensor, float, float]:
+    """``search_scale`` made cheap: the same candidates ``s = x_mean ** alpha`` with x_mean over all of
+    ``inp``, but each scored on the ``search_tokens`` tokens of ``search_rows`` (whole sequences: the
+    attention needs them), and the grid walked ``coarse_to_fine`` (9 of 20 points with step 4) instead of
+    point by point. Same return values (the losses are on the scored tokens); weights restored."""
+    x_mean = act_scale(inp)
+    sub = inp[search_rows(inp.shape[0], inp.shape[1], search_tokens)]
+    orig = [lin.weight.data.clone() for lin in linears]
+    sl_list = list(chunks(sub.shape[0], batch_size))
+    ref = [forward(sub[sl]).float() for sl in sl_list]
+    numel = sum(r.numel() for r in ref)
+    losses: dict[int, float] = {}
+
+    def loss(r: int) -> float:
+        _set_fake_quantized_(linears, orig, grid_scale(x_mean, r / n_grid), group_size, symmetric)
+        losses[r] = sum(float((forward(sub[sl]).float() - o).pow(2).sum()) for sl, o in zip(sl_list, ref)) / numel
+        return losses[r]
+
+    try:
+        best = coarse_to_fine(loss, n_grid, step)
+    finally:
+        for lin, w in zip(linears, orig):
+            lin.weight.data.copy_(w)
+    return grid_scale(x_mean, best / n_grid), losses[best], losses[0]
 
 
 def _scale_columns_(lin: nn.Linear, s: Tensor) -> None:
@@ -127,10 +203,17 @@ def _scale_rows_(lin: nn.Linear, rows: slice, inv: Tensor) -> None:
 def search_clip(
     w: Tensor, x: Tensor, group_size: int, symmetric: bool, n_grid: int = 20, max_shrink: float = 0.5,
     n_sample_token: int = 512, rows: slice | None = None, row_batch: int = 512, rounds: int = 2,
+    gram: bool = True,
 ) -> Tensor:
     """Per-group clip for w [N, K] given inputs x [..., K], in ``rtn.quantize_int4``'s ``clip`` semantics:
     symmetric [N, G] (max magnitudes), asymmetric [N, G, 2] (min and max shrink factors, ``rounds`` of
-    coordinate descent). Rows outside ``rows`` (default: all) get the no-clip value."""
+    coordinate descent). Rows outside ``rows`` (default: all) get the no-clip value.
+
+    The error of a candidate is the mean over the sampled tokens of (sum_k x_k dw_k)^2 per row and group,
+    dw = Q(w) - w. ``gram`` (default) computes it as dw^T H_g dw / t with each group's Gram matrix
+    H_g = X_g^T X_g [gs, gs] formed once: N K gs operations per candidate instead of t N K (16x fewer for
+    2048 tokens at group 128), the same value up to float rounding; ``gram=False`` is the reference
+    (llm-awq's), the partial outputs themselves."""
     N, K = w.shape
     gs = group_size
     Kp = rtn.padded_in_features(K, gs)
@@ -145,11 +228,19 @@ def search_clip(
     for r0 in range(todo.start, todo.stop, row_batch):
         r1 = min(todo.stop, r0 + row_batch)
         wb = wf[r0:r1]
-        ref = torch.einsum("tgk,ngk->ntg", xs, wb.view(-1, G, gs))
+        if gram:
+            if r0 == todo.start:
+                hg = torch.bmm(xs.transpose(0, 1).transpose(1, 2), xs.transpose(0, 1)) / xs.shape[0]  # [G, gs, gs]
 
-        def error(c: Tensor) -> Tensor:
-            wq = fake_quantize_int4(wb, gs, symmetric, c)
-            return (torch.einsum("tgk,ngk->ntg", xs, wq.view(-1, G, gs)) - ref).pow(2).mean(1)
+            def error(c: Tensor) -> Tensor:
+                dw = (fake_quantize_int4(wb, gs, symmetric, c) - wb).view(-1, G, gs).transpose(0, 1)  # [G, n, gs]
+                return (torch.bmm(dw, hg) * dw).sum(-1).t()
+        else:
+            ref = torch.einsum("tgk,ngk->ntg", xs, wb.view(-1, G, gs))
+
+            def error(c: Tensor) -> Tensor:
+                wq = fake_quantize_int4(wb, gs, symmetric, c)
+                return (torch.einsum("tgk,ngk->ntg", xs, wq.view(-1, G, gs)) - ref).pow(2).mean(1)
 
         best = clip[r0:r1].clone()
         best_err = error(best)
@@ -253,7 +344,7 @@ def awq_model(
     model: nn.Module, calib: Tensor, group_size: int = 128, symmetric: bool = True, n_grid: int = 20,
     progress: Progress = None, *, max_tokens: int | None = None, batch_size: int = 8, clip: bool = True,
     max_shrink: float = 0.5, n_sample_token: int = 2048, stats: dict[str, tuple[float, float]] | None = None,
-    clip_grid: int = 20,
+    clip_grid: int = 20, fast: bool = True, search_tokens: int | None = 4096, grid_step: int = 4,
 ) -> dict[str, Tensor]:
     """AWQ scale search (folded into the model's float weights, in place) and clip search on ``calib`` [n, T].
 
@@ -265,6 +356,10 @@ def awq_model(
     first linear); ``max_tokens`` caps the calibration tokens; ``n_grid`` steps the scale search,
     ``clip_grid`` the clip search. Memory: the inputs of the four linears of one block are kept (for
     128 x 512 tokens of a dim-576 model, about 0.9 GB in float32).
+
+    ``fast`` (default): ``search_scale_fast`` (the scale losses on ``search_tokens`` tokens, the grid
+    walked coarse to fine from every ``grid_step``-th point) and the Gram-matrix clip error;
+    ``fast=False`` runs the reference searches (every grid point on every token, partial outputs).
     """
     calib = limit_tokens(calib, max_tokens)
     ctx = block_context(model, calib.shape[1])
@@ -285,7 +380,11 @@ def awq_model(
         for g in groups:
             key = g.linears[0]
             lins = [layer.get_submodule(nm) for nm in g.linears]
-            s, best, base = search_scale(g.forward, lins, feats[key], group_size, symmetric, n_grid, batch_size)
+            if fast:
+                s, best, base = search_scale_fast(g.forward, lins, feats[key], group_size, symmetric, n_grid,
+                                                  batch_size, search_tokens, grid_step)
+            else:
+                s, best, base = search_scale(g.forward, lins, feats[key], group_size, symmetric, n_grid, batch_size)
             if stats is not None:
                 stats[f"layers.{li}.{key}"] = (best, base)
             feats[key].div_(s.to(feats[key].dtype))  # the linears' input after folding
@@ -299,7 +398,7 @@ def awq_model(
                 rows = v_rows if key == "attention.wqkv" else None
                 clips[f"layers.{li}.{key}"] = search_clip(
                     layer.get_submodule(key).weight, feats[key], group_size, symmetric, clip_grid, max_shrink,
-                    n_sample_token, rows)
+                    n_sample_token, rows, gram=fast)
         feats.clear()  # free this block's inputs before the next block's
         if progress:
             progress(li + 1, n_layers)

@@ -109,3 +109,41 @@ def run_block_(layer: nn.Module, x: Tensor, ctx: Context, batch_size: int = 8) -
     for sl in chunks(x.shape[0], batch_size):
         x[sl] = block_forward(layer, x[sl], ctx)
     return x
+
+
+class _AllCaptured(Exception):
+    """Raised by ``feed_linear_inputs``'s hooks once every watched module has seen this chunk's input."""
+
+
+@torch.no_grad()
+def feed_linear_inputs(
+    layer: nn.Module, x: Tensor, ctx: Context, modules: dict[str, nn.Module],
+    take: Callable[[str, Tensor], None], batch_size: int = 8,
+) -> None:
+    """Run the block on x [n, T, dim], ``batch_size`` sequences at a time, calling ``take(name, input)``
+    with the input of each module in ``modules`` (forward pre-hooks). The block's output is not needed,
+    so each chunk's forward stops as soon as the last watched module has its input: the work after it
+    (for the four block linears: the w2 matmul, the residual, a post-norm) is skipped."""
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def pre(_m: nn.Module, inp: tuple[Tensor, ...]) -> None:
+            take(name, inp[0])
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _AllCaptured
+        return pre
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        for sl in chunks(x.shape[0], batch_size):
+            seen.clear()
+            try:
+                block_forward(layer, x[sl], ctx)
+            except _AllCaptured:
+                pass
+            if len(seen) != len(modules):
+                raise RuntimeError(f"the block never called {sorted(set(modules) - seen)}")
+    finally:
+        for h in hooks:
+            h.remove()

@@ -32,9 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from quantchat.quant import rtn
-from quantchat.quant.calibration import (
-    Progress, block_context, block_forward, chunks, embed, limit_tokens, run_block_,
-)
+from quantchat.quant.calibration import Progress, block_context, embed, feed_linear_inputs, limit_tokens, run_block_
 
 
 
@@ -110,61 +108,83 @@ ColumnQuantizer = Callable[[int, Tensor, int], tuple[Tensor, Tensor]]
 def _gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quant: ColumnQuantizer) -> Tensor:
     """The GPTQ sweep over the columns of W (updated in place). ``quant(j, W1, i)`` rounds column i of
     the current block W1 (global column j) and returns (dequantized column, codes column).
-    Returns the codes [N, K] (float)."""
+    Returns the codes [N, K] (float).
+
+    The block is worked on transposed (``W1t`` [B, N]: a column is a contiguous row) and the rank-1 update
+    of the block's later columns is one ``addr_``; the lazy batch update of the columns after the block
+    is one matmul, as the reference."""
     N, K = W.shape
     codes = torch.zeros_like(W)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1t = W[:, i1:i2].t().contiguous()
+        Err1t = torch.empty_like(W1t)
+        Q1t = torch.empty_like(W1t)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        view = _Columns(W1t)
         for i in range(i2 - i1):
-            w = W1[:, i].clone()
-            q, c = quant(i1 + i, W1, i)
-            codes[:, i1 + i] = c
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            q, c = quant(i1 + i, view, i)
+            Q1t[i] = c
+            err = Err1t[i]
+            torch.sub(W1t[i], q, out=err).div_(Hinv1[i, i])
+            W1t[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+        codes[:, i1:i2] = Q1t.t()
+        W[:, i2:] -= Err1t.t() @ Hinv[i1:i2, i2:]
     return codes
+
+
+class _Columns:
+    """``W1[:, i]`` / ``W1[:, i:j]`` of a block held transposed (``W1t`` [B, N]), for the column quantizers."""
+
+    def __init__(self, w1t: Tensor) -> None:
+        self.t = w1t
+
+    def __getitem__(self, idx: tuple[slice, int | slice]) -> Tensor:
+        _, col = idx
+        return self.t[col] if isinstance(col, int) else self.t[col].t().contiguous()
 
 
 def _round_column(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
     """rtn's rounding of one column with per-row scale/zero: (dequantized, codes)."""
-    c = (torch.round(w / scale) + zero).clamp(qmin, qmax)  # integer zero points (as the reference)
-    return (c - zero) * scale, c
+    c = torch.div(w, scale).round_().add_(zero).clamp_(qmin, qmax)  # integer zero points (as the reference)
+    return (c - zero).mul_(scale), c
 
 
 CLIP_GRID = torch.linspace(1.0, 0.7, 16).tolist()  # shrink factors tried by the group clipping search
 
 
-def group_params(wg: Tensor, symmetric: bool, hdiag: Tensor | None, clip_search: bool) -> tuple[Tensor, Tensor]:
-    """Scale and zero point [N] for one group of weights wg [N, gs] (integer zero points).
+def group_params(wg: Tensor, symmetric: bool, hdiag: Tensor | None, clip_search: bool,
+                 group_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Scale and zero point for groups of weights wg [N, m * gs] (integer zero points): [N] for one group
+    (``group_size`` None: the whole width is one group), [N, m] for m groups of ``group_size``.
 
     With ``clip_search`` the group's range is shrunk by each factor of ``CLIP_GRID`` and, per row, the one
-    with the least rounding error weighted by the Hessian diagonal ``hdiag`` [gs] (the inputs' mean
+    with the least rounding error weighted by the Hessian diagonal ``hdiag`` [m * gs] (the inputs' mean
     square: errors on busy inputs cost more) is kept — the "mse" option of the GPTQ reference quantizer,
     made activation-aware as llama.cpp's importance-matrix quantization."""
-    gs = wg.shape[1]
+    one = group_size is None
+    gs = wg.shape[1] if one else group_size
+    N, k = wg.shape
+    G = k // gs
     if not clip_search:
         _, s, z = rtn.quantize_int4(wg, gs, symmetric, integer_zero=True)
-        return s[:, 0], z[:, 0].float()
-    weight = hdiag if hdiag is not None else torch.ones(gs, device=wg.device)
-    amax = wg.abs().amax(dim=1, keepdim=True)
+        return (s[:, 0], z[:, 0].float()) if one else (s, z.float())
+    weight = (hdiag if hdiag is not None else torch.ones(k, device=wg.device)).view(1, G, gs)
+    amax = wg.view(N, G, gs).abs().amax(dim=-1)
     best_err = best_s = best_z = None
     for p in CLIP_GRID:
         clip = amax * p if symmetric else torch.full_like(amax, p)
         q, s, z = rtn.quantize_int4(wg, gs, symmetric, clip=clip, integer_zero=True)
-        deq = (q.float() - z) * s
-        err = ((deq - wg) ** 2 * weight).sum(dim=1)
+        deq = (q.float().view(N, G, gs) - z[..., None]) * s[..., None]
+        err = ((deq - wg.view(N, G, gs)) ** 2 * weight).sum(dim=-1)
         if best_err is None:
-            best_err, best_s, best_z = err, s[:, 0].clone(), z[:, 0].float().clone()
+            best_err, best_s, best_z = err, s, z.float()
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s[:, 0], best_s)
-            best_z = torch.where(better, z[:, 0].float(), best_z)
-    return best_s, best_z
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z.float(), best_z)
+    return (best_s[:, 0], best_z[:, 0]) if one else (best_s, best_z)
 
 
 def gptq_quantize(
@@ -190,15 +210,13 @@ def gptq_quantize(
         Worig[:, perm] = W
         hd_orig = torch.empty_like(hdiag)
         hd_orig[perm] = hdiag
-        for g in range(Kp // gs):
-            cols = slice(g * gs, (g + 1) * gs)
-            scales[:, g], zeros[:, g] = group_params(Worig[:, cols], symmetric, hd_orig[cols], clip_search)
+        scales[:], zeros[:] = group_params(Worig, symmetric, hd_orig, clip_search, gs)  # all groups at once
         s = scales
-        col_s = s.repeat_interleave(gs, dim=1)[:, perm]
-        col_z = zeros.repeat_interleave(gs, dim=1)[:, perm]
+        col_s = s.repeat_interleave(gs, dim=1)[:, perm].t().contiguous()  # [Kp, N]: column j is a row
+        col_z = zeros.repeat_interleave(gs, dim=1)[:, perm].t().contiguous()
 
         def quant(j: int, W1: Tensor, i: int) -> tuple[Tensor, Tensor]:
-            return _round_column(W1[:, i], col_s[:, j], col_z[:, j], qmin, 15)
+            return _round_column(W1[:, i], col_s[j], col_z[j], qmin, 15)
     else:
         block_size = max(gs, block_size // gs * gs)  # groups never straddle a block
         cur: list[Tensor] = []
@@ -288,14 +306,7 @@ def gptq_model(
         for names in steps:
             mods = {n: layer.get_submodule(n) for n in names}
             accs = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
-            hooks = [m.register_forward_hook(lambda _m, inp, _out, a=accs[n]: a.add(inp[0]))
-                     for n, m in mods.items()]
-            try:
-                for sl in chunks(x.shape[0], batch_size):
-                    block_forward(layer, x[sl], ctx)
-            finally:
-                for h in hooks:
-                    h.remove()
+            feed_linear_inputs(layer, x, ctx, mods, lambda n, inp: accs[n].add(inp), batch_size)
             for n, m in mods.items():
                 H = accs.pop(n).result()
                 result[f"layers.{li}.{n}"] = _quantize_linear(

@@ -150,12 +150,14 @@ def stage_progress() -> Callable[[str, int, int], None]:
 
 def quantize_model(
     model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, keep_codes: bool = False,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None, calib_options: dict | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """Quantize ``model`` in place; returns the portable codes of every swapped module (for saving).
 
     ``progress(stage, done, total)`` (e.g. ``stage_progress()``) follows the calibration blocks
-    (stage "awq search" or "gptq") and the packing of the modules ("packing")."""
+    (stage "awq search" or "gptq") and the packing of the modules ("packing"). ``calib_options``: extra
+    keyword arguments of ``awq_model`` / ``gptq_model`` (e.g. ``{"fast": False}``: AWQ's reference search)."""
+    opts = dict(calib_options or {})
     act_dtype = model.dtype
     names = linear_names(model)
     clips: dict[str, Tensor] = {}
@@ -164,11 +166,12 @@ def quantize_model(
         raise QuantchatError(f"{spec.method} needs calibration data")
     if spec.method == "awq":
         clips = awq_model(model, calib, spec.group_size, spec.symmetric,
-                          progress=(lambda i, n: progress(CALIBRATION_STAGES["awq"], i, n)) if progress else None)
+                          progress=(lambda i, n: progress(CALIBRATION_STAGES["awq"], i, n)) if progress else None,
+                          **opts)
     elif spec.method == "gptq":
         gptq_codes = gptq_model(model, calib, spec.group_size, spec.symmetric, act_order=True,
                                 progress=(lambda i, n: progress(CALIBRATION_STAGES["gptq"], i, n)) if progress
-                                else None)
+                                else None, **opts)
     all_codes: dict[str, dict[str, Tensor]] = {}
     if progress:
         progress(PACKING_STAGE, 0, len(names) + 1)
