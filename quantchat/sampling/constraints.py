@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -125,16 +126,16 @@ class Matcher:
         return self.ll.get_error()
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
-def unpack(words: Tensor, vocab_size: int) -> Tensor:
-    """Bitmasks [B, W] int32 (bit j of word i: token 32 i + j) as bool [B, vocab_size]; tokens past the
-    mask (a model vocabulary padded beyond the tokenizer's) are refused."""
-    bits = ((words[:, :, None] >> _BITS) & 1).bool().reshape(words.shape[0], -1)
+def unpack(words: np.ndarray, vocab_size: int) -> Tensor:
+    """Bitmasks [B, W] uint32 (bit j of word i: token 32 i + j) as bool [B, vocab_size]; tokens past the
+    mask (a model vocabulary padded beyond the tokenizer's) are False. (numpy's unpackbits on the words'
+    little-endian bytes: one C loop, 3x the speed of shifting in torch.)"""
+    words = np.ascontiguousarray(words, dtype="<u4")
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").view(bool)
     if bits.shape[1] >= vocab_size:
-        return bits[:, :vocab_size]
-    return torch.cat([bits, bits.new_zeros(bits.shape[0], vocab_size - bits.shape[1])], dim=1)
+        return torch.from_numpy(bits[:, :vocab_size])
+    return torch.from_numpy(np.concatenate([bits, np.zeros((bits.shape[0], vocab_size - bits.shape[1]), bool)],
+                                           axis=1))
 
 
 class ConstraintCompiler:
@@ -188,36 +189,55 @@ class ConstraintCompiler:
                        self.eos)
 
 
+def _masks(matchers: list[Matcher], vocab_size: int) -> np.ndarray:
+    """Each matcher's allowed next tokens as uint32 bitmask words [len(matchers), W] (bit j of word i:
+    token 32 i + j), computed one after the other on this thread; the end-of-sequence tokens cleared where
+    its grammar does not accept, and the bits of tokens past ``vocab_size`` cleared (so a row of zeros is
+    exactly a dead end)."""
+    words = np.empty((len(matchers), matchers[0].words), dtype=np.uint32)
+    for i, m in enumerate(matchers):
+        m.ll.unsafe_compute_mask_ptr(words[i].ctypes.data, words.shape[1] * 4)
+        if not m.ll.is_accepting():
+            for e in m.eos:
+                words[i, e >> 5] &= np.uint32(0xFFFFFFFF ^ (1 << (e & 31)))
+    full, rest = divmod(vocab_size, 32)
+    if full < words.shape[1]:
+        if rest:
+            words[:, full] &= np.uint32((1 << rest) - 1)
+        words[:, full + (1 if rest else 0):] = 0
+    return words
+
+
 def allowed_rows(matchers: list[Matcher], vocab_size: int) -> Tensor:
     """Each matcher's allowed next tokens, bool [len(matchers), vocab_size]; the end-of-sequence tokens
     only where its grammar accepts."""
-    words = torch.empty(len(matchers), matchers[0].words, dtype=torch.int32)
-    for i, m in enumerate(matchers):
-        m.ll.unsafe_compute_mask_ptr(words[i].data_ptr(), words.shape[1] * 4)
-    allowed = unpack(words, vocab_size)
-    for i, m in enumerate(matchers):
-        if not m.ll.is_accepting():
-            allowed[i, m.eos] = False
-    return allowed
+    return unpack(_masks(matchers, vocab_size), vocab_size)
 
 
 def apply_masks(logits: Tensor, rows: list[int], matchers: list[Matcher]) -> list[int]:
     """Set the logits [B, V] of tokens each matcher refuses to -inf, in place (row ``rows[i]`` by
     ``matchers[i]``); a matcher whose row allows nothing is marked ``dead``. The bitmasks are computed
     into one buffer, one after the other on this thread (llguidance's parallel LLExecutor waits for its
-    thread pool to wake: 20x slower than this on a busy 2-core machine, 9 ms vs 0.4 ms for 8 rows), then
-    unpacked and applied in one masked fill. Returns the dead rows (left unmasked: nothing may be
-    sampled from them)."""
+    thread pool to wake: 20x slower than this on a busy 2-core machine, 9 ms vs 0.4 ms for 8 rows), dead
+    ends found on the words, then the refused tokens (the inverted words, unpacked) filled in one pass.
+    Returns the dead rows (left unmasked: nothing may be sampled from them)."""
     if not rows:
         return []
-    allowed = allowed_rows(matchers, logits.shape[-1]).to(logits.device)
-    dead = torch.nonzero(~allowed.any(dim=1)).flatten().tolist()
+    V = logits.shape[-1]
+    words = _masks(matchers, V)
+    dead = np.flatnonzero(~words.any(axis=1)).tolist()
     for i in dead:
         matchers[i].dead = True
-        allowed[i] = True
+        words[i] = 0xFFFFFFFF  # all allowed
+    refused = unpack(~words, V)  # bits past the mask's width come out False: those tokens stay (as before)
+    if words.shape[1] * 32 < V:
+        refused[:, words.shape[1] * 32:] = True
+    refused = refused.to(logits.device)
+    if dead:
+        refused[dead] = False
     if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
-        logits.masked_fill_(~allowed, float("-inf"))
+        logits.masked_fill_(refused, float("-inf"))
     else:
         idx = torch.tensor(rows, device=logits.device)
-        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        logits[idx] = logits[idx].masked_fill(refused, float("-inf"))
     return [rows[i] for i in dead]
