@@ -41,26 +41,33 @@ def sample_plan(n_layer: int = 2):
             if kind == defs.LINEAR:
                 out[name] = {k: f"{prefix}{name}.{k}" for k in defs.LINEAR_TENSORS}
                 out[name] |= {k: next(counter) for k in defs.LINEAR_META}
+            elif kind == defs.NUMBER:
+                out[name] = next(counter)
             else:
                 out[name] = f"{prefix}{name}"
         return out
 
     meta = {k: next(counter) for k in defs.PLAN_META}
-    return meta, [fields(f"L{i}.", defs.LAYER) for i in range(n_layer)], fields("F.", defs.FINAL)
+    floats = {k: float(next(counter)) for k in defs.PLAN_FLOATS}
+    return meta, floats, [fields(f"L{i}.", defs.LAYER) for i in range(n_layer)], fields("F.", defs.FINAL)
 
 
 def test_the_header_indices_find_what_plan_lists_put_there():
     """What C++ reads at kLayerWo + kLinBias (and so on) is what Python put under that name."""
     c = header_constants()
-    plan_meta, layers, final = sample_plan()
-    meta, tensors = defs.plan_lists(plan_meta, layers, final)
+    plan_meta, floats, layers, final = sample_plan()
+    meta, float_list, tensors = defs.plan_lists(plan_meta, floats, layers, final)
     n = len(layers)
+    assert float_list[c["kFloatsAttnScale"]] == floats["attn_scale"] and len(float_list) == c["kPlanFloats"]
     assert len(tensors) == c["kLayerTensors"] * n + c["kFinalTensors"]
     assert len(meta) == c["kPlanMeta"] + c["kLayerMeta"] * n + c["kFinalMeta"]
     assert meta[c["kMetaHeadDim"]] == plan_meta["head_dim"] and meta[c["kMetaNLayer"]] == plan_meta["n_layer"]
     for i, layer in enumerate(layers):
         ti, mi = c["kLayerTensors"] * i, c["kPlanMeta"] + c["kLayerMeta"] * i
         for name, kind in defs.LAYER:
+            if kind == defs.NUMBER:
+                assert meta[mi + c[f"kLayerMeta{defs._camel(name)}"]] == layer[name]
+                continue
             at = ti + c[f"kLayer{defs._camel(name)}"]
             if kind == defs.TENSOR:
                 assert tensors[at] == f"L{i}.{name}"
@@ -77,13 +84,13 @@ def test_the_header_indices_find_what_plan_lists_put_there():
 
 @pytest.mark.parametrize("where", ["meta", "layer", "linear", "final"])
 def test_a_missing_or_unknown_field_is_named(where):
-    plan_meta, layers, final = sample_plan()
+    plan_meta, floats, layers, final = sample_plan()
     if where == "meta":
         del plan_meta["head_dim"]
         want = "head_dim"
     elif where == "layer":
-        layers[1]["q_norm"] = "x"
-        want = "layer 1: missing nothing, unknown \\['q_norm'\\]"
+        layers[1]["extra_norm"] = "x"
+        want = "layer 1: missing nothing, unknown \\['extra_norm'\\]"
     elif where == "linear":
         del layers[0]["wo"]["bias"]
         want = "layer 0 wo: missing \\['bias'\\]"
@@ -91,7 +98,7 @@ def test_a_missing_or_unknown_field_is_named(where):
         del final["rope_cos"]
         want = "final: missing \\['rope_cos'\\]"
     with pytest.raises(defs.PlanMismatch, match=want):
-        defs.plan_lists(plan_meta, layers, final)
+        defs.plan_lists(plan_meta, floats, layers, final)
 
 
 def test_the_generated_header_is_part_of_the_cache_key(monkeypatch):
