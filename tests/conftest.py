@@ -33,3 +33,12 @@ def home(tmp_path, monkeypatch):
     h = tmp_path / "home"
     monkeypatch.setenv("QUANTCHAT_HOME", str(h))
     return h
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (many small ops: no OpenMP spin contention on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

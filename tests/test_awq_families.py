@@ -13,27 +13,11 @@ from quantchat.loading.hf_loader import load_model
 from quantchat.quant import awq, calibration
 from quantchat.quant.quantize import QuantSpec, quantize_model
 from test_families import CASES, VOCAB, _ref_logits, build
+from tiny_models import with_outliers
 
 GS = 32
 OUTLIER_CHANNELS = [3, 17, 40]
-
-
-def with_outliers(model):
-    """Input norms x20 on a few channels: activation outliers, so the scale search picks real scales."""
-    with torch.no_grad():
-        for layer in model.layers:
-            for name in ("attention_norm", "ffn_norm"):
-                if hasattr(layer, name):
-                    getattr(layer, name).weight[OUTLIER_CHANNELS] *= 20
-    return model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(seed: int = 6) -> torch.Tensor:
@@ -47,7 +31,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_awq_scaling_preserves_every_block(tmp_path, case):
     build(tmp_path, case)
-    model = with_outliers(load_model(tmp_path, cpu_layout=False))
+    model = with_outliers(load_model(tmp_path, cpu_layout=False), OUTLIER_CHANNELS)
     scaled = copy.deepcopy(model)
     stats: dict = {}
     assert awq.awq_model(scaled, _calib(), GS, False, clip=False, stats=stats) == {}
@@ -104,7 +88,7 @@ def test_report_undoes_the_awq_basis_on_every_family(tmp_path, case):
     from quantchat.quant.quantize import linear_names, set_module
 
     build(tmp_path, case)
-    ref = with_outliers(load_model(tmp_path, cpu_layout=False))
+    ref = with_outliers(load_model(tmp_path, cpu_layout=False), OUTLIER_CHANNELS)
     q = copy.deepcopy(ref)
     awq.awq_model(q, _calib(), GS, False, n_grid=10, clip=False)
     for name in linear_names(q) + ["output"]:

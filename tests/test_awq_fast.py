@@ -12,18 +12,13 @@ import torch
 
 from quantchat.loading.hf_loader import load_model
 from quantchat.quant import awq, calibration, gptq
-from tiny_models import make_tiny_llama
+from tiny_models import make_tiny_llama, with_outliers
+from tiny_models import random_tokens as tokens
 
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
-OUTLIERS = [3, 17, 40, 51]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +26,7 @@ def outlier_model(tmp_path_factory):
     """A 2-layer tiny LLaMA (full attention) whose input norms have a few x20 channels: activation outliers."""
     path = tmp_path_factory.mktemp("tiny_fast")
     make_tiny_llama(path, n_kv_head=4, seed=11)
-    model = load_model(path, cpu_layout=False)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.attention_norm.weight[OUTLIERS] *= 20
-            layer.ffn_norm.weight[OUTLIERS] *= 20
-    return model
-
-
-def tokens(n: int, t: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+    return with_outliers(load_model(path, cpu_layout=False))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

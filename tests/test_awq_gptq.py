@@ -11,18 +11,13 @@ from quantchat.errors import QuantchatError
 from quantchat.loading.hf_loader import load_model
 from quantchat.quant import awq, calibration, gptq, rtn
 from quantchat.quant.linear import QuantizedLinear
-from tiny_models import make_tiny_llama
+from tiny_models import make_tiny_llama, with_outliers
+from tiny_models import random_tokens as tokens
 
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These are many small ops: one thread avoids OpenMP spin contention on busy machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ByteTokenizer:
@@ -213,9 +208,6 @@ def test_gptq_int8_and_dead_columns():
 
 # -- tiny models --------------------------------------------------------------------------------
 
-OUTLIER_CHANNELS = [3, 17, 40, 51]
-
-
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     """A 2-layer tiny LLaMA with full attention (n_kv_head == n_head) and one with GQA."""
@@ -226,17 +218,7 @@ def tiny_dirs(tmp_path_factory):
 
 
 def load_with_outliers(path) -> torch.nn.Module:
-    """A few norm channels x20: each block linear's input has a few huge channels (as in real LLMs)."""
-    model = load_model(path, cpu_layout=False)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.attention_norm.weight[OUTLIER_CHANNELS] *= 20
-            layer.ffn_norm.weight[OUTLIER_CHANNELS] *= 20
-    return model
-
-
-def tokens(n: int, t: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+    return with_outliers(load_model(path, cpu_layout=False))
 
 
 def fake_quantized(model, group_size: int, sym: bool, clips: dict | None = None):

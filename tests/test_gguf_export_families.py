@@ -36,22 +36,22 @@ def rel_mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a.astype(np.float64) - b) ** 2).sum() / (b.astype(np.float64) ** 2).sum())
 
 
-def seq(path) -> list[int]:
-    """12 random token ids (past the first few specials) of the model's vocabulary."""
-    n_vocab = load_model(resolve_model(str(path)).hf_dir).config.vocab_size
+def seq(n_vocab: int) -> list[int]:
+    """12 random token ids (past the first few specials) of a vocabulary of ``n_vocab``."""
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, n_vocab, (12,), generator=g).tolist()
 
 
-def quantchat_logits(path) -> np.ndarray:
+def quantchat_logits(path) -> tuple[np.ndarray, list[int]]:
+    """quantchat's logits for ``seq`` of the model's vocabulary, and those ids."""
     model = load_model(resolve_model(str(path)).hf_dir)
+    ids = seq(model.config.vocab_size)
     with torch.no_grad():
-        return model(torch.tensor([seq(path)]))[0].numpy()
+        return model(torch.tensor([ids]))[0].numpy(), ids
 
 
-def llama_cpp_logits(path) -> np.ndarray:
+def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
     llama_cpp = pytest.importorskip("llama_cpp")
-    ids = seq(path)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     try:
         llm.eval(ids)
@@ -70,10 +70,10 @@ def test_export_runs_in_quantchat_and_llama_cpp(tmp_path, case):
     assert g.architecture == arch
     model = load_model(resolve_model(str(src)).hf_dir)
     assert n_gguf_tensors(model) == len(list(gguf_tensors(model))) == len(g.tensor_names)
-    want = quantchat_logits(src)
-    ours = quantchat_logits(res.path)
+    want, _ = quantchat_logits(src)
+    ours, ids = quantchat_logits(res.path)
     assert rel_mse(ours, want) < 1e-3  # Q8_0's rounding of the linears
-    theirs = llama_cpp_logits(res.path)
+    theirs = llama_cpp_logits(res.path, ids)
     assert rel_mse(theirs, ours) < 1e-3, case  # llama.cpp also rounds the activations to 8 bits
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
 
@@ -101,8 +101,8 @@ def test_gemma3_export_runs_in_quantchat_and_llama_cpp(tmp_path, pattern):
     b = load_model(resolve_model(str(res.path)).hf_dir).config
     for field in ("sliding_layers", "sliding_window", "rope_local_theta", "final_softcap", "head_dim"):
         assert getattr(a, field) == getattr(b, field), field
-    ours = quantchat_logits(res.path)
-    assert rel_mse(ours, quantchat_logits(src)) < 1e-3
-    theirs = llama_cpp_logits(res.path)
+    ours, ids = quantchat_logits(res.path)
+    assert rel_mse(ours, quantchat_logits(src)[0]) < 1e-3
+    theirs = llama_cpp_logits(res.path, ids)
     assert rel_mse(theirs, ours) < 1e-3
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as Q
 
 from quantchat.errors import ModelLoadError
 from quantchat.loading.gguf_io import GGUF_ARCHITECTURES, convert_gguf_to_hf, hf_config_from_gguf, read_gguf
-from test_gguf import MERGES, SPECIALS, TOKENS, VOCAB, assert_one_line
+from test_gguf import VOCAB, add_tiny_tokenizer, assert_one_line
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -149,14 +149,7 @@ def write_gguf(path: Path, arch: str, model, qtype: Q = Q.F32, extra_kv=None) ->
         w.add_layer_norm_eps(cfg.layer_norm_epsilon)
     for key, value in (extra_kv or {}).items():
         w.add_float32(key, value)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(TOKENS)
-    w.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (VOCAB - len(SPECIALS)))
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    add_tiny_tokenizer(w)
     for name, arr in llama_cpp_tensors(arch, model).items():
         t = qtype if arr.ndim == 2 and qtype != Q.F32 else Q.F32
         w.add_tensor(name, gguf.quants.quantize(arr, t), raw_dtype=t)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from quantchat.benchmark.serving import stop
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ("import json; from quantchat.kernels import cpu; ok = cpu.available(); "
          "print(json.dumps([ok, cpu.unavailable_reason(), cpu.build_info()]))")
@@ -176,13 +178,7 @@ def test_image_rootfs_end_to_end_chroot(tmp_path):
             assert r.json()["choices"][0]["message"]["content"].strip()
             assert list(home.iterdir()), "the default model is converted into QUANTCHAT_HOME"
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(procs)
     finally:
         for dst in reversed(mounts):
             subprocess.run(["umount", str(dst)], capture_output=True)

@@ -832,6 +832,30 @@ def test_serve_refuses_bad_batching_options_before_starting(flags, capsys):
     assert "--cache-slots >= 0" in capsys.readouterr().err
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 90, **httpx_kw) -> None:
+    """Until ``url``/health answers 200 (the process must stay alive; its output is the failure message)."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if httpx.get(url + "/health", timeout=2, **httpx_kw).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
+def terminate_output(proc: subprocess.Popen) -> str:
+    """Stop the process (killed after 20 s) and return everything it printed."""
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=20)[0].decode()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0].decode()
+
+
 def test_serve_command_subprocess(tiny_dir, tmp_path):
     """`quantchat serve` as a user runs it: prints the URL, /health turns 200, answers with the key."""
     port = free_port()
@@ -843,28 +867,14 @@ def test_serve_command_subprocess(tiny_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.2)
+        wait_healthy(proc, url)
         c = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
         name = f"{tiny_dir.name}-int8"  # the folder's name plus the load-time quantization
         assert c.models.list().data[0].id == name
         r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
         assert r.choices[0].finish_reason in ("length", "stop")
     finally:
-        proc.terminate()
-        try:
-            out = proc.communicate(timeout=20)[0].decode()
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out = proc.communicate()[0].decode()
+        out = terminate_output(proc)
     assert f"http://127.0.0.1:{port}/" in out
 
 
@@ -885,16 +895,7 @@ def test_serve_over_tls(tiny_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url, ca = f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=str(certs["ca"]))
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", verify=ca, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.2)
+        wait_healthy(proc, url, verify=ca)
         r = httpx.post(url + "/v1/chat/completions", verify=ca, timeout=60,
                        headers={"Authorization": "Bearer sk-tls-0123456789"},
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
@@ -904,12 +905,7 @@ def test_serve_over_tls(tiny_dir, tmp_path):
         with pytest.raises(httpx.HTTPError):  # a client that does not trust the CA
             httpx.get(url + "/health", timeout=5)
     finally:
-        proc.terminate()
-        try:
-            out = proc.communicate(timeout=20)[0].decode()
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out = proc.communicate()[0].decode()
+        out = terminate_output(proc)
     assert f"https://127.0.0.1:{port}/" in out and "plain HTTP" not in out
 
 

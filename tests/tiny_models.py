@@ -94,3 +94,22 @@ def make_tiny_chat_model(out_dir: Path, max_positions: int = 256) -> None:
         cfg.bos_token_id, cfg.eos_token_id = 256, 257
     model.save_pretrained(out_dir, safe_serialization=True)
     write_byte_tokenizer(out_dir)
+
+
+OUTLIER_CHANNELS = [3, 17, 40, 51]
+
+
+def with_outliers(model, channels: list[int] = OUTLIER_CHANNELS, factor: float = 20.0):
+    """A model's input norms x``factor`` on a few channels (in place): each block linear's input has a few
+    huge channels, as in real LLMs, so AWQ's scale search picks real scales."""
+    with torch.no_grad():
+        for layer in model.layers:
+            for name in ("attention_norm", "ffn_norm"):
+                if hasattr(layer, name):
+                    getattr(layer, name).weight[channels] *= factor
+    return model
+
+
+def random_tokens(n: int, t: int, seed: int, vocab: int = 256) -> torch.Tensor:
+    """[n, t] token ids below ``vocab`` from a seeded generator."""
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
