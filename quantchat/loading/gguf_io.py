@@ -661,6 +661,14 @@ class _Part(NamedTuple):
 Parts = tuple[dict[str, _Part], dict[str, _Part]]  # (layer parts, global parts)
 
 
+def _top(cfg: dict[str, Any], vocab: int, dim: int, **parts: _Part) -> dict[str, _Part]:
+    """The global tensors: the token embedding, ``parts`` (the final norm, ...), and the LM head unless tied."""
+    top = {"token_embd": _Part((vocab, dim)), **parts}
+    if not cfg["tie_word_embeddings"]:
+        top["output"] = _Part((vocab, dim))
+    return top
+
+
 def _llama_parts(cfg: dict[str, Any]) -> Parts:
     dim, ffn, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     n_head, n_kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
@@ -676,10 +684,7 @@ def _llama_parts(cfg: dict[str, Any]) -> Parts:
         "ffn_gate": _Part((ffn, dim), mlp_bias), "ffn_up": _Part((ffn, dim), mlp_bias),
         "ffn_down": _Part((dim, ffn), mlp_bias),
     }
-    top = {"token_embd": _Part((vocab, dim)), "output_norm": _Part((dim,))}
-    if not cfg["tie_word_embeddings"]:
-        top["output"] = _Part((vocab, dim))
-    return layer, top
+    return layer, _top(cfg, vocab, dim, output_norm=_Part((dim,)))
 
 
 def _gemma3_parts(cfg: dict[str, Any]) -> Parts:
@@ -693,10 +698,7 @@ def _gemma3_parts(cfg: dict[str, Any]) -> Parts:
         "attn_output": _Part((dim, n_head * hd)),
         "ffn_gate": _Part((ffn, dim)), "ffn_up": _Part((ffn, dim)), "ffn_down": _Part((dim, ffn)),
     }
-    top = {"token_embd": _Part((vocab, dim)), "output_norm": norm}
-    if not cfg["tie_word_embeddings"]:
-        top["output"] = _Part((vocab, dim))
-    return layer, top
+    return layer, _top(cfg, vocab, dim, output_norm=norm)
 
 
 def _gpt2_parts(cfg: dict[str, Any]) -> Parts:
@@ -708,11 +710,8 @@ def _gpt2_parts(cfg: dict[str, Any]) -> Parts:
         "attn_output": _Part((dim, dim), True, transpose=True),
         "ffn_up": _Part((ffn, dim), True, transpose=True), "ffn_down": _Part((dim, ffn), True, transpose=True),
     }
-    top = {"token_embd": _Part((vocab, dim)), "position_embd": _Part((cfg["n_positions"], dim)),
-           "output_norm": _Part((dim,), True)}
-    if not cfg["tie_word_embeddings"]:
-        top["output"] = _Part((vocab, dim))
-    return layer, top
+    return layer, _top(cfg, vocab, dim, position_embd=_Part((cfg["n_positions"], dim)),
+                       output_norm=_Part((dim,), True))
 
 
 def _mpt_parts(cfg: dict[str, Any]) -> Parts:
@@ -722,10 +721,7 @@ def _mpt_parts(cfg: dict[str, Any]) -> Parts:
         "attn_norm": _Part((dim,)), "ffn_norm": _Part((dim,)), "attn_qkv": _Part((3 * dim, dim)),
         "attn_output": _Part((dim, dim)), "ffn_up": _Part((ffn, dim)), "ffn_down": _Part((dim, ffn)),
     }
-    top = {"token_embd": _Part((vocab, dim)), "output_norm": _Part((dim,))}
-    if not cfg["tie_word_embeddings"]:
-        top["output"] = _Part((vocab, dim))
-    return layer, top
+    return layer, _top(cfg, vocab, dim, output_norm=_Part((dim,)))
 
 
 def _falcon_parts(cfg: dict[str, Any]) -> Parts:
@@ -744,10 +740,7 @@ def _falcon_parts(cfg: dict[str, Any]) -> Parts:
     }
     if two_norms:
         layer["attn_norm_2"] = _Part((dim,), True)
-    top = {"token_embd": _Part((vocab, dim)), "output_norm": _Part((dim,), True)}
-    if not cfg["tie_word_embeddings"]:
-        top["output"] = _Part((vocab, dim))
-    return layer, top
+    return layer, _top(cfg, vocab, dim, output_norm=_Part((dim,), True))
 
 
 @dataclass(frozen=True)
