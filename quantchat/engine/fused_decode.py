@@ -33,7 +33,7 @@ from quantchat import envs
 from quantchat.kernels import cpu, defs
 from quantchat.kernels.defs import LinearKind, Path
 from quantchat.model.linear import TransposedLinear
-from quantchat.model.transformer import Transformer
+from quantchat.model.transformer import Transformer, soft_cap
 from quantchat.quant.linear import QuantizedLinear
 
 _EMPTY = torch.empty(0)
@@ -185,7 +185,6 @@ class FusedDecoder:
         self.model = model
         self.cache = model.layers[0].attention.kv_cache.k_cache
         self.modules = _watched(model)
-        self.softcap = model.config.final_softcap
         self.plan = cpu.decode_plan_class()(meta, floats, tensors)
 
     @classmethod
@@ -204,6 +203,4 @@ class FusedDecoder:
 
     def step(self, tokens: Tensor, positions: Tensor, first_slot: int = 0) -> Tensor:
         x = self.model.embed(tokens[:, None], positions[:, None])[:, 0]  # embedding scale, learned positions
-        logits = self.plan.run(x, positions, first_slot)
-        cap = self.softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return soft_cap(self.plan.run(x, positions, first_slot), self.model.config.final_softcap)

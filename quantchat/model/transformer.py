@@ -101,6 +101,11 @@ def alibi_slopes(n_head: int, bias_max: float = 8.0) -> Tensor:
     return slopes
 
 
+def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
+    """``tanh(logits / cap) * cap`` (Gemma 2's logit soft-capping); ``cap`` None: unchanged."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -383,6 +388,4 @@ class Transformer(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """The LM head on final hidden states (soft-capped where the family does)."""
-        out = self.output(h)
-        cap = self.config.final_softcap
-        return out if cap is None else torch.tanh(out / cap) * cap
+        return soft_cap(self.output(h), self.config.final_softcap)
